@@ -1,0 +1,89 @@
+"""Naive DeltaFormer attention: the ground truth every kernel is tested against.
+
+Layout: q, k, v are [B, T, H, D]; beta is [B, T, H] (None means all ones). Per batch
+and head, with scale = 1/sqrt(D):
+
+    s_ij = scale * q_i . k_j
+    P_ij = exp(s_ij - lse_i) for j < i, 0 otherwise      (strictly causal softmax)
+    lse_i = logsumexp_{j<i} s_ij                          (row 0: -inf, its P row is zero)
+    u_i  = v_i - beta_i * sum_{j<i} P_ij u_j              (the solve stage)
+    o_i  = sum_{j<=i} softmax_{j<=i}(s_i)_j u_j           (the attention stage)
+
+In matrix form u = L^{-1} v with L = I + diag(beta) P, unit lower triangular. Everything
+here is computed in `compute_dtype` (float64 by default) with dense T x T matrices, so
+it is meant for tests and small checks, not for speed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "naive_scores",
+    "naive_strict_lse",
+    "naive_deltaformer_u",
+    "naive_causal_attention",
+    "naive_deltaformer_attn",
+]
+
+
+def naive_scores(q: torch.Tensor, k: torch.Tensor, compute_dtype=torch.float64) -> torch.Tensor:
+    """scale * q k^T as [B, H, T, T] in compute_dtype."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    qh = q.to(compute_dtype).transpose(1, 2)
+    kh = k.to(compute_dtype).transpose(1, 2)
+    return scale * (qh @ kh.transpose(-1, -2))
+
+
+def _strict_softmax(s: torch.Tensor):
+    T = s.shape[-1]
+    strict = torch.ones(T, T, dtype=torch.bool, device=s.device).tril(-1)
+    masked = s.masked_fill(~strict, float("-inf"))
+    lse = torch.logsumexp(masked, dim=-1)  # row 0: -inf
+    p = torch.exp(masked - lse.masked_fill(torch.isinf(lse), 0.0).unsqueeze(-1))
+    return p.masked_fill(~strict, 0.0), lse
+
+
+def naive_strict_lse(q: torch.Tensor, k: torch.Tensor, compute_dtype=torch.float64) -> torch.Tensor:
+    """lse_i = logsumexp_{j<i} s_ij as [B, H, T] (row 0 is -inf)."""
+    return _strict_softmax(naive_scores(q, k, compute_dtype))[1]
+
+
+def naive_deltaformer_u(q, k, v, beta=None, compute_dtype=torch.float64) -> torch.Tensor:
+    """u = (I + diag(beta) P)^{-1} v, returned as [B, T, H, D] in compute_dtype.
+
+    Equivalent to the recurrence u_i = v_i - beta_i * sum_{j<i} P_ij u_j, solved here
+    with one triangular solve per batch and head.
+    """
+    B, T, H, D = q.shape
+    p, _ = _strict_softmax(naive_scores(q, k, compute_dtype))
+    if beta is None:
+        beta_h = torch.ones(B, H, T, dtype=compute_dtype, device=q.device)
+    else:
+        beta_h = beta.to(compute_dtype).transpose(1, 2)
+    eye = torch.eye(T, dtype=compute_dtype, device=q.device)
+    lower = eye + beta_h.unsqueeze(-1) * p
+    vh = v.to(compute_dtype).transpose(1, 2)
+    u = torch.linalg.solve_triangular(lower, vh, upper=False, unitriangular=True)
+    return u.transpose(1, 2).contiguous()
+
+
+def naive_causal_attention(q, k, v, compute_dtype=torch.float64) -> torch.Tensor:
+    """o_i = sum_{j<=i} softmax_{j<=i}(s_i)_j v_j as [B, T, H, D] in compute_dtype."""
+    s = naive_scores(q, k, compute_dtype)
+    T = s.shape[-1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=s.device).tril()
+    p = torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1)
+    return (p @ v.to(compute_dtype).transpose(1, 2)).transpose(1, 2).contiguous()
+
+
+def naive_deltaformer_attn(q, k, v, beta=None, compute_dtype=torch.float64) -> torch.Tensor:
+    """DeltaFormer attention o = causal_softmax(q k^T) u with u from the solve stage.
+
+    q, k, v: [B, T, H, D]; beta: [B, T, H] or None (ones). Returns o as [B, T, H, D]
+    in compute_dtype (float64 or float32).
+    """
+    u = naive_deltaformer_u(q, k, v, beta, compute_dtype)
+    return naive_causal_attention(q, k, u, compute_dtype)

@@ -1,0 +1,84 @@
+"""What models import: deltaformer_attn(q, k, v, beta=None, *, config=None).
+
+Importing this module compiles, tunes and imports nothing heavy; kernels are rendered
+and compiled at their first call. Forward only for now: inputs that require grad are
+refused rather than silently returning an output without gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import ForwardConfig, default_config
+from .errors import InputError
+from .forward import forward
+from .interpreter import interpreter_active
+
+__all__ = ["deltaformer_attn", "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS"]
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+
+
+def _check_inputs(q, k, v, beta):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise InputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise InputError(f"{name} must be [B, T, H, D] (4 dims), got shape {tuple(t.shape)}")
+    if k.shape != q.shape or v.shape != q.shape:
+        raise InputError(f"q, k and v must have the same shape [B, T, H, D]; got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    B, T, H, D = q.shape
+    if T < 1 or B < 1 or H < 1:
+        raise InputError(f"q must have B, T, H >= 1, got shape {tuple(q.shape)}")
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise InputError(f"head dim D={D} is not supported; expected one of {SUPPORTED_HEAD_DIMS}")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise InputError(f"q has dtype {q.dtype}; expected float16, bfloat16 or float32")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise InputError(f"{name} has dtype {t.dtype} but q has {q.dtype}; they must match")
+        if t.device != q.device:
+            raise InputError(f"{name} is on {t.device} but q is on {q.device}")
+    if beta is not None:
+        if not isinstance(beta, torch.Tensor):
+            raise InputError(f"beta must be a torch.Tensor or None, got {type(beta).__name__}")
+        if tuple(beta.shape) != (B, T, H):
+            raise InputError(f"beta must have shape [B, T, H] = {(B, T, H)}, got {tuple(beta.shape)}")
+        if beta.device != q.device:
+            raise InputError(f"beta is on {beta.device} but q is on {q.device}")
+        if not beta.is_floating_point():
+            raise InputError(f"beta must be a floating tensor, got {beta.dtype}")
+    if q.device.type == "cpu":
+        if not interpreter_active():
+            raise InputError("q is on the CPU: dfgen's kernels need a CUDA device, or "
+                             "TRITON_INTERPRET=1 to run them (slowly) in Triton's interpreter")
+    elif q.device.type != "cuda":
+        raise InputError(f"q is on {q.device}; dfgen runs on CUDA devices")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            raise InputError(f"{name} must be contiguous in its last dim (stride 1), "
+                             f"got strides {t.stride()}")
+
+
+def deltaformer_attn(q, k, v, beta=None, *, config: ForwardConfig | dict | None = None):
+    """DeltaFormer attention: o = causal_softmax(q k^T) u, u = (I + diag(beta) P)^{-1} v.
+
+    q, k, v: [B, T, H, D] float16/bfloat16/float32 on one CUDA device (unit stride on D);
+    beta: [B, T, H] or None (all ones). config: a ForwardConfig (or its dict form), None
+    for the built-in default. Returns o, [B, T, H, D], in q's dtype.
+    """
+    _check_inputs(q, k, v, beta)
+    if torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, beta)):
+        raise InputError("deltaformer_attn has no backward yet: an input requires grad. "
+                         "Call it under torch.no_grad() or detach the inputs.")
+    D = q.shape[-1]
+    if config is None:
+        config = default_config(D, q.dtype)
+    elif isinstance(config, dict):
+        config = ForwardConfig.from_dict(config)
+    config.check(D)
+    o, _, _ = forward(q, k, v, beta, config)
+    return o

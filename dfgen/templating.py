@@ -1,0 +1,172 @@
+"""Jinja templates of the kernels: where they are, what knobs they declare, rendering.
+
+Each template in templates/ starts with a Jinja comment `{#- dfgen-knobs ... -#}` holding
+YAML: the stage name, its knobs (allowed values and a doc line each) and constraints,
+Python expressions over the knobs and HEAD_DIM. That header is the single source of the
+search space: configs are validated against it here, and the tuner samples from it.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import jinja2
+import yaml
+
+from .errors import ConfigError
+
+_HEADER = re.compile(r"\{#-?\s*dfgen-knobs\s*\n(.*?)-?#\}", re.S)
+STAGES = ("solve_fwd", "attn_fwd")
+
+_DTYPE_NAMES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+
+
+def templates_dir() -> Path:
+    """templates/ of a source checkout, or the copy installed inside the package."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "_templates", here.parent / "templates"):
+        if (candidate / "solve_fwd.py.jinja").is_file():
+            return candidate
+    raise FileNotFoundError(f"dfgen templates not found next to {here}")
+
+
+@dataclass(frozen=True)
+class Knob:
+    name: str
+    values: tuple
+    doc: str
+
+
+@dataclass(frozen=True)
+class TemplateSpec:
+    stage: str
+    path: Path
+    doc: str
+    knobs: dict[str, Knob]
+    constraints: tuple[str, ...]
+
+    def check(self, knobs: Mapping[str, Any], head_dim: int) -> None:
+        """Raise ConfigError unless `knobs` names every knob with an allowed value and
+        satisfies every constraint at this head dim."""
+        missing = sorted(set(self.knobs) - set(knobs))
+        unknown = sorted(set(knobs) - set(self.knobs))
+        if missing or unknown:
+            raise ConfigError(
+                f"{self.stage}: config must set exactly {sorted(self.knobs)}; "
+                f"missing {missing}, unknown {unknown}")
+        for name, knob in self.knobs.items():
+            if knobs[name] not in knob.values:
+                raise ConfigError(
+                    f"{self.stage}: {name}={knobs[name]!r} is not one of {list(knob.values)}")
+        env = dict(knobs, HEAD_DIM=head_dim)
+        for expr in self.constraints:
+            if not _eval_constraint(expr, env):
+                raise ConfigError(
+                    f"{self.stage}: constraint `{expr}` fails for "
+                    f"{dict(sorted(knobs.items()))} at HEAD_DIM={head_dim}")
+
+    def feasible(self, knobs: Mapping[str, Any], head_dim: int) -> bool:
+        try:
+            self.check(knobs, head_dim)
+        except ConfigError:
+            return False
+        return True
+
+
+_ALLOWED_NODES = (ast.Expression, ast.BoolOp, ast.BinOp, ast.UnaryOp, ast.Compare, ast.Name,
+                  ast.Load, ast.Constant, ast.And, ast.Or, ast.Not, ast.Add, ast.Sub, ast.Mult,
+                  ast.Mod, ast.FloorDiv, ast.Pow, ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt,
+                  ast.GtE, ast.In, ast.NotIn, ast.Tuple, ast.List, ast.USub)
+
+
+def _eval_constraint(expr: str, env: Mapping[str, Any]) -> bool:
+    tree = ast.parse(expr, mode="eval")
+    for node in ast.walk(tree):
+        if not isinstance(node, _ALLOWED_NODES):
+            raise ConfigError(f"constraint `{expr}` uses {type(node).__name__}, not allowed")
+    return bool(eval(compile(tree, "<constraint>", "eval"), {"__builtins__": {}}, dict(env)))
+
+
+def parse_header(text: str, path: Path) -> TemplateSpec:
+    match = _HEADER.search(text)
+    if not match:
+        raise ConfigError(f"{path}: no `{{#- dfgen-knobs ... -#}}` header")
+    meta = yaml.safe_load(match.group(1))
+    knobs = {name: Knob(name, tuple(spec["values"]), spec.get("doc", ""))
+             for name, spec in meta["knobs"].items()}
+    return TemplateSpec(stage=meta["stage"], path=path, doc=meta.get("doc", ""), knobs=knobs,
+                        constraints=tuple(meta.get("constraints", ())))
+
+
+@functools.lru_cache(maxsize=None)
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(templates_dir())),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        autoescape=False,
+    )
+
+
+def _template_path(stage: str) -> Path:
+    if stage not in STAGES:
+        raise ConfigError(f"stage must be one of {list(STAGES)}, got {stage!r}")
+    return templates_dir() / f"{stage}.py.jinja"
+
+
+@functools.lru_cache(maxsize=None)
+def spec(stage: str) -> TemplateSpec:
+    path = _template_path(stage)
+    return parse_header(path.read_text(), path)
+
+
+@functools.lru_cache(maxsize=None)
+def templates_hash() -> str:
+    """Hash of every template's text: part of cache paths and tuned-file provenance."""
+    digest = hashlib.sha256()
+    for stage in STAGES:
+        digest.update(_template_path(stage).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def dtype_name(dtype) -> str:
+    """torch.bfloat16 -> 'bf16' (accepts the short names too)."""
+    name = str(dtype).replace("torch.", "")
+    if name in _DTYPE_NAMES.values():
+        return name
+    if name not in _DTYPE_NAMES:
+        raise ConfigError(f"dtype must be one of float16, bfloat16, float32; got {dtype}")
+    return _DTYPE_NAMES[name]
+
+
+def specialization_name(stage: str, dtype, head_dim: int, knobs: Mapping[str, Any]) -> str:
+    """Readable, unique name of one specialization; also its cache key and file stem."""
+    parts = [f"{k.lower().replace('_', '')}{v}" for k, v in sorted(knobs.items())]
+    return f"{stage}__{dtype_name(dtype)}_d{head_dim}__" + "_".join(parts)
+
+
+def render(stage: str, dtype, head_dim: int, knobs: Mapping[str, Any]) -> str:
+    """Triton source of `stage` for this dtype, head dim and knob values."""
+    tspec = spec(stage)
+    tspec.check(knobs, head_dim)
+    dt = dtype_name(dtype)
+    context = dict(
+        name=specialization_name(stage, dtype, head_dim, knobs),
+        knobs=dict(knobs),
+        dtype=dt,
+        head_dim=head_dim,
+        # fp32 inputs keep fp32 accuracy in the attention products; fp16/bf16 use the MMA.
+        dot_precision="tf32x3" if dt == "fp32" else "tf32",
+    )
+    if "CHUNK" in knobs:
+        context["log2_chunk"] = int(math.log2(knobs["CHUNK"]))
+    return _environment().get_template(f"{stage}.py.jinja").render(**context)
