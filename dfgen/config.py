@@ -70,8 +70,7 @@ class ForwardConfig:
 def default_config(head_dim: int, dtype=None, strategy: str = "fused") -> ForwardConfig:
     """Built-in config: safe on every supported GPU (modest shared memory and registers),
     used when no tuned entry applies."""
-    chunk = 64 if head_dim <= 64 else 32
-    solve = dict(CHUNK=chunk, BLOCK_N=min(chunk, 32), SOLVE_PRECISION="tf32x3",
+    solve = dict(CHUNK=64, BLOCK_N=64, SOLVE_PRECISION="tf32", INV_FP16=False,
                  num_warps=4, num_stages=2)
     attn = dict(BLOCK_M=64, BLOCK_N=32 if head_dim > 64 else 64, num_warps=4, num_stages=2)
     return ForwardConfig(strategy=strategy, solve=solve, attn=attn).check(head_dim)

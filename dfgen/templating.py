@@ -42,6 +42,7 @@ class Knob:
     name: str
     values: tuple
     doc: str
+    abbr: str
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ def parse_header(text: str, path: Path) -> TemplateSpec:
     if not match:
         raise ConfigError(f"{path}: no `{{#- dfgen-knobs ... -#}}` header")
     meta = yaml.safe_load(match.group(1))
-    knobs = {name: Knob(name, tuple(spec["values"]), spec.get("doc", ""))
+    knobs = {name: Knob(name, tuple(spec["values"]), spec.get("doc", ""), spec["abbr"])
              for name, spec in meta["knobs"].items()}
     return TemplateSpec(stage=meta["stage"], path=path, doc=meta.get("doc", ""), knobs=knobs,
                         constraints=tuple(meta.get("constraints", ())))
@@ -150,7 +151,8 @@ def dtype_name(dtype) -> str:
 
 def specialization_name(stage: str, dtype, head_dim: int, knobs: Mapping[str, Any]) -> str:
     """Readable, unique name of one specialization; also its cache key and file stem."""
-    parts = [f"{k.lower().replace('_', '')}{v}" for k, v in sorted(knobs.items())]
+    declared = spec(stage).knobs
+    parts = [f"{declared[k].abbr}{v}" if k in declared else f"{k}{v}" for k, v in sorted(knobs.items())]
     return f"{stage}__{dtype_name(dtype)}_d{head_dim}__" + "_".join(parts)
 
 
