@@ -3,22 +3,30 @@
 All columns of one row are measured in one process, side by side, on fresh random
 inputs (never zeros), with triton.testing.do_bench medians. fla's DeltaFormer is its
 Triton u-stage (ParallelDeltaformerFunction) followed by torch SDPA for the output, as
-fla's own output stage needs flash-attn. Without a GPU the same pipeline runs in Triton's
-interpreter at a tiny size; those timings are interpreter timings, not GPU timings.
+fla's own output stage needs flash-attn. Given several candidate configs, each is first
+checked against the naive reference at that shape; the fastest correct one is reported.
+Without a GPU the same pipeline runs in Triton's interpreter at a tiny size; those
+timings are interpreter timings, not GPU timings.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
 
 import torch
 
 from .config import ForwardConfig, default_config
 from .forward import forward
+from .naive import naive_deltaformer_attn
 
 GPU_SHAPES = [(1, 4096, 16, 128), (1, 8192, 16, 128), (4, 2048, 16, 64), (8, 1024, 32, 64),
               (2, 8192, 16, 64), (1, 16384, 8, 128)]
 CPU_SHAPES = [(1, 64, 2, 32), (2, 48, 1, 32)]
+# relative error against the float32 reference a config must stay under to be timed
+TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 3e-3, torch.float32: 1e-4}
 
 
 def attention_flops(B, T, H, D) -> float:
@@ -27,6 +35,7 @@ def attention_flops(B, T, H, D) -> float:
 
 
 def random_inputs(shape, dtype, device, seed=None):
+    """q, k, v ~ N(0, 1) and beta = sigmoid(N(0, 1)), fresh unless a seed is given."""
     B, T, H, D = shape
     gen = torch.Generator(device=device)
     gen.manual_seed(seed if seed is not None else torch.seed() % (2**31))
@@ -34,6 +43,12 @@ def random_inputs(shape, dtype, device, seed=None):
                for _ in range(3))
     beta = torch.sigmoid(torch.randn(B, T, H, generator=gen, device=device))
     return q, k, v, beta
+
+
+def relative_error(out, ref) -> float:
+    """||out - ref|| / ||ref|| in float64 (NaN stays NaN)."""
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm()).item()
 
 
 def _fla_u_fn():
@@ -56,6 +71,8 @@ class Row:
     sdpa_ms: float
     fla_ms: float | None
     config: str
+    error: float
+    tried: list = field(default_factory=list)  # (config, ms or None, error or message)
 
     @property
     def tflops(self) -> float:
@@ -72,9 +89,6 @@ def _timer(on_gpu: bool):
 
         return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
-    import statistics
-    import time
-
     def cpu_time(fn, reps=3):
         fn()
         times = []
@@ -87,13 +101,32 @@ def _timer(on_gpu: bool):
     return cpu_time
 
 
-def bench_shape(shape, dtype, device, config: ForwardConfig | None, with_fla=True) -> Row:
+def bench_shape(shape, dtype, device, configs, with_fla=True, log=None) -> Row:
     on_gpu = device.type == "cuda"
     time_ms = _timer(on_gpu)
     q, k, v, beta = random_inputs(shape, dtype, device)
-    cfg = config or default_config(shape[3], dtype)
+    ref = naive_deltaformer_attn(q, k, v, beta, torch.float32 if on_gpu else torch.float64)
+    best = None
+    tried = []
     with torch.no_grad():
-        dfgen_ms = time_ms(lambda: forward(q, k, v, beta, cfg))
+        for cfg in configs:
+            try:
+                cfg.check(shape[3])
+                out = forward(q, k, v, beta, cfg)[0]
+                err = relative_error(out, ref)
+                if not err <= TOLERANCE[dtype]:
+                    tried.append((cfg, None, f"wrong: relative error {err:.2e}"))
+                    continue
+                ms = time_ms(lambda: forward(q, k, v, beta, cfg))
+            except Exception as exc:  # a failing candidate is reported, not fatal
+                tried.append((cfg, None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"))
+                continue
+            tried.append((cfg, ms, err))
+            if best is None or ms < best[1]:
+                best = (cfg, ms, err)
+            if log:
+                log(f"  {shape} {ms:8.3f} ms err {err:.2e} {cfg}")
+        del ref
         qh, kh, vh = (t.transpose(1, 2).contiguous() for t in (q, k, v))
         sdpa_ms = time_ms(lambda: sdpa_causal(qh, kh, vh))
         fla_ms = None
@@ -103,30 +136,33 @@ def bench_shape(shape, dtype, device, config: ForwardConfig | None, with_fla=Tru
                 u = fla_u.apply(q, k, v, beta)
                 return sdpa_causal(qh, kh, u.transpose(1, 2))
             fla_ms = time_ms(fla_forward)
-    return Row(shape, dfgen_ms, sdpa_ms, fla_ms, str(cfg))
+    if best is None:
+        raise RuntimeError(f"no config passed at {shape}: " + "; ".join(
+            f"{c}: {m}" for c, _, m in tried))
+    return Row(shape, best[1], sdpa_ms, fla_ms, str(best[0]), best[2], tried)
 
 
-def format_table(rows, dtype, device) -> str:
+def format_table(rows, dtype, device, n_configs) -> str:
     lines = []
-    on_gpu = device.type == "cuda"
-    if on_gpu:
+    if device.type == "cuda":
         lines.append(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, "
-                     f"triton {_triton_version()}, dtype {str(dtype).replace('torch.', '')}, "
-                     "median ms (triton.testing.do_bench)")
+                     f"triton {_triton_version()}, {str(dtype).replace('torch.', '')}, "
+                     "median ms of triton.testing.do_bench, all columns in one process")
     else:
         lines.append("NOT GPU TIMINGS: no CUDA device, so dfgen ran in Triton's interpreter on "
                      "the CPU at a tiny size; the numbers only show that the pipeline runs.")
-    header = ("| B, T, H, D | dfgen fwd ms | SDPA fwd ms | fla fwd ms | dfgen TFLOP/s "
-              "| dfgen/SDPA | fla/SDPA |")
-    lines += [header, "|" + "---|" * 7]
+    if n_configs > 1:
+        lines.append(f"dfgen: fastest of {n_configs} candidate configs that passed the "
+                     "reference check at that shape")
+    lines += ["| B, T, H, D | dfgen fwd ms | SDPA fwd ms | fla fwd ms | dfgen TFLOP/s "
+              "| dfgen/SDPA | fla/SDPA | rel. error |", "|" + "---|" * 8]
     for r in rows:
         fla = f"{r.fla_ms:.3f}" if r.fla_ms is not None else "n/a"
-        fla_ratio = f"{r.fla_ms / r.sdpa_ms:.2f}x" if r.fla_ms is not None else "n/a"
+        fla_ratio = f"{r.fla_ms / r.sdpa_ms:.1f}x" if r.fla_ms is not None else "n/a"
         shape = ", ".join(str(s) for s in r.shape)
         lines.append(f"| {shape} | {r.dfgen_ms:.3f} | {r.sdpa_ms:.3f} | {fla} | {r.tflops:.1f} "
-                     f"| {r.ratio:.2f}x | {fla_ratio} |")
-    configs = sorted({r.config for r in rows})
-    lines.append("dfgen config(s): " + "; ".join(configs))
+                     f"| {r.ratio:.2f}x | {fla_ratio} | {r.error:.1e} |")
+    lines.append("configs: " + "; ".join(f"{','.join(map(str, r.shape))}: {r.config}" for r in rows))
     return "\n".join(lines)
 
 
@@ -136,12 +172,25 @@ def _triton_version() -> str:
     return triton.__version__
 
 
-def run(shapes=None, dtype=torch.bfloat16, config: ForwardConfig | None = None,
-        with_fla=True) -> str:
+def run(shapes=None, dtype=torch.bfloat16, configs=None, with_fla=True, verbose=False) -> str:
     """Benchmark every shape and return the table. Uses the GPU when there is one, else
     the interpreter (TRITON_INTERPRET must then be set before kernels load)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if shapes is None:
         shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
-    rows = [bench_shape(tuple(s), dtype, device, config, with_fla) for s in shapes]
-    return format_table(rows, dtype, device)
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if verbose else None
+    rows = []
+    for shape in shapes:
+        candidates = configs or [default_config(shape[3], dtype)]
+        rows.append(bench_shape(tuple(shape), dtype, device, candidates, with_fla, log))
+    return format_table(rows, dtype, device, len(configs or [None]))
+
+
+def load_configs(path) -> list[ForwardConfig]:
+    """A YAML file holding one forward config or a list of them."""
+    import yaml
+
+    with open(path) as handle:
+        data = yaml.safe_load(handle)
+    items = data if isinstance(data, list) else [data]
+    return [ForwardConfig.from_dict(item) for item in items]

@@ -64,23 +64,17 @@ def cmd_bench(args) -> int:
     interpreted = _use_interpreter_without_gpu()
     import torch
 
-    from .bench import run
-    from .config import ForwardConfig
+    from .bench import load_configs, run
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     shapes = None
     if args.shapes:
         shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";")]
-    config = None
-    if args.config:
-        import yaml
-
-        with open(args.config) as handle:
-            config = ForwardConfig.from_dict(yaml.safe_load(handle))
+    configs = load_configs(args.configs) if args.configs else None
     if interpreted:
         print("dfgen bench: no CUDA device; running in Triton's interpreter at a tiny size "
               "(timings are NOT GPU timings)", flush=True)
-    print(run(shapes, dtype, config, with_fla=not args.no_fla))
+    print(run(shapes, dtype, configs, with_fla=not args.no_fla, verbose=args.verbose))
     return 0
 
 
@@ -100,7 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="forward benchmark against torch SDPA and fla")
     bench.add_argument("--shapes", help="'B,T,H,D;B,T,H,D;...' (default: the standard set)")
     bench.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
-    bench.add_argument("--config", help="YAML file with one forward config (default: built-in)")
+    bench.add_argument("--configs", help="YAML file with a forward config or a list of them; "
+                       "each is checked against the reference, the fastest is reported "
+                       "(default: the built-in config)")
+    bench.add_argument("--verbose", action="store_true", help="print every candidate's time")
     bench.add_argument("--no-fla", action="store_true", help="skip fla's column")
     bench.set_defaults(func=cmd_bench)
     return parser

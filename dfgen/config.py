@@ -70,7 +70,7 @@ class ForwardConfig:
 def default_config(head_dim: int, dtype=None, strategy: str = "fused") -> ForwardConfig:
     """Built-in config: safe on every supported GPU (modest shared memory and registers),
     used when no tuned entry applies."""
-    solve = dict(CHUNK=64, BLOCK_N=64, SOLVE_PRECISION="tf32", INV_FP16=False,
+    solve = dict(CHUNK=64, BLOCK_N=64, SOLVE_PRECISION="tf32", INV_FP16=False, LOOKAHEAD=1,
                  num_warps=4, num_stages=2)
     attn = dict(BLOCK_M=64, BLOCK_N=32 if head_dim > 64 else 64, num_warps=4, num_stages=2)
     return ForwardConfig(strategy=strategy, solve=solve, attn=attn).check(head_dim)

@@ -1,0 +1,45 @@
+"""Test setup. Without a CUDA device the kernels run in Triton's interpreter (slow: tiny
+sizes); with one, the GPU cases run too. Generated sources go to a fresh cache folder."""
+
+import os
+import tempfile
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:
+    os.environ["TRITON_INTERPRET"] = "1"  # before any generated kernel module is imported
+os.environ.setdefault("DFGEN_CACHE_DIR", tempfile.mkdtemp(prefix="dfgen-test-cache-"))
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# relative-error bounds against the float64/float32 reference, by input dtype
+TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 1e-2}
+
+
+def rel_err(out, ref):
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def assert_close(out, ref, dtype, what=""):
+    assert torch.isfinite(out).all(), f"{what}: non-finite values"
+    err = rel_err(out, ref)
+    assert err < TOL[dtype], f"{what}: relative error {err:.3e} >= {TOL[dtype]:.0e}"
+
+
+def make_inputs(B, T, H, D, dtype, beta="rand", seed=0, device=DEVICE):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, T, H, D, generator=gen).to(dtype).to(device) for _ in range(3))
+    if beta is None:
+        b = None
+    elif beta == "rand":
+        b = torch.rand(B, T, H, generator=gen).to(device)
+    else:  # a constant above 1, as a raw un-squashed projection can give
+        b = torch.full((B, T, H), float(beta)).to(device)
+    return q, k, v, b
+
+
+gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device (larger sizes)")
