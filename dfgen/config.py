@@ -70,7 +70,10 @@ class ForwardConfig:
 def default_config(head_dim: int, dtype=None, strategy: str = "fused") -> ForwardConfig:
     """Built-in config: safe on every supported GPU (modest shared memory and registers),
     used when no tuned entry applies."""
-    solve = dict(CHUNK=64, BLOCK_N=64, SOLVE_PRECISION="tf32", INV_FP16=False, LOOKAHEAD=1,
-                 num_warps=4, num_stages=2)
+    fp32 = dtype is not None and str(dtype).endswith("float32")
+    solve = dict(CHUNK=64, BLOCK_N=64, LOOKAHEAD=1, SPLIT_SOLVE=False,
+                 # float32 inputs keep float32 accuracy in the solve; fp16/bf16 need only tf32's
+                 SOLVE_PRECISION="tf32x3" if fp32 else "tf32", INV_FP16=not fp32,
+                 num_warps=4, num_stages=3)
     attn = dict(BLOCK_M=64, BLOCK_N=32 if head_dim > 64 else 64, num_warps=4, num_stages=2)
     return ForwardConfig(strategy=strategy, solve=solve, attn=attn).check(head_dim)
