@@ -17,8 +17,9 @@ DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # relative-error bounds against the float64/float32 reference, by input dtype
 TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 1e-2}
-# float32 inputs through a solve in tf32 (or an fp16 inverse) keep tf32's 10-bit mantissa
-TF32_TOL = 1e-3
+# float32 inputs through a solve in tf32 (or an fp16 inverse) keep tf32's 10-bit mantissa,
+# float16's: they get float16's bound
+TF32_TOL = 3e-3
 
 
 def tolerance(dtype, solve_knobs=None):

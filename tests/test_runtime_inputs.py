@@ -1,0 +1,97 @@
+"""deltaformer_attn refuses bad input with errors that name the argument; importing the
+runtime has no side effects."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import DEVICE
+from dfgen.config import default_config
+from dfgen.errors import ConfigError, InputError
+from dfgen.runtime import deltaformer_attn
+
+
+def qkv(B=1, T=8, H=2, D=32, dtype=torch.float32):
+    return [torch.randn(B, T, H, D, dtype=dtype, device=DEVICE) for _ in range(3)]
+
+
+def test_wrong_rank():
+    q, k, v = qkv()
+    with pytest.raises(InputError, match="q must be \\[B, T, H, D\\]"):
+        deltaformer_attn(q[0], k, v)
+
+
+def test_shape_mismatch():
+    q, k, v = qkv()
+    with pytest.raises(InputError, match="same shape"):
+        deltaformer_attn(q, k[:, :4], v)
+
+
+def test_unsupported_head_dim():
+    q, k, v = qkv(D=48)
+    with pytest.raises(InputError, match="head dim D=48"):
+        deltaformer_attn(q, k, v)
+
+
+def test_dtypes():
+    q, k, v = qkv()
+    with pytest.raises(InputError, match="float16, bfloat16 or float32"):
+        deltaformer_attn(q.double(), k.double(), v.double())
+    with pytest.raises(InputError, match="k has dtype torch.float16"):
+        deltaformer_attn(q, k.half(), v)
+
+
+def test_beta_checks():
+    q, k, v = qkv()
+    with pytest.raises(InputError, match="beta must have shape"):
+        deltaformer_attn(q, k, v, torch.rand(1, 8, 3, device=DEVICE))
+    with pytest.raises(InputError, match="beta must be a floating tensor"):
+        deltaformer_attn(q, k, v, torch.ones(1, 8, 2, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(InputError, match="beta must be a torch.Tensor"):
+        deltaformer_attn(q, k, v, 0.5)
+
+
+def test_last_dim_must_be_contiguous():
+    q, k, v = qkv()
+    q_t = torch.randn(1, 8, 32, 2, device=DEVICE).transpose(2, 3)  # [1, 8, 2, 32], stride 2 on D
+    with pytest.raises(InputError, match="q must be contiguous in its last dim"):
+        deltaformer_attn(q_t, k, v)
+
+
+def test_requires_grad_is_refused_until_the_backward_exists():
+    q, k, v = qkv()
+    k.requires_grad_(True)
+    with pytest.raises(InputError, match="no backward yet"):
+        deltaformer_attn(q, k, v)
+
+
+def test_bad_config_names_the_knob():
+    q, k, v = qkv()
+    solve = dict(default_config(32).solve)
+    with pytest.raises(ConfigError, match="CHUNK=5"):
+        deltaformer_attn(q, k, v, config={"solve": {**solve, "CHUNK": 5}})
+    with pytest.raises(ConfigError, match="missing \\['CHUNK'\\]"):
+        deltaformer_attn(q, k, v, config={"solve": {k: v for k, v in solve.items() if k != "CHUNK"}})
+
+
+def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v = (t.cpu() for t in qkv())
+    with pytest.raises(InputError, match="need a CUDA device, or TRITON_INTERPRET=1"):
+        deltaformer_attn(q, k, v)
+
+
+def test_import_has_no_side_effects(tmp_path):
+    cache = tmp_path / "cache"
+    code = ("import sys, dfgen.runtime; "
+            "bad = [m for m in ('optuna', 'dfgen.cli', 'dfgen.bench', 'triton') if m in sys.modules]; "
+            "print(bad)")
+    env = dict(os.environ, DFGEN_CACHE_DIR=str(cache))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parent.parent, check=True)
+    assert out.stdout.strip() == "[]"
+    assert not cache.exists()

@@ -1,0 +1,100 @@
+"""Templates: declared knobs, validation, strict rendering, and every rendered source parses."""
+
+import ast
+import itertools
+import random
+
+import jinja2
+import pytest
+
+from dfgen.config import ForwardConfig, default_config
+from dfgen.errors import ConfigError
+from dfgen.templating import (STAGES, _environment, render, spec, specialization_name,
+                              templates_dir)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_header_declares_knobs(stage):
+    tspec = spec(stage)
+    assert tspec.stage == stage
+    assert {"num_warps", "num_stages", "BLOCK_N"} <= set(tspec.knobs)
+    for knob in tspec.knobs.values():
+        assert knob.values and knob.doc and knob.abbr
+    assert tspec.constraints
+
+
+def _feasible_points(stage, head_dim, limit, seed=0):
+    tspec = spec(stage)
+    names = sorted(tspec.knobs)
+    points = [dict(zip(names, vals)) for vals in
+              itertools.product(*(tspec.knobs[n].values for n in names))]
+    feasible = [p for p in points if tspec.feasible(p, head_dim)]
+    random.Random(seed).shuffle(feasible)
+    return feasible[:limit], len(points), len(feasible)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+def test_rendered_sources_parse(stage, dtype, head_dim):
+    points, total, feasible = _feasible_points(stage, head_dim, limit=40)
+    assert 0 < feasible < total  # the constraints prune something, and leave something
+    for knobs in points:
+        source = render(stage, dtype, head_dim, knobs)
+        tree = ast.parse(source)  # indentation and syntax of the generated Python
+        names = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+        assert {f"{stage}_kernel", "launch"} <= names
+        for name, value in knobs.items():
+            if name not in ("num_warps", "num_stages"):
+                assert f"{name}: tl.constexpr = " in source
+        assert f"num_warps={knobs['num_warps']}, num_stages={knobs['num_stages']}" in source
+        assert "{{" not in source and "{%" not in source
+
+
+def test_infeasible_and_unknown_knobs_are_rejected_by_name():
+    knobs = dict(default_config(64).solve)
+    with pytest.raises(ConfigError, match="CHUNK=48"):
+        spec("solve_fwd").check({**knobs, "CHUNK": 48}, 64)
+    with pytest.raises(ConfigError, match="BLOCK_N <= CHUNK"):
+        spec("solve_fwd").check({**knobs, "CHUNK": 32, "BLOCK_N": 64, "LOOKAHEAD": 1}, 64)
+    with pytest.raises(ConfigError, match="unknown \\['BOGUS'\\]"):
+        spec("solve_fwd").check({**knobs, "BOGUS": 1}, 64)
+    with pytest.raises(ConfigError, match="missing \\['CHUNK'\\]"):
+        spec("solve_fwd").check({k: v for k, v in knobs.items() if k != "CHUNK"}, 64)
+    with pytest.raises(ConfigError, match="HEAD_DIM=256"):
+        spec("solve_fwd").check({**knobs, "CHUNK": 128, "LOOKAHEAD": 1}, 256)
+
+
+def test_forward_config_round_trip_and_errors():
+    cfg = default_config(128, strategy="two_stage")
+    assert ForwardConfig.from_dict(cfg.to_dict()) == cfg
+    assert ForwardConfig.from_dict(cfg.to_dict()).key() == cfg.key()
+    with pytest.raises(ConfigError, match="strategy"):
+        ForwardConfig("three_stage", cfg.solve, cfg.attn).check(128)
+    with pytest.raises(ConfigError, match="attn"):
+        ForwardConfig.from_dict({"strategy": "two_stage", "solve": dict(cfg.solve)})
+    with pytest.raises(ConfigError, match="unknown forward config keys"):
+        ForwardConfig.from_dict({"solve": {}, "extra": 1})
+
+
+def test_rendering_is_strict():
+    with pytest.raises(jinja2.UndefinedError):
+        _environment().from_string("x = {{ not_defined }}").render()
+    with pytest.raises(jinja2.UndefinedError):  # a template missing a context variable
+        _environment().get_template("solve_fwd.py.jinja").render(knobs={}, head_dim=64)
+
+
+def test_specialization_names_are_readable_and_distinct():
+    knobs = dict(default_config(64).solve)
+    name = specialization_name("solve_fwd", "torch.bfloat16", 64, knobs)
+    assert name.startswith("solve_fwd__bf16_d64__")
+    assert "c64" in name and "n64" in name and "w4" in name
+    other = specialization_name("solve_fwd", "bf16", 64, {**knobs, "num_warps": 8})
+    assert other != name
+    assert specialization_name("solve_fwd", "fp16", 64, knobs) != name
+    assert specialization_name("solve_fwd", "bf16", 128, knobs) != name
+
+
+def test_templates_dir_holds_every_stage():
+    for stage in STAGES:
+        assert (templates_dir() / f"{stage}.py.jinja").is_file()
