@@ -14,17 +14,19 @@ from . import codegen
 from .config import ForwardConfig
 
 
-def solve_stage(q, k, v, beta, knobs, *, write_o: bool):
-    """Run the solve stage alone. Returns (u, o or None, lse [B, H, T] float32)."""
+def solve_stage(q, k, v, beta, knobs, *, write_o: bool, write_a: bool = False):
+    """Run the solve stage alone. Returns (u, o or None, lse [B, H, T] float32, a or None),
+    a_i = sum_{j<i} P_ij u_j being what the backward needs."""
     B, T, H, D = q.shape
     module = codegen.load("solve_fwd", q.dtype, D, knobs)
     u = torch.empty(B, T, H, D, dtype=q.dtype, device=q.device)
     o = torch.empty_like(u) if write_o else None
+    a = torch.empty_like(u) if write_a else None
     lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
     n_chunks = -(-T // module.CHUNK_ROWS)
     sync = torch.zeros(1 + B * H * n_chunks, dtype=torch.int32, device=q.device)
-    module.launch(q, k, v, beta, u, o, lse, sync, 1.0 / math.sqrt(D), write_o)
-    return u, o, lse
+    module.launch(q, k, v, beta, u, o, a, lse, sync, 1.0 / math.sqrt(D))
+    return u, o, lse, a
 
 
 def attention_stage(q, k, u, knobs):
@@ -36,11 +38,11 @@ def attention_stage(q, k, u, knobs):
     return o
 
 
-def forward(q, k, v, beta, config: ForwardConfig):
-    """o, plus (u, lse) for a backward, under `config`'s strategy."""
-    if config.strategy == "fused":
-        u, o, lse = solve_stage(q, k, v, beta, config.solve, write_o=True)
-    else:
-        u, _, lse = solve_stage(q, k, v, beta, config.solve, write_o=False)
+def forward(q, k, v, beta, config: ForwardConfig, *, for_backward: bool = False):
+    """(o, u, lse, a) under `config`'s strategy; a (None unless for_backward) is
+    sum_{j<i} P_ij u_j, which the backward needs besides u and lse."""
+    fused = config.strategy == "fused"
+    u, o, lse, a = solve_stage(q, k, v, beta, config.solve, write_o=fused, write_a=for_backward)
+    if not fused:
         o = attention_stage(q, k, u, config.attn)
-    return o, u, lse
+    return o, u, lse, a

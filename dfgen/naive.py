@@ -25,6 +25,7 @@ __all__ = [
     "naive_strict_lse",
     "naive_deltaformer_u",
     "naive_causal_attention",
+    "naive_strict_attention",
     "naive_deltaformer_attn",
 ]
 
@@ -68,6 +69,12 @@ def naive_deltaformer_u(q, k, v, beta=None, compute_dtype=torch.float64) -> torc
     vh = v.to(compute_dtype).transpose(1, 2)
     u = torch.linalg.solve_triangular(lower, vh, upper=False, unitriangular=True)
     return u.transpose(1, 2).contiguous()
+
+
+def naive_strict_attention(q, k, u, compute_dtype=torch.float64) -> torch.Tensor:
+    """a_i = sum_{j<i} P_ij u_j (strictly causal; row 0 is zero) as [B, T, H, D]."""
+    p, _ = _strict_softmax(naive_scores(q, k, compute_dtype))
+    return (p @ u.to(compute_dtype).transpose(1, 2)).transpose(1, 2).contiguous()
 
 
 def naive_causal_attention(q, k, v, compute_dtype=torch.float64) -> torch.Tensor:

@@ -80,5 +80,4 @@ def deltaformer_attn(q, k, v, beta=None, *, config: ForwardConfig | dict | None 
     elif isinstance(config, dict):
         config = ForwardConfig.from_dict(config)
     config.check(D)
-    o, _, _ = forward(q, k, v, beta, config)
-    return o
+    return forward(q, k, v, beta, config)[0]

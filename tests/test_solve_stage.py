@@ -5,7 +5,8 @@ import torch
 
 from conftest import DEVICE, DTYPES, ON_GPU, assert_close, gpu_only, make_inputs, rel_err, tolerance
 from dfgen.forward import solve_stage
-from dfgen.naive import naive_deltaformer_attn, naive_deltaformer_u, naive_strict_lse
+from dfgen.naive import (naive_deltaformer_attn, naive_deltaformer_u, naive_strict_attention,
+                         naive_strict_lse)
 
 
 def solve(C, N, L=1, fp16_inverse=False, precision="tf32x3", warps=4, stages=2, split=False):
@@ -50,9 +51,13 @@ def test_solve_stage_matches_reference(case, dtype_name):
     dtype = DTYPES[dtype_name]
     q, k, v, beta = make_inputs(B, T, H, D, dtype, seed=T)
     ref_dtype = torch.float32 if ON_GPU else torch.float64
-    u, o, lse = solve_stage(q, k, v, beta, knobs, write_o=True)
+    u, o, lse, a = solve_stage(q, k, v, beta, knobs, write_o=True, write_a=True)
     tol = tolerance(dtype, knobs)
-    assert_close(u, naive_deltaformer_u(q, k, v, beta, ref_dtype), dtype, "u", tol)
+    u_ref = naive_deltaformer_u(q, k, v, beta, ref_dtype)
+    assert_close(u, u_ref, dtype, "u", tol)
+    if T > 1:
+        assert_close(a, naive_strict_attention(q, k, u_ref, ref_dtype), dtype, "a", tol)
+    assert (a[:, 0] == 0).all(), "row 0 has no earlier keys: a_0 = 0"
     assert_close(o, naive_deltaformer_attn(q, k, v, beta, ref_dtype), dtype, "o", tol)
     ref_lse = naive_strict_lse(q, k, ref_dtype)
     assert torch.isneginf(lse[:, :, 0]).all(), "row 0 has no keys: its lse must be -inf"
@@ -64,7 +69,7 @@ def test_solve_stage_matches_reference(case, dtype_name):
 def test_solve_stage_beta_variants(beta):
     q, k, v, b = make_inputs(1, 50, 2, 32, torch.float32, beta=beta, seed=3)
     knobs = solve(16, 16, L=2)
-    u, o, _ = solve_stage(q, k, v, b, knobs, write_o=True)
+    u, o, _, _ = solve_stage(q, k, v, b, knobs, write_o=True)
     assert_close(u, naive_deltaformer_u(q, k, v, b), torch.float32, "u")
     assert_close(o, naive_deltaformer_attn(q, k, v, b), torch.float32, "o")
 
@@ -76,14 +81,25 @@ def test_beta_above_one_grows_with_chunk():
     q, k, v, b = make_inputs(1, 40, 1, 32, torch.float32, beta=3.0, seed=4)
     ref = naive_deltaformer_u(q, k, v, b)
     assert ref.abs().max() > 1.5 * v.abs().max(), "beta = 3 should amplify u"
-    u, _, _ = solve_stage(q, k, v, b, solve(32, 16), write_o=False)
+    u, _, _, _ = solve_stage(q, k, v, b, solve(32, 16), write_o=False)
     assert rel_err(u, ref) < 1e-4
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["plain", "split"])
+def test_a_without_o(split):
+    """The two-stage strategy's solve writes a (for the backward) without o."""
+    q, k, v, b = make_inputs(1, 45, 2, 32, torch.float32, seed=7)
+    u, o, _, a = solve_stage(q, k, v, b, solve(16, 16, L=2, split=split), write_o=False,
+                             write_a=True)
+    assert o is None
+    assert_close(a, naive_strict_attention(q, k, naive_deltaformer_u(q, k, v, b)),
+                 torch.float32, "a")
 
 
 def test_write_o_false_leaves_o_alone():
     q, k, v, b = make_inputs(1, 20, 1, 32, torch.float16, seed=5)
-    u, o, lse = solve_stage(q, k, v, b, solve(16, 16), write_o=False)
-    assert o is None
+    u, o, lse, a = solve_stage(q, k, v, b, solve(16, 16), write_o=False)
+    assert o is None and a is None
     assert_close(u, naive_deltaformer_u(q, k, v, b), torch.float16, "u")
 
 
@@ -93,5 +109,5 @@ def test_strided_inputs():
     qkv = torch.randn(2, 37, 3, 2, 32, generator=gen).to(DEVICE)
     q, k, v = qkv.unbind(2)
     beta = torch.rand(2, 2, 37, generator=gen).to(DEVICE).transpose(1, 2)  # strided beta
-    u, o, _ = solve_stage(q, k, v, beta, solve(16, 16), write_o=True)
+    u, o, _, _ = solve_stage(q, k, v, beta, solve(16, 16), write_o=True)
     assert_close(o, naive_deltaformer_attn(q, k, v, beta), torch.float32, "o")
