@@ -1,4 +1,5 @@
-"""Forward benchmark: dfgen against torch SDPA causal attention and fla's DeltaFormer.
+"""Benchmark: dfgen against torch SDPA causal attention and fla's DeltaFormer, forward or
+forward+backward (with the peak memory of one pass).
 
 All columns of one row are measured in one process, side by side, on fresh random
 inputs (never zeros), with triton.testing.do_bench medians. fla's DeltaFormer is its
@@ -18,15 +19,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import ForwardConfig, default_config
+from .config import KernelConfig, default_config
 from .forward import forward
 from .naive import naive_deltaformer_attn
+from .runtime import deltaformer_attn
 
 GPU_SHAPES = [(1, 4096, 16, 128), (1, 8192, 16, 128), (4, 2048, 16, 64), (8, 1024, 32, 64),
               (2, 8192, 16, 64), (1, 16384, 8, 128)]
 CPU_SHAPES = [(1, 64, 2, 32), (2, 48, 1, 32)]
 # relative error against the float32 reference a config must stay under to be timed
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 3e-3, torch.float32: 1e-4}
+GRAD_TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4}
 
 
 def attention_flops(B, T, H, D) -> float:
@@ -72,11 +75,13 @@ class Row:
     fla_ms: float | None
     config: str
     error: float
+    flops: float
     tried: list = field(default_factory=list)  # (config, ms or None, error or message)
+    memory_mib: dict | None = None  # peak of one pass: dfgen, SDPA, and the inputs alone
 
     @property
     def tflops(self) -> float:
-        return attention_flops(*self.shape) / (self.dfgen_ms * 1e-3) / 1e12
+        return self.flops / (self.dfgen_ms * 1e-3) / 1e12
 
     @property
     def ratio(self) -> float:
@@ -101,48 +106,108 @@ def _timer(on_gpu: bool):
     return cpu_time
 
 
-def bench_shape(shape, dtype, device, configs, with_fla=True, log=None) -> Row:
+def _runner(q, k, v, beta, cfg, backward: bool, do):
+    """A callable for one pass of dfgen, and one returning (o, grads) for the check."""
+    if not backward:
+        def run():
+            with torch.no_grad():
+                return forward(q, k, v, beta, cfg)[0]
+        return run, lambda: (run(), ())
+    leaves = [t.detach().requires_grad_() for t in (q, k, v, beta)]
+
+    def outputs():
+        o = deltaformer_attn(*leaves, config=cfg)
+        return o, torch.autograd.grad(o, leaves, do)
+
+    return (lambda: outputs()[1]), outputs
+
+
+def _reference(q, k, v, beta, do, backward: bool, compute_dtype):
+    if not backward:
+        return naive_deltaformer_attn(q, k, v, beta, compute_dtype), ()
+    leaves = [t.detach().to(compute_dtype).requires_grad_() for t in (q, k, v, beta)]
+    o = naive_deltaformer_attn(*leaves, compute_dtype=compute_dtype)
+    return o.detach(), torch.autograd.grad(o, leaves, do.to(compute_dtype))
+
+
+def _peak_mib(fn) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def bench_shape(shape, dtype, device, configs, with_fla=True, log=None, backward=False) -> Row:
+    """Time dfgen (fastest correct candidate), SDPA and fla on one shape, forward or
+    forward+backward, all on the same fresh inputs."""
     on_gpu = device.type == "cuda"
     time_ms = _timer(on_gpu)
     q, k, v, beta = random_inputs(shape, dtype, device)
-    ref = naive_deltaformer_attn(q, k, v, beta, torch.float32 if on_gpu else torch.float64)
+    do = torch.randn_like(q)
+    ref_o, ref_grads = _reference(q, k, v, beta, do, backward,
+                                  torch.float32 if on_gpu else torch.float64)
+    tolerance = (GRAD_TOLERANCE if backward else TOLERANCE)[dtype]
     best = None
     tried = []
-    with torch.no_grad():
-        for cfg in configs:
-            try:
-                cfg.check(shape[3])
-                out = forward(q, k, v, beta, cfg)[0]
-                err = relative_error(out, ref)
-                if not err <= TOLERANCE[dtype]:
-                    tried.append((cfg, None, f"wrong: relative error {err:.2e}"))
-                    continue
-                ms = time_ms(lambda: forward(q, k, v, beta, cfg))
-            except Exception as exc:  # a failing candidate is reported, not fatal
-                tried.append((cfg, None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"))
+    for cfg in configs:
+        try:
+            cfg.check(shape[3], backward=backward)
+            run, outputs = _runner(q, k, v, beta, cfg, backward, do)
+            o, grads = outputs()
+            err = max([relative_error(o, ref_o)] +
+                      [relative_error(g, r) for g, r in zip(grads, ref_grads)])
+            if not err <= tolerance:
+                tried.append((cfg, None, f"wrong: relative error {err:.2e}"))
                 continue
-            tried.append((cfg, ms, err))
-            if best is None or ms < best[1]:
-                best = (cfg, ms, err)
-            if log:
-                log(f"  {shape} {ms:8.3f} ms err {err:.2e} {cfg}")
-        del ref
-        qh, kh, vh = (t.transpose(1, 2).contiguous() for t in (q, k, v))
-        sdpa_ms = time_ms(lambda: sdpa_causal(qh, kh, vh))
-        fla_ms = None
-        fla_u = _fla_u_fn() if (with_fla and on_gpu) else None
-        if fla_u is not None:
-            def fla_forward():
-                u = fla_u.apply(q, k, v, beta)
-                return sdpa_causal(qh, kh, u.transpose(1, 2))
-            fla_ms = time_ms(fla_forward)
+            ms = time_ms(run)
+        except Exception as exc:  # a failing candidate is reported, not fatal
+            tried.append((cfg, None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"))
+            continue
+        tried.append((cfg, ms, err))
+        if best is None or ms < best[1]:
+            best = (cfg, ms, err, run)
+        if log:
+            log(f"  {shape} {ms:8.3f} ms err {err:.2e} {cfg}")
+    del ref_o, ref_grads
     if best is None:
         raise RuntimeError(f"no config passed at {shape}: " + "; ".join(
             f"{c}: {m}" for c, _, m in tried))
-    return Row(shape, best[1], sdpa_ms, fla_ms, str(best[0]), best[2], tried)
+
+    qh, kh, vh = (t.transpose(1, 2).contiguous().requires_grad_(backward) for t in (q, k, v))
+    doh = do.transpose(1, 2).contiguous()
+    if backward:
+        def sdpa_run():
+            o = sdpa_causal(qh, kh, vh)
+            return torch.autograd.grad(o, (qh, kh, vh), doh)
+    else:
+        def sdpa_run():
+            with torch.no_grad():
+                return sdpa_causal(qh, kh, vh)
+    sdpa_ms = time_ms(sdpa_run)
+    fla_ms = None
+    fla_u = _fla_u_fn() if (with_fla and on_gpu) else None
+    if fla_u is not None:
+        leaves = [t.detach().requires_grad_(backward) for t in (q, k, v, beta)]
+
+        def fla_run():
+            with torch.set_grad_enabled(backward):
+                u = fla_u.apply(*leaves)
+                o = sdpa_causal(leaves[0].transpose(1, 2), leaves[1].transpose(1, 2),
+                                u.transpose(1, 2))
+                return torch.autograd.grad(o, leaves, doh) if backward else o
+        fla_ms = time_ms(fla_run)
+    memory = None
+    if on_gpu and backward:
+        inputs_mib = sum(t.numel() * t.element_size() for t in (q, k, v, beta, do)) / 2**20
+        memory = dict(dfgen=_peak_mib(best[3]), sdpa=_peak_mib(sdpa_run), inputs=inputs_mib)
+    flops = attention_flops(*shape) * (3.5 if backward else 1.0)
+    return Row(shape, best[1], sdpa_ms, fla_ms, str(best[0]), best[2], flops, tried, memory)
 
 
-def format_table(rows, dtype, device, n_configs) -> str:
+def format_table(rows, dtype, device, n_configs, backward=False) -> str:
+    what = "fwd+bwd" if backward else "fwd"
     lines = []
     if device.type == "cuda":
         lines.append(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, "
@@ -154,14 +219,25 @@ def format_table(rows, dtype, device, n_configs) -> str:
     if n_configs > 1:
         lines.append(f"dfgen: fastest of {n_configs} candidate configs that passed the "
                      "reference check at that shape")
-    lines += ["| B, T, H, D | dfgen fwd ms | SDPA fwd ms | fla fwd ms | dfgen TFLOP/s "
-              "| dfgen/SDPA | fla/SDPA | rel. error |", "|" + "---|" * 8]
+    if backward:
+        lines.append("TFLOP/s counts fwd+bwd as 3.5 causal attention passes; peak memory is "
+                     "what one fwd+bwd allocates beyond the live tensors")
+    header = (f"| B, T, H, D | dfgen {what} ms | SDPA {what} ms | fla {what} ms | dfgen TFLOP/s "
+              "| dfgen/SDPA | fla/SDPA | rel. error |")
+    if backward:
+        header += " peak MiB dfgen / SDPA / inputs |"
+    lines += [header, "|" + "---|" * (9 if backward else 8)]
     for r in rows:
         fla = f"{r.fla_ms:.3f}" if r.fla_ms is not None else "n/a"
         fla_ratio = f"{r.fla_ms / r.sdpa_ms:.1f}x" if r.fla_ms is not None else "n/a"
         shape = ", ".join(str(s) for s in r.shape)
-        lines.append(f"| {shape} | {r.dfgen_ms:.3f} | {r.sdpa_ms:.3f} | {fla} | {r.tflops:.1f} "
-                     f"| {r.ratio:.2f}x | {fla_ratio} | {r.error:.1e} |")
+        line = (f"| {shape} | {r.dfgen_ms:.3f} | {r.sdpa_ms:.3f} | {fla} | {r.tflops:.1f} "
+                f"| {r.ratio:.2f}x | {fla_ratio} | {r.error:.1e} |")
+        if backward:
+            mem = r.memory_mib
+            line += (f" {mem['dfgen']:.0f} / {mem['sdpa']:.0f} / {mem['inputs']:.0f} |" if mem
+                     else " n/a |")
+        lines.append(line)
     lines.append("configs: " + "; ".join(f"{','.join(map(str, r.shape))}: {r.config}" for r in rows))
     return "\n".join(lines)
 
@@ -172,7 +248,8 @@ def _triton_version() -> str:
     return triton.__version__
 
 
-def run(shapes=None, dtype=torch.bfloat16, configs=None, with_fla=True, verbose=False) -> str:
+def run(shapes=None, dtype=torch.bfloat16, configs=None, with_fla=True, verbose=False,
+        backward=False) -> str:
     """Benchmark every shape and return the table. Uses the GPU when there is one, else
     the interpreter (TRITON_INTERPRET must then be set before kernels load)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -182,15 +259,15 @@ def run(shapes=None, dtype=torch.bfloat16, configs=None, with_fla=True, verbose=
     rows = []
     for shape in shapes:
         candidates = configs or [default_config(shape[3], dtype)]
-        rows.append(bench_shape(tuple(shape), dtype, device, candidates, with_fla, log))
-    return format_table(rows, dtype, device, len(configs or [None]))
+        rows.append(bench_shape(tuple(shape), dtype, device, candidates, with_fla, log, backward))
+    return format_table(rows, dtype, device, len(configs or [None]), backward)
 
 
-def load_configs(path) -> list[ForwardConfig]:
+def load_configs(path) -> list[KernelConfig]:
     """A YAML file holding one forward config or a list of them."""
     import yaml
 
     with open(path) as handle:
         data = yaml.safe_load(handle)
     items = data if isinstance(data, list) else [data]
-    return [ForwardConfig.from_dict(item) for item in items]
+    return [KernelConfig.from_dict(item) for item in items]

@@ -74,7 +74,8 @@ def cmd_bench(args) -> int:
     if interpreted:
         print("dfgen bench: no CUDA device; running in Triton's interpreter at a tiny size "
               "(timings are NOT GPU timings)", flush=True)
-    print(run(shapes, dtype, configs, with_fla=not args.no_fla, verbose=args.verbose))
+    print(run(shapes, dtype, configs, with_fla=not args.no_fla, verbose=args.verbose,
+              backward=args.backward))
     return 0
 
 
@@ -91,13 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
     emit.add_argument("--out", help="write the source to this file instead of stdout")
     emit.set_defaults(func=cmd_emit)
 
-    bench = sub.add_parser("bench", help="forward benchmark against torch SDPA and fla")
+    bench = sub.add_parser("bench", help="benchmark against torch SDPA and fla")
     bench.add_argument("--shapes", help="'B,T,H,D;B,T,H,D;...' (default: the standard set)")
     bench.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     bench.add_argument("--configs", help="YAML file with a forward config or a list of them; "
                        "each is checked against the reference, the fastest is reported "
                        "(default: the built-in config)")
     bench.add_argument("--verbose", action="store_true", help="print every candidate's time")
+    bench.add_argument("--backward", action="store_true",
+                       help="time forward+backward (and report peak memory) instead of forward")
     bench.add_argument("--no-fla", action="store_true", help="skip fla's column")
     bench.set_defaults(func=cmd_bench)
     return parser

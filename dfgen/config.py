@@ -1,8 +1,10 @@
-"""Kernel configs of a forward pass: a strategy plus the knob values of each stage it runs.
+"""Kernel configs: a forward strategy plus the knob values of every stage it runs, forward
+and backward.
 
-Strategies:
+Forward strategies:
   fused      the solve stage writes o directly (o = g a + (1 - g) u); one launch.
   two_stage  the solve stage writes u, then a causal attention stage over (q, k, u).
+The backward is the same for both: a reverse sweep (solve_bwd), then dq/dk (attn_bwd).
 """
 
 from __future__ import annotations
@@ -14,51 +16,81 @@ from .errors import ConfigError
 from .templating import spec
 
 STRATEGIES = ("fused", "two_stage")
+_SECTIONS = ("solve", "attn", "solve_bwd", "attn_bwd")
 
 
 @dataclass(frozen=True)
-class ForwardConfig:
+class KernelConfig:
     strategy: str = "fused"
     solve: Mapping[str, Any] = field(default_factory=dict)
-    attn: Mapping[str, Any] = field(default_factory=dict)
+    attn: Mapping[str, Any] = field(default_factory=dict)  # two_stage only
+    solve_bwd: Mapping[str, Any] = field(default_factory=dict)
+    attn_bwd: Mapping[str, Any] = field(default_factory=dict)
 
-    def stages(self) -> dict[str, Mapping[str, Any]]:
-        """{stage name: knobs} of the stages this config runs."""
+    def forward_stages(self) -> dict[str, Mapping[str, Any]]:
+        """{stage name: knobs} of the stages the forward runs."""
         out = {"solve_fwd": self.solve}
         if self.strategy == "two_stage":
             out["attn_fwd"] = self.attn
         return out
 
-    def check(self, head_dim: int) -> "ForwardConfig":
+    def backward_stages(self) -> dict[str, Mapping[str, Any]]:
+        return {"solve_bwd": self.solve_bwd, "attn_bwd": self.attn_bwd}
+
+    def check(self, head_dim: int, backward: bool = False) -> "KernelConfig":
+        """Raise ConfigError unless every stage that runs has a valid, feasible config."""
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"strategy must be one of {list(STRATEGIES)}, got {self.strategy!r}")
-        for stage, knobs in self.stages().items():
+        stages = dict(self.forward_stages())
+        if backward:
+            stages.update(self.backward_stages())
+        for stage, knobs in stages.items():
             spec(stage).check(knobs, head_dim)
         return self
 
     def key(self) -> tuple:
-        return (self.strategy, tuple(sorted(self.solve.items())),
-                tuple(sorted(self.attn.items())) if self.strategy == "two_stage" else ())
+        return tuple((name, tuple(sorted(getattr(self, name).items())))
+                     for name in _SECTIONS) + (self.strategy,)
 
     def to_dict(self) -> dict:
-        out: dict[str, Any] = {"strategy": self.strategy, "solve": dict(sorted(self.solve.items()))}
-        if self.strategy == "two_stage":
-            out["attn"] = dict(sorted(self.attn.items()))
+        out: dict[str, Any] = {"strategy": self.strategy}
+        for name in _SECTIONS:
+            knobs = getattr(self, name)
+            if knobs and (name != "attn" or self.strategy == "two_stage"):
+                out[name] = dict(sorted(knobs.items()))
         return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ForwardConfig":
+    def from_dict(cls, data: Mapping[str, Any], defaults: "KernelConfig | None" = None) -> "KernelConfig":
+        """Parse the dict form. Sections missing from `data` come from `defaults` (the
+        knobs inside a given section are never mixed)."""
         if not isinstance(data, Mapping):
-            raise ConfigError(f"a forward config must be a mapping, got {type(data).__name__}")
-        unknown = set(data) - {"strategy", "solve", "attn"}
+            raise ConfigError(f"a kernel config must be a mapping, got {type(data).__name__}")
+        unknown = set(data) - {"strategy", *_SECTIONS}
         if unknown:
-            raise ConfigError(f"unknown forward config keys {sorted(unknown)}")
+            raise ConfigError(f"unknown kernel config keys {sorted(unknown)}; "
+                              f"expected strategy and {list(_SECTIONS)}")
         strategy = data.get("strategy", "fused")
-        solve = dict(data.get("solve") or {})
-        attn = dict(data.get("attn") or {})
-        if strategy == "two_stage" and not attn:
+        sections = {}
+        for name in _SECTIONS:
+            value = data.get(name)
+            if value is None and defaults is not None:
+                value = getattr(defaults, name)
+            if value is not None and not isinstance(value, Mapping):
+                raise ConfigError(f"config section {name!r} must be a mapping of knobs")
+            sections[name] = dict(value or {})
+        if strategy == "two_stage" and not sections["attn"]:
             raise ConfigError("a two_stage config needs an `attn` section")
-        return cls(strategy=strategy, solve=solve, attn=attn if strategy == "two_stage" else {})
+        if strategy != "two_stage":
+            sections["attn"] = {}
+        return cls(strategy=strategy, **sections)
+
+    def with_defaults(self, defaults: "KernelConfig") -> "KernelConfig":
+        """This config with its empty sections taken from `defaults`."""
+        filled = {name: getattr(self, name) or getattr(defaults, name) for name in _SECTIONS}
+        if self.strategy != "two_stage":
+            filled["attn"] = {}
+        return KernelConfig(strategy=self.strategy, **filled)
 
     def __str__(self) -> str:
         parts = [self.strategy] + [f"{k}={v}" for k, v in sorted(self.solve.items())]
@@ -67,14 +99,18 @@ class ForwardConfig:
         return " ".join(parts)
 
 
-def default_config(head_dim: int, dtype=None, strategy: str = "fused") -> ForwardConfig:
-    """Built-in config, used when no tuned entry applies: the H200's best knobs where
-    they also fit smaller GPUs (at head dim 128 two pipeline stages, about 80 KB of
+def default_config(head_dim: int, dtype=None, strategy: str = "fused") -> KernelConfig:
+    """Built-in config, used when no tuned entry applies: the H200's best forward knobs
+    where they also fit smaller GPUs (at head dim 128 two pipeline stages, about 80 KB of
     shared memory, instead of three, about 112 KB)."""
     fp32 = dtype is not None and str(dtype).endswith("float32")
-    solve = dict(CHUNK=64, BLOCK_N=64, LOOKAHEAD=2, SPLIT_SOLVE=False,
-                 # float32 inputs keep float32 accuracy in the solve; fp16/bf16 need only tf32's
-                 SOLVE_PRECISION="tf32x3" if fp32 else "tf32", INV_FP16=not fp32,
+    precision = dict(
+        # float32 inputs keep float32 accuracy in the solve; fp16/bf16 need only tf32's
+        SOLVE_PRECISION="tf32x3" if fp32 else "tf32", INV_FP16=not fp32)
+    solve = dict(CHUNK=64, BLOCK_N=64, LOOKAHEAD=2, SPLIT_SOLVE=False, **precision,
                  num_warps=4, num_stages=2 if head_dim > 64 else 3)
     attn = dict(BLOCK_M=64, BLOCK_N=32 if head_dim > 64 else 64, num_warps=4, num_stages=2)
-    return ForwardConfig(strategy=strategy, solve=solve, attn=attn).check(head_dim)
+    solve_bwd = dict(CHUNK=64, BLOCK_M=32, **precision, num_warps=4, num_stages=2)
+    attn_bwd = dict(BLOCK_M=32 if head_dim > 64 else 64, BLOCK_N=64, num_warps=4, num_stages=2)
+    return KernelConfig(strategy=strategy, solve=solve, attn=attn, solve_bwd=solve_bwd,
+                        attn_bwd=attn_bwd).check(head_dim, backward=True)

@@ -11,7 +11,7 @@ import math
 import torch
 
 from . import codegen
-from .config import ForwardConfig
+from .config import KernelConfig
 
 
 def solve_stage(q, k, v, beta, knobs, *, write_o: bool, write_a: bool = False):
@@ -38,7 +38,7 @@ def attention_stage(q, k, u, knobs):
     return o
 
 
-def forward(q, k, v, beta, config: ForwardConfig, *, for_backward: bool = False):
+def forward(q, k, v, beta, config: KernelConfig, *, for_backward: bool = False):
     """(o, u, lse, a) under `config`'s strategy; a (None unless for_backward) is
     sum_{j<i} P_ij u_j, which the backward needs besides u and lse."""
     fused = config.strategy == "fused"

@@ -27,6 +27,7 @@ __all__ = [
     "naive_causal_attention",
     "naive_strict_attention",
     "naive_deltaformer_attn",
+    "naive_backward_terms",
 ]
 
 
@@ -94,3 +95,38 @@ def naive_deltaformer_attn(q, k, v, beta=None, compute_dtype=torch.float64) -> t
     """
     u = naive_deltaformer_u(q, k, v, beta, compute_dtype)
     return naive_causal_attention(q, k, u, compute_dtype)
+
+
+def naive_backward_terms(q, k, v, beta, do, compute_dtype=torch.float64) -> dict:
+    """The backward's intermediate quantities from the math note's formulas, dense:
+
+        g_i = sigmoid(lse_i - s_ii),  Delta_i = do_i . o_i
+        dv = L^{-T} du_out, du_out_j = (1 - g_j) do_j + sum_{i>j} g_i P_ij do_i
+        e_i = g_i do_i - beta_i dv_i,  dbeta_i = -dv_i . a_i,  delta_i = g_i Delta_i + beta_i dbeta_i
+        ds_ii = (1 - g_i)(do_i . u_i - Delta_i)
+
+    Returns dv, e, a ([B, T, H, D]); dbeta ([B, T, H]); g, delta, ds_diag ([B, H, T]).
+    """
+    B, T, H, D = q.shape
+    cd = compute_dtype
+    s = naive_scores(q, k, cd)
+    p, lse = _strict_softmax(s)
+    beta_h = (torch.ones(B, H, T, dtype=cd, device=q.device) if beta is None
+              else beta.to(cd).transpose(1, 2))
+    u = naive_deltaformer_u(q, k, v, beta, cd).transpose(1, 2)
+    a = p @ u
+    g = torch.sigmoid(lse - torch.diagonal(s, dim1=-2, dim2=-1))  # row 0: sigmoid(-inf) = 0
+    o = g.unsqueeze(-1) * a + (1 - g).unsqueeze(-1) * u
+    doh = do.to(cd).transpose(1, 2)
+    big_delta = (doh * o).sum(-1)
+    du_out = (1 - g).unsqueeze(-1) * doh + p.transpose(-1, -2) @ (g.unsqueeze(-1) * doh)
+    lower = torch.eye(T, dtype=cd, device=q.device) + beta_h.unsqueeze(-1) * p
+    dv = torch.linalg.solve_triangular(lower.transpose(-1, -2), du_out, upper=True,
+                                       unitriangular=True)
+    e = g.unsqueeze(-1) * doh - beta_h.unsqueeze(-1) * dv
+    dbeta = -(dv * a).sum(-1)
+    delta = g * big_delta + beta_h * dbeta
+    ds_diag = (1 - g) * ((doh * u).sum(-1) - big_delta)
+    bthd = lambda t: t.transpose(1, 2).contiguous()  # noqa: E731
+    return dict(dv=bthd(dv), e=bthd(e), a=bthd(a), dbeta=bthd(dbeta), g=g, delta=delta,
+                ds_diag=ds_diag)

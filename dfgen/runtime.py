@@ -1,15 +1,16 @@
 """What models import: deltaformer_attn(q, k, v, beta=None, *, config=None).
 
 Importing this module compiles, tunes and imports nothing heavy; kernels are rendered
-and compiled at their first call. Forward only for now: inputs that require grad are
-refused rather than silently returning an output without gradients.
+and compiled at their first call. When an input requires grad, the call goes through an
+autograd Function whose backward runs the templated backward kernels.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .config import ForwardConfig, default_config
+from .backward import backward
+from .config import KernelConfig, default_config
 from .errors import InputError
 from .forward import forward
 from .interpreter import interpreter_active
@@ -62,22 +63,46 @@ def _check_inputs(q, k, v, beta):
                              f"got strides {t.stride()}")
 
 
-def deltaformer_attn(q, k, v, beta=None, *, config: ForwardConfig | dict | None = None):
+class _DeltaFormerAttn(torch.autograd.Function):
+    """Saves q, k, beta, u, a = P u and the strict lse: O(B*T*H*D), no C x C matrices."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, beta, config):
+        o, u, lse, a = forward(q, k, v, beta, config, for_backward=True)
+        ctx.save_for_backward(q, k, beta, u, a, lse)
+        ctx.config = config
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, beta, u, a, lse = ctx.saved_tensors
+        if do.stride(-1) != 1:
+            do = do.contiguous()
+        dq, dk, dv, dbeta = backward(q, k, beta, u, a, lse, do, ctx.config.solve_bwd,
+                                     ctx.config.attn_bwd)
+        return dq, dk, dv, dbeta, None
+
+
+def deltaformer_attn(q, k, v, beta=None, *, config: KernelConfig | dict | None = None):
     """DeltaFormer attention: o = causal_softmax(q k^T) u, u = (I + diag(beta) P)^{-1} v.
 
     q, k, v: [B, T, H, D] float16/bfloat16/float32 on one CUDA device (unit stride on D);
-    beta: [B, T, H] or None (all ones). config: a ForwardConfig (or its dict form), None
-    for the built-in default. Returns o, [B, T, H, D], in q's dtype.
+    beta: [B, T, H] or None (all ones). config: a KernelConfig (or its dict form; missing
+    sections come from the built-in default), None for the built-in default. Returns o,
+    [B, T, H, D], in q's dtype; differentiable in q, k, v and beta.
     """
     _check_inputs(q, k, v, beta)
-    if torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (q, k, v, beta)):
-        raise InputError("deltaformer_attn has no backward yet: an input requires grad. "
-                         "Call it under torch.no_grad() or detach the inputs.")
     D = q.shape[-1]
+    defaults = default_config(D, q.dtype)
     if config is None:
-        config = default_config(D, q.dtype)
+        config = defaults
     elif isinstance(config, dict):
-        config = ForwardConfig.from_dict(config)
-    config.check(D)
+        config = KernelConfig.from_dict(config, defaults=defaults)
+    else:
+        config = config.with_defaults(defaults)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, beta))
+    config.check(D, backward=needs_grad)
+    if needs_grad:
+        return _DeltaFormerAttn.apply(q, k, v, beta, config)
     return forward(q, k, v, beta, config)[0]

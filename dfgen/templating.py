@@ -23,7 +23,7 @@ import yaml
 from .errors import ConfigError
 
 _HEADER = re.compile(r"\{#-?\s*dfgen-knobs\s*\n(.*?)-?#\}", re.S)
-STAGES = ("solve_fwd", "attn_fwd")
+STAGES = ("solve_fwd", "attn_fwd", "solve_bwd", "attn_bwd")
 
 _DTYPE_NAMES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
@@ -134,8 +134,8 @@ def spec(stage: str) -> TemplateSpec:
 def templates_hash() -> str:
     """Hash of every template's text: part of cache paths and tuned-file provenance."""
     digest = hashlib.sha256()
-    for stage in STAGES:
-        digest.update(_template_path(stage).read_bytes())
+    for path in sorted(templates_dir().glob("*.jinja")):  # stages and the files they include
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:12]
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import DTYPES, ON_GPU, assert_close, gpu_only, make_inputs, tolerance
-from dfgen.config import ForwardConfig, default_config
+from dfgen.config import KernelConfig, default_config
 from dfgen.naive import naive_deltaformer_attn
 from dfgen.runtime import deltaformer_attn
 
@@ -14,9 +14,9 @@ SOLVE_B = dict(CHUNK=32, BLOCK_N=16, LOOKAHEAD=1, INV_FP16=True, SPLIT_SOLVE=Fal
                num_warps=4, num_stages=3)
 ATTN = dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=2)
 CONFIGS = {
-    "fused-A": ForwardConfig("fused", SOLVE_A),
-    "fused-B": ForwardConfig("fused", SOLVE_B),
-    "two_stage-A": ForwardConfig("two_stage", SOLVE_A, ATTN),
+    "fused-A": KernelConfig("fused", SOLVE_A),
+    "fused-B": KernelConfig("fused", SOLVE_B),
+    "two_stage-A": KernelConfig("two_stage", SOLVE_A, ATTN),
 }
 CPU_SHAPES = [(1, 1, 1, 32), (2, 45, 2, 32), (1, 50, 1, 64)]
 GPU_SHAPES = [(2, 8192, 2, 128), (4, 2048, 4, 64), (1, 3001, 3, 128)]

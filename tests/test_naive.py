@@ -5,7 +5,8 @@ import math
 
 import torch
 
-from dfgen.naive import (naive_causal_attention, naive_deltaformer_attn, naive_deltaformer_u,
+from dfgen.naive import (naive_backward_terms, naive_causal_attention, naive_deltaformer_attn,
+                         naive_deltaformer_u,
                          naive_strict_lse, naive_scores)
 
 
@@ -58,3 +59,31 @@ def test_fused_output_identity():
 def test_t1_output_is_v():
     q, k, v = (torch.randn(2, 1, 2, 4) for _ in range(3))
     assert torch.allclose(naive_deltaformer_attn(q, k, v), v.double())
+
+
+def test_backward_terms_match_autograd():
+    """The math note's backward (dv by a transposed solve, dbeta, and dq, dk from ds)
+    against torch autograd of the reference, in float64."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 11, 2, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    beta = (torch.rand(2, 11, 2, generator=gen, dtype=torch.float64) * 1.5).requires_grad_()
+    do = torch.randn(2, 11, 2, 8, generator=gen, dtype=torch.float64)
+    o = naive_deltaformer_attn(q, k, v, beta)
+    dq, dk, dv, dbeta = torch.autograd.grad(o, (q, k, v, beta), do)
+    t = naive_backward_terms(q.detach(), k.detach(), v.detach(), beta.detach(), do)
+    assert torch.allclose(t["dv"], dv, atol=1e-12)
+    assert torch.allclose(t["dbeta"], dbeta, atol=1e-12)
+    # ds_ij = P_ij (e_i . u_j - delta_i) below the diagonal, ds_ii on it
+    s = naive_scores(q.detach(), k.detach())
+    T = s.shape[-1]
+    strict = torch.ones(T, T, dtype=torch.bool).tril(-1)
+    lse = naive_strict_lse(q.detach(), k.detach())
+    p = torch.exp(s - lse.masked_fill(torch.isinf(lse), 0).unsqueeze(-1)).masked_fill(~strict, 0)
+    u = naive_deltaformer_u(q.detach(), k.detach(), v.detach(), beta.detach()).transpose(1, 2)
+    e = t["e"].transpose(1, 2)
+    ds = p * (e @ u.transpose(-1, -2) - t["delta"].unsqueeze(-1)) + torch.diag_embed(t["ds_diag"])
+    scale = 1 / math.sqrt(8)
+    assert torch.allclose(scale * (ds @ k.detach().transpose(1, 2)).transpose(1, 2), dq, atol=1e-12)
+    assert torch.allclose(scale * (ds.transpose(-1, -2) @ q.detach().transpose(1, 2)).transpose(1, 2),
+                          dk, atol=1e-12)

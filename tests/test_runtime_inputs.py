@@ -62,13 +62,6 @@ def test_last_dim_must_be_contiguous():
         deltaformer_attn(q_t, k, v)
 
 
-def test_requires_grad_is_refused_until_the_backward_exists():
-    q, k, v = qkv()
-    k.requires_grad_(True)
-    with pytest.raises(InputError, match="no backward yet"):
-        deltaformer_attn(q, k, v)
-
-
 def test_bad_config_names_the_knob():
     q, k, v = qkv()
     solve = dict(default_config(32).solve)

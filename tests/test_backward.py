@@ -1,0 +1,165 @@
+"""The backward: each stage alone against the math note's formulas, and every gradient of
+deltaformer_attn against autograd of the reference."""
+
+import pytest
+import torch
+
+from conftest import DEVICE, DTYPES, ON_GPU, assert_close, gpu_only, make_inputs, rel_err
+from dfgen.backward import query_key_grads, reverse_sweep
+from dfgen.config import KernelConfig, default_config
+from dfgen.forward import solve_stage
+from dfgen.naive import (naive_backward_terms, naive_deltaformer_attn, naive_deltaformer_u,
+                         naive_strict_lse)
+from dfgen.runtime import deltaformer_attn
+
+# bounds on the relative error of gradients, by input dtype
+GRAD_TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+REF = torch.float32 if ON_GPU else torch.float64
+
+
+def sweep_knobs(C, M, fp16_inverse=False, precision="tf32x3"):
+    return dict(CHUNK=C, BLOCK_M=M, INV_FP16=fp16_inverse, SOLVE_PRECISION=precision,
+                num_warps=4, num_stages=2)
+
+
+def qk_knobs(M, N):
+    return dict(BLOCK_M=M, BLOCK_N=N, num_warps=4, num_stages=2)
+
+
+def fwd_knobs(C=16):
+    return dict(default_config(32, torch.float32).solve, CHUNK=C, BLOCK_N=16, LOOKAHEAD=1)
+
+
+# (B, T, H, D, sweep knobs, dq/dk knobs): chunks and blocks that do not divide T, T = 1
+STAGE_CASES = [
+    (1, 1, 1, 32, sweep_knobs(16, 16), qk_knobs(16, 16)),
+    (2, 45, 2, 32, sweep_knobs(16, 16), qk_knobs(16, 32)),
+    (1, 70, 1, 64, sweep_knobs(32, 16, fp16_inverse=True), qk_knobs(32, 16)),
+    (1, 83, 2, 32, sweep_knobs(64, 32), qk_knobs(64, 64)),
+]
+
+
+def _stage_id(c):
+    return f"B{c[0]}-T{c[1]}-H{c[2]}-D{c[3]}-C{c[4]['CHUNK']}-M{c[4]['BLOCK_M']}-qk{c[5]['BLOCK_M']}x{c[5]['BLOCK_N']}"
+
+
+def _tol(dtype, knobs=None):
+    if dtype == torch.float32 and knobs is not None and (knobs["INV_FP16"] or knobs["SOLVE_PRECISION"] == "tf32"):
+        return 3e-3
+    return GRAD_TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype_name", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("case", STAGE_CASES, ids=_stage_id)
+def test_reverse_sweep_alone(case, dtype_name):
+    B, T, H, D, knobs, _ = case
+    dtype = DTYPES[dtype_name]
+    q, k, v, beta = make_inputs(B, T, H, D, dtype, seed=T)
+    do = torch.randn(B, T, H, D, generator=torch.Generator().manual_seed(1)).to(dtype).to(DEVICE)
+    u, _, lse, a = solve_stage(q, k, v, beta, fwd_knobs(), write_o=False, write_a=True)
+    dv, e, dbeta, delta, ds_diag = reverse_sweep(q, k, do, u, a, beta, lse, knobs)
+    # the reference from the kernel's own u and a isolates this stage's error
+    ref = naive_backward_terms(q, k, v, beta, do, REF)
+    tol = _tol(dtype, knobs)
+    assert_close(dv, ref["dv"], dtype, "dv", tol)
+    assert_close(e, ref["e"], dtype, "e", tol)
+    if T > 1:
+        assert_close(dbeta, ref["dbeta"], dtype, "dbeta", tol)
+        assert_close(delta, ref["delta"], dtype, "delta", tol)
+        assert_close(ds_diag, ref["ds_diag"], dtype, "ds_diag", tol)
+
+
+@pytest.mark.parametrize("dtype_name", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("case", STAGE_CASES, ids=_stage_id)
+def test_query_key_grads_alone(case, dtype_name):
+    """dq and dk from reference e, delta and ds_ii against autograd of the reference."""
+    B, T, H, D, _, knobs = case
+    dtype = DTYPES[dtype_name]
+    q, k, v, beta = make_inputs(B, T, H, D, dtype, seed=T + 1)
+    do = torch.randn(B, T, H, D, generator=torch.Generator().manual_seed(2)).to(dtype).to(DEVICE)
+    ref = naive_backward_terms(q, k, v, beta, do, REF)
+    u = naive_deltaformer_u(q, k, v, beta, REF).to(dtype)
+    lse = naive_strict_lse(q, k, REF).float()
+    dq, dk = query_key_grads(q, k, u, ref["e"].to(dtype), lse, ref["delta"].float(),
+                             ref["ds_diag"].float(), knobs)
+    qr, kr, vr = (t.detach().to(REF).requires_grad_() for t in (q, k, v))
+    o = naive_deltaformer_attn(qr, kr, vr, beta, REF)
+    dq_ref, dk_ref = torch.autograd.grad(o, (qr, kr), do.to(REF))
+    if T == 1:
+        assert dq.abs().max() == 0 and dk.abs().max() == 0
+        return
+    assert_close(dq, dq_ref, dtype, "dq", GRAD_TOL[dtype])
+    assert_close(dk, dk_ref, dtype, "dk", GRAD_TOL[dtype])
+
+
+SOLVE_A = dict(default_config(32, torch.float32).solve, CHUNK=16, BLOCK_N=16, LOOKAHEAD=2)
+BWD_A = dict(solve_bwd=sweep_knobs(16, 16), attn_bwd=qk_knobs(16, 32))
+CONFIGS = {
+    "fused": KernelConfig("fused", SOLVE_A, **BWD_A),
+    "two_stage": KernelConfig("two_stage", SOLVE_A, dict(BLOCK_M=32, BLOCK_N=16, num_warps=4,
+                                                        num_stages=2), **BWD_A),
+    "fused-C32": KernelConfig("fused", dict(SOLVE_A, CHUNK=32, LOOKAHEAD=1),
+                              solve_bwd=sweep_knobs(32, 32, fp16_inverse=True, precision="tf32"),
+                              attn_bwd=qk_knobs(32, 16)),
+}
+CPU_GRAD_CASES = [((2, 45, 2, 32), "rand"), ((1, 70, 1, 32), None), ((1, 50, 2, 64), 1.5),
+                  ((1, 1, 1, 32), "rand")]
+GPU_GRAD_CASES = [((2, 8192, 2, 128), "rand"), ((4, 2048, 4, 64), "rand"), ((1, 3001, 3, 128), None)]
+
+
+def _grad_params():
+    out = []
+    for shape, beta in CPU_GRAD_CASES:
+        for dt in ("fp32", "fp16", "bf16"):
+            for name in CONFIGS:
+                out.append(pytest.param(shape, beta, dt, name,
+                                        id=f"B{shape[0]}-T{shape[1]}-H{shape[2]}-D{shape[3]}-beta{beta}-{name}-{dt}"))
+    for shape, beta in GPU_GRAD_CASES:
+        for dt in ("fp16", "bf16"):
+            out.append(pytest.param(shape, beta, dt, "default", marks=gpu_only,
+                                    id=f"B{shape[0]}-T{shape[1]}-H{shape[2]}-D{shape[3]}-beta{beta}-default-{dt}"))
+    return out
+
+
+@pytest.mark.parametrize("shape,beta_kind,dtype_name,config_name", _grad_params())
+def test_gradients_match_reference(shape, beta_kind, dtype_name, config_name):
+    dtype = DTYPES[dtype_name]
+    q, k, v, beta = make_inputs(*shape, dtype, beta=beta_kind, seed=sum(shape))
+    config = CONFIGS.get(config_name)  # None: the built-in default
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    if beta is not None:
+        leaves.append(beta.requires_grad_())
+    o = deltaformer_attn(q, k, v, beta, config=config)
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(5)).to(dtype).to(DEVICE)
+    grads = torch.autograd.grad(o, leaves, do)
+    ref_leaves = [t.detach().to(REF).requires_grad_() for t in leaves]
+    ref_beta = ref_leaves[3] if beta is not None else None
+    ref_o = naive_deltaformer_attn(*ref_leaves[:3], ref_beta, REF)
+    ref_grads = torch.autograd.grad(ref_o, ref_leaves, do.to(REF))
+    tol = _tol(dtype, (config or default_config(shape[3], dtype)).solve_bwd)
+    for name, got, want in zip(("dq", "dk", "dv", "dbeta"), grads, ref_grads):
+        assert got.shape == want.shape, name
+        if want.abs().max() == 0:  # T = 1: nothing before row 0
+            assert got.abs().max() == 0, name
+        else:
+            assert_close(got, want, dtype, name, tol)
+
+
+def test_beta_none_gives_no_beta_gradient():
+    q, k, v, _ = make_inputs(1, 20, 1, 32, torch.float32, seed=3)
+    q.requires_grad_()
+    o = deltaformer_attn(q, k, v, None, config=CONFIGS["fused"])
+    (dq,) = torch.autograd.grad(o.sum(), (q,))
+    assert dq.shape == q.shape and torch.isfinite(dq).all()
+
+
+def test_strided_gradient_output():
+    """A do that is not contiguous (a transposed view) still works."""
+    q, k, v, beta = make_inputs(1, 33, 2, 32, torch.float32, seed=4)
+    v.requires_grad_()
+    o = deltaformer_attn(q, k, v, beta, config=CONFIGS["fused"])
+    do = torch.randn(1, 2, 33, 32).to(DEVICE).transpose(1, 2)  # non-contiguous, unit last stride
+    (dv,) = torch.autograd.grad(o, (v,), do)
+    vr = v.detach().double().requires_grad_()
+    (dv_ref,) = torch.autograd.grad(naive_deltaformer_attn(q, k, vr, beta), (vr,), do.double())
+    assert rel_err(dv, dv_ref) < 1e-4
