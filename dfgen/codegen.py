@@ -21,7 +21,8 @@ from . import __version__
 from .templating import render, specialization_name, templates_hash
 
 _lock = threading.Lock()
-_loaded: dict[str, ModuleType] = {}
+_loaded: dict[str, ModuleType] = {}  # by specialization name
+_by_key: dict[tuple, ModuleType] = {}  # by (stage, dtype, head dim, knobs): the per-call path
 
 
 def cache_root() -> Path:
@@ -74,6 +75,10 @@ def emit(stage: str, dtype, head_dim: int, knobs: Mapping[str, Any]) -> tuple[Pa
 
 def load(stage: str, dtype, head_dim: int, knobs: Mapping[str, Any]) -> ModuleType:
     """The imported module of one specialization (rendered and written on first use)."""
+    key = (stage, dtype, head_dim, tuple(sorted(knobs.items())))
+    module = _by_key.get(key)
+    if module is not None:
+        return module
     name = specialization_name(stage, dtype, head_dim, knobs)
     module = _loaded.get(name)
     if module is not None:
@@ -84,6 +89,7 @@ def load(stage: str, dtype, head_dim: int, knobs: Mapping[str, Any]) -> ModuleTy
             path, _ = emit(stage, dtype, head_dim, knobs)
             module = _import_file(f"dfgen_generated.{name}", path)
             _loaded[name] = module
+    _by_key[key] = module
     return module
 
 

@@ -9,7 +9,9 @@ The backward is the same for both: a reverse sweep (solve_bwd), then dq/dk (attn
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Mapping
 
 from .errors import ConfigError
@@ -17,6 +19,7 @@ from .templating import spec
 
 STRATEGIES = ("fused", "two_stage")
 _SECTIONS = ("solve", "attn", "solve_bwd", "attn_bwd")
+_checked: set = set()  # (config key, head dim, backward) already validated: checks are pure
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,14 @@ class KernelConfig:
     attn: Mapping[str, Any] = field(default_factory=dict)  # two_stage only
     solve_bwd: Mapping[str, Any] = field(default_factory=dict)
     attn_bwd: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        # read-only sections: a config may be shared (cached defaults, tuned entries)
+        for name in _SECTIONS:
+            object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
+        object.__setattr__(self, "_key", tuple(
+            (name, tuple(sorted(getattr(self, name).items()))) for name in _SECTIONS)
+            + (self.strategy,))
 
     def forward_stages(self) -> dict[str, Mapping[str, Any]]:
         """{stage name: knobs} of the stages the forward runs."""
@@ -39,6 +50,9 @@ class KernelConfig:
 
     def check(self, head_dim: int, backward: bool = False) -> "KernelConfig":
         """Raise ConfigError unless every stage that runs has a valid, feasible config."""
+        memo = (self.key(), head_dim, backward)
+        if memo in _checked:
+            return self
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"strategy must be one of {list(STRATEGIES)}, got {self.strategy!r}")
         stages = dict(self.forward_stages())
@@ -46,11 +60,12 @@ class KernelConfig:
             stages.update(self.backward_stages())
         for stage, knobs in stages.items():
             spec(stage).check(knobs, head_dim)
+        _checked.add(memo)
         return self
 
     def key(self) -> tuple:
-        return tuple((name, tuple(sorted(getattr(self, name).items())))
-                     for name in _SECTIONS) + (self.strategy,)
+        """Hashable identity of the config (computed once)."""
+        return self._key
 
     def to_dict(self) -> dict:
         out: dict[str, Any] = {"strategy": self.strategy}
@@ -100,10 +115,16 @@ class KernelConfig:
 
 
 def default_config(head_dim: int, dtype=None, strategy: str = "fused") -> KernelConfig:
+    """Built-in config (cached; sections are read-only)"""
+    return _default_config(head_dim, str(dtype), strategy)
+
+
+@functools.lru_cache(maxsize=None)
+def _default_config(head_dim: int, dtype: str, strategy: str) -> KernelConfig:
     """Built-in config, used when no tuned entry applies: the H200's best forward knobs
     where they also fit smaller GPUs (at head dim 128 two pipeline stages, about 80 KB of
     shared memory, instead of three, about 112 KB)."""
-    fp32 = dtype is not None and str(dtype).endswith("float32")
+    fp32 = dtype.endswith("float32")
     precision = dict(
         # float32 inputs keep float32 accuracy in the solve; fp16/bf16 need only tf32's
         SOLVE_PRECISION="tf32x3" if fp32 else "tf32", INV_FP16=not fp32)

@@ -87,12 +87,17 @@ _ALLOWED_NODES = (ast.Expression, ast.BoolOp, ast.BinOp, ast.UnaryOp, ast.Compar
                   ast.GtE, ast.In, ast.NotIn, ast.Tuple, ast.List, ast.USub)
 
 
-def _eval_constraint(expr: str, env: Mapping[str, Any]) -> bool:
+@functools.lru_cache(maxsize=None)
+def _compile_constraint(expr: str):
     tree = ast.parse(expr, mode="eval")
     for node in ast.walk(tree):
         if not isinstance(node, _ALLOWED_NODES):
             raise ConfigError(f"constraint `{expr}` uses {type(node).__name__}, not allowed")
-    return bool(eval(compile(tree, "<constraint>", "eval"), {"__builtins__": {}}, dict(env)))
+    return compile(tree, "<constraint>", "eval")
+
+
+def _eval_constraint(expr: str, env: Mapping[str, Any]) -> bool:
+    return bool(eval(_compile_constraint(expr), {"__builtins__": {}}, dict(env)))
 
 
 def parse_header(text: str, path: Path) -> TemplateSpec:
