@@ -79,6 +79,54 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    interpreted = _use_interpreter_without_gpu()
+    import tempfile
+    from pathlib import Path
+
+    from . import tuned_file
+    from .codegen import cache_root
+    from .tuning import tuner
+
+    provenance = tuner.device_provenance()
+    if interpreted:
+        print("dfgen tune: no CUDA device; tuning in Triton's interpreter at a tiny size. "
+              "NOT GPU TIMINGS: they only show that the pipeline runs; the result goes to a "
+              "scratch file unless --out names one.", flush=True)
+        buckets = tuner.CPU_BUCKETS
+        out = Path(args.out) if args.out else Path(tempfile.gettempdir()) / "dfgen-tune-cpu.yaml"
+        trials = args.trials or 4
+    else:
+        present = provenance["gpu"]
+        if not (present == args.gpu or present.startswith(args.gpu + "-")):
+            raise SystemExit(f"dfgen tune: --gpu {args.gpu} does not match the GPU present "
+                             f"({provenance['device']}, key {present})")
+        buckets = tuner.GPU_BUCKETS
+        checkout_tuned = Path(__file__).resolve().parent.parent / "tuned"
+        default_dir = checkout_tuned if checkout_tuned.is_dir() else Path("tuned")
+        out = Path(args.out) if args.out else default_dir / f"{args.gpu}.yaml"
+        trials = args.trials or 30
+    if args.shapes:
+        buckets = tuner.load_buckets(args.shapes)
+    if args.passes:
+        wanted = set(args.passes.split(","))
+        buckets = [b for b in buckets if b["pass_"] in wanted]
+    storage_spec = args.storage or str(cache_root() / "studies" / f"{provenance['gpu']}.journal")
+    storage = tuner.open_storage(storage_spec)
+    print(f"dfgen tune: {len(buckets)} bucket(s), {trials} trials each, study storage "
+          f"{storage_spec} (optuna-dashboard reads it)", flush=True)
+    results = []
+    for bucket in buckets:
+        result = tuner.tune_bucket(bucket, trials=trials, sampler=args.sampler, seed=args.seed,
+                                   storage=storage, timeout_s=args.timeout)
+        results.append(result)
+        # written after every bucket: an interrupted tune keeps what it finished
+        tuned_file.merge(out, provenance, {result.key: result.entry})
+    print(tuner.summary_table(results))
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dfgen", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -103,6 +151,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="time forward+backward (and report peak memory) instead of forward")
     bench.add_argument("--no-fla", action="store_true", help="skip fla's column")
     bench.set_defaults(func=cmd_bench)
+    tune = sub.add_parser("tune", help="search kernel configs on this GPU; write tuned/<gpu>.yaml")
+    tune.add_argument("--gpu", required=True, help="file key of the GPU present, e.g. h200")
+    tune.add_argument("--out", help="tuned file to merge into (default tuned/<gpu>.yaml)")
+    tune.add_argument("--shapes", help="YAML list of buckets {pass, dtype, head_dim, T, BH}")
+    tune.add_argument("--passes", help="comma list of fwd, fwd+bwd (default: both)")
+    tune.add_argument("--trials", type=int, help="trials per bucket (default 30; 4 without a GPU)")
+    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--sampler", choices=["tpe", "random"], default="tpe")
+    tune.add_argument("--storage", help="Optuna storage: a file path (a journal, the default "
+                      "kind, for processes on one host) or a database URL (sqlite:///..., "
+                      "postgresql://..., mysql://...) that processes on many hosts share")
+    tune.add_argument("--timeout", type=float, default=600.0,
+                      help="seconds one candidate may take (compile, check, timing)")
+    tune.set_defaults(func=cmd_tune)
     return parser
 
 

@@ -1,0 +1,119 @@
+"""The tuned/<gpu>.yaml format: one module that the tuner writes and the runtime reads.
+
+    format: dfgen-tuned/1
+    provenance: {gpu, device, compute_capability, sm_count, torch, triton, dfgen,
+                 templates, date}
+    entries:
+      <bucket key>:            e.g. fwd/bf16/d128/t4096/bh16
+        pass: fwd | fwd+bwd
+        dtype: bf16
+        head_dim: 128
+        T: 4096                the bucket's sequence length
+        BH: 16                 the bucket's batch * heads
+        config: {strategy, solve, attn, solve_bwd, attn_bwd}
+        median_ms: ...         tuned config's median time at the bucket's shape
+        default_ms: ...        the built-in default's, measured in the same study
+        trials: ...            trials run (failed ones included)
+        failures: ...
+
+Read with yaml.safe_load and checked against this schema; written atomically (temporary
+file, then rename) and merged with what is already there, keys sorted for clean diffs.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from .config import KernelConfig
+from .errors import ConfigError
+
+FORMAT = "dfgen-tuned/1"
+PASSES = ("fwd", "fwd+bwd")
+_ENTRY_KEYS = {"pass", "dtype", "head_dim", "T", "BH", "config", "median_ms", "default_ms",
+               "trials", "failures"}
+
+
+def bucket_key(pass_: str, dtype: str, head_dim: int, T: int, BH: int) -> str:
+    return f"{pass_}/{dtype}/d{head_dim}/t{T}/bh{BH}"
+
+
+def empty() -> dict:
+    return {"format": FORMAT, "provenance": {}, "entries": {}}
+
+
+def validate(data: Any, source: str) -> dict:
+    """Raise ConfigError naming `source` and the problem unless `data` is a tuned file."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: a tuned file must be a mapping, got {type(data).__name__}")
+    if data.get("format") != FORMAT:
+        raise ConfigError(f"{source}: format must be {FORMAT!r}, got {data.get('format')!r}")
+    if not isinstance(data.get("provenance", {}), Mapping):
+        raise ConfigError(f"{source}: provenance must be a mapping")
+    entries = data.get("entries")
+    if not isinstance(entries, Mapping):
+        raise ConfigError(f"{source}: entries must be a mapping")
+    for key, entry in entries.items():
+        where = f"{source}: entry {key!r}"
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"{where} must be a mapping")
+        missing = {"pass", "dtype", "head_dim", "T", "BH", "config"} - set(entry)
+        if missing:
+            raise ConfigError(f"{where} lacks {sorted(missing)}")
+        unknown = set(entry) - _ENTRY_KEYS
+        if unknown:
+            raise ConfigError(f"{where} has unknown fields {sorted(unknown)}")
+        if entry["pass"] not in PASSES:
+            raise ConfigError(f"{where}: pass must be one of {PASSES}")
+        for field in ("head_dim", "T", "BH"):
+            if not isinstance(entry[field], int) or entry[field] < 1:
+                raise ConfigError(f"{where}: {field} must be a positive integer")
+        try:
+            KernelConfig.from_dict(entry["config"]).check(
+                entry["head_dim"], backward=entry["pass"] == "fwd+bwd")
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
+    return dict(data)
+
+
+def read(path: str | os.PathLike) -> dict:
+    """The validated contents of a tuned file (ConfigError if corrupt or foreign)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    return validate(data, str(path))
+
+
+def write(path: str | os.PathLike, data: Mapping) -> None:
+    """Atomically replace `path` with `data` (validated first)."""
+    path = Path(path)
+    validate(data, str(path))
+    text = yaml.safe_dump(dict(data), sort_keys=True, default_flow_style=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def merge(path: str | os.PathLike, provenance: Mapping, entries: Mapping[str, Mapping]) -> dict:
+    """Add or replace `entries` in the file at `path` (created if missing), keeping every
+    other entry; the provenance becomes `provenance`. Returns what was written."""
+    path = Path(path)
+    data = read(path) if path.exists() else empty()
+    merged = dict(data["entries"])
+    merged.update({key: dict(entry) for key, entry in entries.items()})
+    out = {"format": FORMAT, "provenance": dict(provenance), "entries": merged}
+    write(path, out)
+    return out

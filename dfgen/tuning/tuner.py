@@ -1,0 +1,234 @@
+"""Optuna search per shape bucket; every candidate checked against the reference in its own
+process before its time counts; the best configs merged into tuned/<gpu>.yaml."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import yaml
+
+from .. import __version__
+from ..config import default_config
+from ..errors import DfgenError
+from ..templating import templates_hash
+from .. import tuned_file
+from .space import config_of, params_of, suggest
+
+GPU_BUCKETS = [dict(pass_=p, dtype="bf16", head_dim=d, T=t, BH=bh)
+               for p in ("fwd", "fwd+bwd") for d in (64, 128)
+               for t, bh in ((1024, 32), (2048, 16), (4096, 16), (8192, 16), (16384, 8))]
+CPU_BUCKETS = [dict(pass_="fwd", dtype="bf16", head_dim=32, T=40, BH=2)]
+
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)  # progress is reported by _report
+
+
+class CandidateFailed(DfgenError):
+    """A candidate did not compile, crashed, timed out or gave a wrong answer."""
+
+
+def gpu_key(device_name: str) -> str:
+    """'NVIDIA H200' -> 'h200', 'NVIDIA A100-SXM4-80GB' -> 'a100-sxm4-80gb'."""
+    name = device_name.lower().replace("nvidia", "").strip()
+    return re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+
+
+def device_provenance() -> dict:
+    import torch
+    import triton
+
+    info = {"torch": str(torch.__version__), "triton": str(triton.__version__), "dfgen": __version__,
+            "templates": templates_hash(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=gpu_key(props.name), device=str(props.name),
+                    compute_capability=f"{props.major}.{props.minor}",
+                    sm_count=props.multi_processor_count)
+    else:
+        info.update(gpu="cpu-interpreter", device="CPU (Triton interpreter; not GPU timings)",
+                    compute_capability="none", sm_count=0)
+    return info
+
+
+@dataclass
+class BucketResult:
+    key: str
+    entry: dict
+    failures: int
+
+
+def make_sampler(name: str, seed: int):
+    if name == "tpe":
+        with warnings.catch_warnings():  # multivariate/group are marked experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise DfgenError(f"--sampler must be tpe or random, got {name!r}")
+
+
+def open_storage(spec: str):
+    """An Optuna storage: a database URL (sqlite:///, postgresql://, mysql://) or a file path
+    (a journal file, safe for several processes on one host and needing no server)."""
+    if "://" not in spec:
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        Path(spec).parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(spec))
+    for attempt in range(5):  # processes that create one database's tables at once can collide
+        try:
+            return optuna.storages.RDBStorage(spec)
+        except Exception:
+            if attempt == 4:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+
+
+def evaluate(request: dict, timeout_s: float) -> dict:
+    """Run one candidate in a fresh process; a timeout or a crash is a failed result."""
+    try:
+        proc = subprocess.run([sys.executable, "-m", "dfgen.tuning.evaluate"],
+                              input=json.dumps(request), capture_output=True, text=True,
+                              timeout=timeout_s, env=os.environ.copy())
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "reason": f"timed out after {timeout_s:.0f} s"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {"ok": False, "reason": f"crashed (exit {proc.returncode}): {tail[0][:300]}"}
+    return json.loads(lines[-1])
+
+
+def tune_bucket(bucket: dict, *, trials: int, sampler: str, seed: int, storage,
+                timeout_s: float, retime: int = 3, log=print) -> BucketResult:
+    pass_, dtype, head_dim, T, BH = (bucket[k] for k in ("pass_", "dtype", "head_dim", "T", "BH"))
+    key = tuned_file.bucket_key(pass_, dtype, head_dim, T, BH)
+    backward = pass_ == "fwd+bwd"
+    default = default_config(head_dim, {"bf16": "torch.bfloat16", "fp16": "torch.float16",
+                                        "fp32": "torch.float32"}[dtype])
+    study = optuna.create_study(study_name=f"dfgen:{key}:templates-{templates_hash()}",
+                                storage=storage, load_if_exists=True, direction="minimize",
+                                sampler=make_sampler(sampler, seed))
+    if not study.trials:
+        study.enqueue_trial(params_of(default, pass_))  # the shipped default goes first
+    request = dict(pass_=pass_, dtype=dtype, head_dim=head_dim, T=T, BH=BH)
+
+    def objective(trial):
+        config = suggest(trial, pass_)
+        try:
+            config.check(head_dim, backward=backward)
+        except DfgenError as err:  # infeasible: rejected before anything compiles
+            trial.set_user_attr("rejected", str(err))
+            raise optuna.TrialPruned(str(err))
+        for old in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            if old.params == trial.params:  # a duplicate point is not timed twice
+                trial.set_user_attr("duplicate_of", old.number)
+                return old.value
+        result = evaluate(dict(request, config=config.to_dict(), seed=seed + trial.number,
+                               **{"pass": pass_}), timeout_s)
+        if not result["ok"]:
+            trial.set_user_attr("failure", result["reason"])
+            raise CandidateFailed(result["reason"])
+        trial.set_user_attr("error", result["error"])
+        return result["median_ms"]
+
+    done = len([t for t in study.trials if t.state.is_finished()])
+    remaining = max(0, trials - done)
+    if remaining:
+        log(f"{key}: {remaining} trials ({done} already in the study)")
+        study.optimize(objective, n_trials=remaining, catch=(CandidateFailed,),
+                       show_progress_bar=sys.stderr.isatty(),
+                       callbacks=[_report(log, key)])
+    return _finish(study, key, request, default, pass_, seed, timeout_s, retime, log)
+
+
+def _report(log, key):
+    def callback(study, trial):
+        best = study.best_value if _has_complete(study) else float("nan")
+        state = trial.state.name.lower()
+        note = trial.user_attrs.get("failure") or trial.user_attrs.get("rejected") or ""
+        log(f"  {key} trial {trial.number}: {state} "
+            f"{'' if trial.value is None else f'{trial.value:.4f} ms'} best {best:.4f} ms {note[:100]}")
+    return callback
+
+
+def _has_complete(study) -> bool:
+    return any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+
+
+def _finish(study, key, request, default, pass_, seed, timeout_s, retime, log) -> BucketResult:
+    """Re-time the top few and the default on fresh inputs; the default stays unless a
+    challenger beats it by more than the measured spread."""
+    complete = sorted((t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE
+                       and "duplicate_of" not in t.user_attrs), key=lambda t: t.value)
+    failures = len([t for t in study.trials if t.state == optuna.trial.TrialState.FAIL])
+    default_params = params_of(default, pass_)
+    candidates = [default_params] + [t.params for t in complete[:retime] if t.params != default_params]
+    timings = []  # (config, best of two medians, their spread, is the default)
+    for i, params in enumerate(candidates):
+        config = config_of(params)
+        times = []
+        for rep in range(2):
+            result = evaluate(dict(request, config=config.to_dict(), seed=seed + 10_000 + 2 * i + rep,
+                                   **{"pass": pass_}), timeout_s)
+            if result["ok"]:
+                times.append(result["median_ms"])
+        if len(times) == 2:
+            timings.append((config, min(times), abs(times[0] - times[1]) / min(times), i == 0))
+    if not timings:
+        raise DfgenError(f"{key}: no candidate, not even the default, passed the re-check")
+    default_ms = timings[0][1] if timings[0][3] else None
+    noise = max(spread for _, _, spread, _ in timings)
+    best = timings[0]
+    for challenger in timings[1:]:
+        if challenger[1] < best[1] * (1.0 - noise):
+            best = challenger
+    entry = {"pass": pass_, "dtype": request["dtype"], "head_dim": request["head_dim"],
+             "T": request["T"], "BH": request["BH"], "config": best[0].to_dict(),
+             "median_ms": round(best[1], 5),
+             "default_ms": round(default_ms, 5) if default_ms is not None else None,
+             "trials": len(study.trials), "failures": failures}
+    if entry["default_ms"] is None:
+        del entry["default_ms"]
+    log(f"{key}: best {best[1]:.4f} ms (default {default_ms if default_ms else float('nan'):.4f} ms, "
+        f"noise {noise:.1%}) {best[0]}")
+    return BucketResult(key, entry, failures)
+
+
+def load_buckets(path) -> list[dict]:
+    """A YAML list of {pass, dtype, head_dim, T, BH}."""
+    data = yaml.safe_load(Path(path).read_text())
+    if not isinstance(data, list):
+        raise DfgenError(f"{path}: a shapes file is a YAML list of buckets")
+    out = []
+    for item in data:
+        try:
+            out.append(dict(pass_=item["pass"], dtype=item["dtype"], head_dim=int(item["head_dim"]),
+                            T=int(item["T"]), BH=int(item["BH"])))
+        except (KeyError, TypeError, ValueError) as err:
+            raise DfgenError(f"{path}: bad bucket {item!r} ({err})") from None
+    return out
+
+
+def summary_table(results: list[BucketResult]) -> str:
+    lines = ["| bucket | tuned ms | default ms | speedup | trials | failures |", "|---|---|---|---|---|---|"]
+    for r in results:
+        e = r.entry
+        default_ms = e.get("default_ms")
+        speed = f"{default_ms / e['median_ms']:.2f}x" if default_ms else "n/a"
+        lines.append(f"| {r.key} | {e['median_ms']:.4f} | "
+                     f"{default_ms if default_ms is not None else 'n/a'} | {speed} | "
+                     f"{e['trials']} | {r.failures} |")
+    return "\n".join(lines)

@@ -1,0 +1,89 @@
+"""dfgen tune without a GPU: the interpreter pipeline, resuming, shared studies, failures."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+
+from dfgen import tuned_file
+from dfgen.config import default_config
+from dfgen.errors import DfgenError
+from dfgen.tuning import tuner
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU interpreter tune")
+
+
+def dfgen(*args, cwd=ROOT):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.Popen([sys.executable, "-m", "dfgen.cli", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def run(*args):
+    proc = dfgen(*args)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    return out
+
+
+def test_interpreter_tune_writes_and_resumes(tmp_path):
+    out_file, db = tmp_path / "tuned.yaml", f"sqlite:///{tmp_path / 'study.db'}"
+    out = run("tune", "--gpu", "h200", "--trials", "3", "--out", str(out_file), "--storage", db)
+    assert "NOT GPU TIMINGS" in out
+    entry = tuned_file.read(out_file)["entries"]["fwd/bf16/d32/t40/bh2"]
+    assert entry["trials"] == 3 and entry["median_ms"] > 0 and entry["default_ms"] > 0
+    # an interrupted or shorter tune resumes: asking for 5 runs only 2 more
+    run("tune", "--gpu", "h200", "--trials", "5", "--out", str(out_file), "--storage", db)
+    assert tuned_file.read(out_file)["entries"]["fwd/bf16/d32/t40/bh2"]["trials"] == 5
+
+
+@pytest.mark.parametrize("kind", ["journal", "sqlite"])
+def test_two_workers_share_one_study(tmp_path, kind):
+    db = str(tmp_path / "shared.journal") if kind == "journal" else f"sqlite:///{tmp_path / 'shared.db'}"
+    procs = [dfgen("tune", "--gpu", "h200", "--trials", "4", "--seed", str(seed),
+                   "--out", str(tmp_path / f"w{seed}.yaml"), "--storage", db) for seed in (1, 2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+    storage = tuner.open_storage(db)
+    studies = optuna.get_all_study_summaries(storage)
+    assert len(studies) == 1
+    study = optuna.load_study(study_name=studies[0].study_name, storage=storage)
+    finished = [t for t in study.trials if t.state.is_finished()]
+    assert 4 <= len(finished) <= 8  # both workers added trials to the one study
+
+
+def test_failing_candidates_are_recorded_and_the_search_goes_on(tmp_path):
+    """A timeout too short for any candidate: every trial fails with its reason, the
+    search still runs all its trials, and no config is written."""
+    db = f"sqlite:///{tmp_path / 'fail.db'}"
+    with pytest.raises(DfgenError, match="no candidate"):
+        tuner.tune_bucket(tuner.CPU_BUCKETS[0], trials=3, sampler="random", seed=0, storage=db,
+                          timeout_s=0.05, log=lambda *a: None)
+    study = optuna.load_study(study_name=optuna.get_all_study_summaries(db)[0].study_name,
+                              storage=db)
+    assert len(study.trials) == 3
+    for trial in study.trials:
+        assert trial.state in (optuna.trial.TrialState.FAIL, optuna.trial.TrialState.PRUNED)
+    assert any("timed out" in t.user_attrs.get("failure", "") for t in study.trials)
+
+
+def test_evaluate_reports_a_candidate_that_fails_to_compile():
+    """Head dim 48 passes the knob constraints but Triton refuses the kernel (tl.arange
+    needs a power of two): the evaluation process reports it instead of dying."""
+    request = {"pass": "fwd", "dtype": "bf16", "head_dim": 48, "T": 8, "BH": 1, "seed": 0,
+               "config": default_config(64).to_dict()}
+    result = tuner.evaluate(request, timeout_s=300)
+    assert result["ok"] is False and "power of 2" in result["reason"]
+
+
+def test_gpu_keys():
+    assert tuner.gpu_key("NVIDIA H200") == "h200"
+    assert tuner.gpu_key("NVIDIA A100-SXM4-80GB") == "a100-sxm4-80gb"
+    assert tuner.gpu_key("NVIDIA GeForce RTX 4090") == "geforce-rtx-4090"

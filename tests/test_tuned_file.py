@@ -1,0 +1,53 @@
+"""The tuned-file format: round trip, merge, atomic writes, and clear errors."""
+
+import pytest
+import yaml
+
+from dfgen import tuned_file
+from dfgen.config import default_config
+from dfgen.errors import ConfigError
+
+
+def entry(T=1024, pass_="fwd"):
+    return {"pass": pass_, "dtype": "bf16", "head_dim": 64, "T": T, "BH": 16,
+            "config": default_config(64).to_dict(), "median_ms": 0.5, "default_ms": 0.6,
+            "trials": 10, "failures": 1}
+
+
+def test_merge_keeps_other_entries_and_sorts(tmp_path):
+    path = tmp_path / "h200.yaml"
+    tuned_file.merge(path, {"gpu": "h200"}, {"fwd/bf16/d64/t1024/bh16": entry()})
+    tuned_file.merge(path, {"gpu": "h200", "date": "x"}, {"fwd/bf16/d64/t2048/bh16": entry(2048)})
+    data = tuned_file.read(path)
+    assert sorted(data["entries"]) == ["fwd/bf16/d64/t1024/bh16", "fwd/bf16/d64/t2048/bh16"]
+    assert data["provenance"] == {"gpu": "h200", "date": "x"}
+    text = path.read_text()
+    assert text.index("entries:") < text.index("format:") < text.index("provenance:")  # sorted
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_corrupt_and_foreign_files_name_the_problem(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("entries: [unclosed")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        tuned_file.read(bad)
+    bad.write_text(yaml.safe_dump({"format": "vllm/1", "entries": {}}))
+    with pytest.raises(ConfigError, match="format must be"):
+        tuned_file.read(bad)
+    broken = entry()
+    broken["config"]["solve"]["CHUNK"] = 7
+    bad.write_text(yaml.safe_dump({"format": tuned_file.FORMAT, "entries": {"k": broken}}))
+    with pytest.raises(ConfigError, match="entry 'k'.*CHUNK=7"):
+        tuned_file.read(bad)
+    bad.write_text(yaml.safe_dump({"format": tuned_file.FORMAT, "entries": {"k": {"pass": "fwd"}}}))
+    with pytest.raises(ConfigError, match="lacks"):
+        tuned_file.read(bad)
+
+
+def test_write_refuses_invalid_data_and_leaves_the_file(tmp_path):
+    path = tmp_path / "h200.yaml"
+    tuned_file.merge(path, {}, {"a": entry()})
+    before = path.read_text()
+    with pytest.raises(ConfigError):
+        tuned_file.merge(path, {}, {"b": {**entry(), "T": -1}})
+    assert path.read_text() == before
