@@ -59,6 +59,32 @@ def test_two_workers_share_one_study(tmp_path, kind):
     assert 4 <= len(finished) <= 8  # both workers added trials to the one study
 
 
+POSTGRES_URL = os.environ.get("DFGEN_TEST_POSTGRES_URL")
+
+
+@pytest.mark.skipif(not POSTGRES_URL, reason="set DFGEN_TEST_POSTGRES_URL (.ci/start-postgres.sh "
+                    "starts a server on loopback; .ci/run does)")
+def test_two_workers_share_a_postgres_study(tmp_path):
+    """A real PostgreSQL server: two tune processes on one study, as on two hosts."""
+    import uuid
+
+    bucket = tmp_path / "bucket.yaml"  # a bucket of its own, so reruns start a new study
+    bucket.write_text(f"- {{pass: fwd, dtype: bf16, head_dim: 32, T: {33 + uuid.uuid4().int % 30}, BH: 1}}\n")
+    procs = [dfgen("tune", "--gpu", "h200", "--trials", "3", "--seed", str(seed), "--shapes", str(bucket),
+                   "--out", str(tmp_path / f"w{seed}.yaml"), "--storage", POSTGRES_URL)
+             for seed in (1, 2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+    entry = next(iter(tuned_file.read(tmp_path / "w1.yaml")["entries"].values()))
+    key = f"dfgen:fwd/bf16/d32/t{entry['T']}/bh1"
+    storage = tuner.open_storage(POSTGRES_URL)
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage) if s.study_name.startswith(key + ":")]
+    assert len(names) == 1
+    study = optuna.load_study(study_name=names[0], storage=storage)
+    assert 3 <= len([t for t in study.trials if t.state.is_finished()]) <= 6
+
+
 def test_failing_candidates_are_recorded_and_the_search_goes_on(tmp_path):
     """A timeout too short for any candidate: every trial fails with its reason, the
     search still runs all its trials, and no config is written."""
