@@ -20,38 +20,16 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import KernelConfig, default_config
-from .forward import forward
-from .naive import naive_deltaformer_attn
-from .runtime import deltaformer_attn
+from .validation import check, passes, random_inputs, reference
 
 GPU_SHAPES = [(1, 4096, 16, 128), (1, 8192, 16, 128), (4, 2048, 16, 64), (8, 1024, 32, 64),
               (2, 8192, 16, 64), (1, 16384, 8, 128)]
 CPU_SHAPES = [(1, 64, 2, 32), (2, 48, 1, 32)]
-# relative error against the float32 reference a config must stay under to be timed
-TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 3e-3, torch.float32: 1e-4}
-GRAD_TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4}
 
 
 def attention_flops(B, T, H, D) -> float:
     """One causal attention forward: 4 * B * H * D * T^2 / 2."""
     return 4.0 * B * H * D * T * T / 2
-
-
-def random_inputs(shape, dtype, device, seed=None):
-    """q, k, v ~ N(0, 1) and beta = sigmoid(N(0, 1)), fresh unless a seed is given."""
-    B, T, H, D = shape
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed if seed is not None else torch.seed() % (2**31))
-    q, k, v = (torch.randn(B, T, H, D, generator=gen, device=device, dtype=torch.float32).to(dtype)
-               for _ in range(3))
-    beta = torch.sigmoid(torch.randn(B, T, H, generator=gen, device=device))
-    return q, k, v, beta
-
-
-def relative_error(out, ref) -> float:
-    """||out - ref|| / ||ref|| in float64 (NaN stays NaN)."""
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm()).item()
 
 
 def _fla_u_fn():
@@ -106,30 +84,6 @@ def _timer(on_gpu: bool):
     return cpu_time
 
 
-def _runner(q, k, v, beta, cfg, backward: bool, do):
-    """A callable for one pass of dfgen, and one returning (o, grads) for the check."""
-    if not backward:
-        def run():
-            with torch.no_grad():
-                return forward(q, k, v, beta, cfg)[0]
-        return run, lambda: (run(), ())
-    leaves = [t.detach().requires_grad_() for t in (q, k, v, beta)]
-
-    def outputs():
-        o = deltaformer_attn(*leaves, config=cfg)
-        return o, torch.autograd.grad(o, leaves, do)
-
-    return (lambda: outputs()[1]), outputs
-
-
-def _reference(q, k, v, beta, do, backward: bool, compute_dtype):
-    if not backward:
-        return naive_deltaformer_attn(q, k, v, beta, compute_dtype), ()
-    leaves = [t.detach().to(compute_dtype).requires_grad_() for t in (q, k, v, beta)]
-    o = naive_deltaformer_attn(*leaves, compute_dtype=compute_dtype)
-    return o.detach(), torch.autograd.grad(o, leaves, do.to(compute_dtype))
-
-
 def _peak_mib(fn) -> float:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -146,19 +100,13 @@ def bench_shape(shape, dtype, device, configs, with_fla=True, log=None, backward
     time_ms = _timer(on_gpu)
     q, k, v, beta = random_inputs(shape, dtype, device)
     do = torch.randn_like(q)
-    ref_o, ref_grads = _reference(q, k, v, beta, do, backward,
-                                  torch.float32 if on_gpu else torch.float64)
-    tolerance = (GRAD_TOLERANCE if backward else TOLERANCE)[dtype]
+    ref = reference(q, k, v, beta, do, backward, torch.float32 if on_gpu else torch.float64)
     best = None
     tried = []
     for cfg in configs:
         try:
-            cfg.check(shape[3], backward=backward)
-            run, outputs = _runner(q, k, v, beta, cfg, backward, do)
-            o, grads = outputs()
-            err = max([relative_error(o, ref_o)] +
-                      [relative_error(g, r) for g, r in zip(grads, ref_grads)])
-            if not err <= tolerance:
+            err, run = check(cfg, backward, q, k, v, beta, do, ref)
+            if not passes(err, dtype, backward):
                 tried.append((cfg, None, f"wrong: relative error {err:.2e}"))
                 continue
             ms = time_ms(run)
@@ -170,7 +118,7 @@ def bench_shape(shape, dtype, device, configs, with_fla=True, log=None, backward
             best = (cfg, ms, err, run)
         if log:
             log(f"  {shape} {ms:8.3f} ms err {err:.2e} {cfg}")
-    del ref_o, ref_grads
+    del ref
     if best is None:
         raise RuntimeError(f"no config passed at {shape}: " + "; ".join(
             f"{c}: {m}" for c, _, m in tried))

@@ -127,6 +127,50 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def _this_dispatcher():
+    import torch
+
+    from .dispatch import dispatcher_for
+
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    return dispatcher_for(device)
+
+
+def cmd_show(args) -> int:
+    disp = _this_dispatcher()
+    ident = disp.identity
+    print(f"GPU: {ident.name} (key {ident.key}, family {ident.family}, compute capability "
+          f"{ident.compute_capability}, {ident.sm_count} SMs)")
+    print("tuned folders searched: " + ", ".join(str(d) for d in disp.dirs))
+    if disp.path is None:
+        print("no tuned file serves this GPU: every call uses the built-in defaults")
+        return 0
+    print(f"tuned file: {disp.path} ({disp.match})")
+    for key, entry in sorted(disp.data["entries"].items()):
+        choice = disp.choose(entry["pass"], entry["dtype"], entry["head_dim"], entry["T"], entry["BH"])
+        print(f"  {key} -> {choice.source}: {choice.config}")
+    return 0
+
+
+def cmd_check(args) -> int:
+    _use_interpreter_without_gpu()
+    from .config import KernelConfig
+    from .validation import validate_config
+
+    disp = _this_dispatcher()
+    if disp.path is None:
+        print(f"dfgen check: no tuned file for {disp.identity.key}; nothing to check")
+        return 0
+    failed = 0
+    for key, entry in sorted(disp.data["entries"].items()):
+        config = KernelConfig.from_dict(entry["config"])
+        ok, message = validate_config(config, entry, disp._device(), max_T=args.max_t)
+        failed += not ok
+        print(f"{'PASS' if ok else 'FAIL'} {key}: {message}", flush=True)
+    print(f"{len(disp.data['entries']) - failed} passed, {failed} failed ({disp.path})")
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dfgen", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -165,6 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--timeout", type=float, default=600.0,
                       help="seconds one candidate may take (compile, check, timing)")
     tune.set_defaults(func=cmd_tune)
+
+    show = sub.add_parser("show", help="which tuned file, entry and config serve each bucket here")
+    show.set_defaults(func=cmd_show)
+
+    check = sub.add_parser("check", help="re-validate every entry of this GPU's tuned file "
+                           "against the reference on fresh inputs")
+    check.add_argument("--max-t", type=int, help="cap on T for the checks (default 1024 on a "
+                       "GPU, 48 in the interpreter)")
+    check.set_defaults(func=cmd_check)
     return parser
 
 

@@ -11,6 +11,7 @@ import torch
 
 from .backward import backward
 from .config import KernelConfig, default_config
+from .dispatch import dispatcher_for
 from .errors import InputError
 from .forward import forward
 from .interpreter import interpreter_active
@@ -18,6 +19,7 @@ from .interpreter import interpreter_active
 __all__ = ["deltaformer_attn", "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 
 
@@ -88,20 +90,21 @@ def deltaformer_attn(q, k, v, beta=None, *, config: KernelConfig | dict | None =
 
     q, k, v: [B, T, H, D] float16/bfloat16/float32 on one CUDA device (unit stride on D);
     beta: [B, T, H] or None (all ones). config: a KernelConfig (or its dict form; missing
-    sections come from the built-in default), None for the built-in default. Returns o,
-    [B, T, H, D], in q's dtype; differentiable in q, k, v and beta.
+    sections come from the built-in default); None picks the tuned config for this GPU and
+    shape (dfgen.dispatch), else the built-in default. Returns o, [B, T, H, D], in q's
+    dtype; differentiable in q, k, v and beta.
     """
     _check_inputs(q, k, v, beta)
-    D = q.shape[-1]
-    defaults = default_config(D, q.dtype)
-    if config is None:
-        config = defaults
-    elif isinstance(config, dict):
-        config = KernelConfig.from_dict(config, defaults=defaults)
-    else:
-        config = config.with_defaults(defaults)
+    B, T, H, D = q.shape
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, beta))
+    if config is None:
+        config = dispatcher_for(q.device).choose(
+            "fwd+bwd" if needs_grad else "fwd", _DTYPE_NAMES[q.dtype], D, T, B * H).config
+    elif isinstance(config, dict):
+        config = KernelConfig.from_dict(config, defaults=default_config(D, q.dtype))
+    else:
+        config = config.with_defaults(default_config(D, q.dtype))
     config.check(D, backward=needs_grad)
     if needs_grad:
         return _DeltaFormerAttn.apply(q, k, v, beta, config)

@@ -48,3 +48,31 @@ def test_bench_runs_the_pipeline():
     else:
         assert "NOT GPU TIMINGS" in out.stdout
     assert "| 1, 20, 1, 32 |" in out.stdout
+
+
+def test_show_and_check_with_a_user_tuned_folder(tmp_path, monkeypatch):
+    """A tuned file in DFGEN_TUNED_DIR for the device here (the interpreter on a CPU
+    machine): `dfgen show` resolves its entries to it, `dfgen check` validates them."""
+    from dfgen import tuned_file
+    from dfgen.config import default_config
+    from dfgen.dispatch import gpu_key
+
+    key = gpu_key(torch.cuda.get_device_name()) if torch.cuda.is_available() else "cpu-interpreter"
+    cfg = default_config(32, torch.float32).to_dict()
+    cfg["solve"] = dict(cfg["solve"], CHUNK=16, BLOCK_N=16, LOOKAHEAD=1)
+    tuned_file.merge(tmp_path / f"{key}.yaml", {"gpu": key}, {"fwd/fp32/d32/t40/bh2": {
+        "pass": "fwd", "dtype": "fp32", "head_dim": 32, "T": 40, "BH": 2, "config": cfg}})
+    monkeypatch.setenv("DFGEN_TUNED_DIR", str(tmp_path))
+    out = dfgen("show")
+    assert out.returncode == 0, out.stderr
+    assert f"tuned file: {tmp_path / (key + '.yaml')} (exact GPU)" in out.stdout
+    assert "fwd/fp32/d32/t40/bh2 ->" in out.stdout and "CHUNK=16" in out.stdout
+    out = dfgen("check", "--max-t", "40")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "PASS fwd/fp32/d32/t40/bh2" in out.stdout and "1 passed, 0 failed" in out.stdout
+    # a broken entry fails the check with a non-zero exit code
+    bad = dict(cfg, solve=dict(cfg["solve"]))
+    tuned_file.merge(tmp_path / f"{key}.yaml", {"gpu": key}, {"fwd/fp32/d48/t40/bh2": {
+        "pass": "fwd", "dtype": "fp32", "head_dim": 48, "T": 40, "BH": 2, "config": bad}})
+    out = dfgen("check", "--max-t", "40")
+    assert out.returncode == 1 and "FAIL fwd/fp32/d48/t40/bh2" in out.stdout

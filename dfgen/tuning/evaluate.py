@@ -20,8 +20,9 @@ def main() -> int:
 
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
-    from ..bench import GRAD_TOLERANCE, TOLERANCE, _reference, _runner, _timer, relative_error
+    from ..bench import _timer
     from ..config import KernelConfig
+    from ..validation import check, passes
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[request["dtype"]]
@@ -32,17 +33,9 @@ def main() -> int:
     q, k, v, do = (torch.randn(shape, generator=gen, device=device).to(dtype) for _ in range(4))
     beta = torch.sigmoid(torch.randn(shape[:3], generator=gen, device=device))
     try:
-        config.check(request["head_dim"], backward=backward)
-        run, outputs = _runner(q, k, v, beta, config, backward, do)
-        o, grads = outputs()
-        ref_o, ref_grads = _reference(q, k, v, beta, do, backward,
-                                      torch.float32 if device.type == "cuda" else torch.float64)
-        err = max([relative_error(o, ref_o)] +
-                  [relative_error(g, r) for g, r in zip(grads, ref_grads)])
-        del ref_o, ref_grads
-        tolerance = (GRAD_TOLERANCE if backward else TOLERANCE)[dtype]
-        if not err <= tolerance:  # NaN fails too
-            print(json.dumps({"ok": False, "reason": f"wrong: relative error {err:.3e} > {tolerance}"}))
+        err, run = check(config, backward, q, k, v, beta, do)
+        if not passes(err, dtype, backward):  # NaN fails too
+            print(json.dumps({"ok": False, "reason": f"wrong: relative error {err:.3e}"}))
             return 0
         median = _timer(device.type == "cuda")(run)
     except Exception as exc:  # compile errors, out of resources: reported, not raised

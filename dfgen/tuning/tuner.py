@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import yaml
 
 from .. import __version__
 from ..config import default_config
+from ..dispatch import gpu_key
 from ..errors import DfgenError
 from ..templating import templates_hash
 from .. import tuned_file
@@ -35,12 +35,6 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)  # progress is reported by 
 
 class CandidateFailed(DfgenError):
     """A candidate did not compile, crashed, timed out or gave a wrong answer."""
-
-
-def gpu_key(device_name: str) -> str:
-    """'NVIDIA H200' -> 'h200', 'NVIDIA A100-SXM4-80GB' -> 'a100-sxm4-80gb'."""
-    name = device_name.lower().replace("nvidia", "").strip()
-    return re.sub(r"[^a-z0-9]+", "-", name).strip("-")
 
 
 def device_provenance() -> dict:

@@ -1,0 +1,125 @@
+"""Config lookup without a GPU: fake identities, every fallback step, nearest bucket,
+corrupt, foreign and stale files, and the user folder override."""
+
+import warnings
+
+import pytest
+import torch
+
+from dfgen import tuned_file
+from dfgen.config import default_config
+from dfgen.dispatch import Dispatcher, GpuIdentity, gpu_family, gpu_key
+from dfgen.errors import ConfigError
+
+H200 = GpuIdentity("h200", "h200", "9.0", 132, "NVIDIA H200")
+A100_PCIE = GpuIdentity("a100-pcie-40gb", "a100", "8.0", 108, "NVIDIA A100-PCIE-40GB")
+H100 = GpuIdentity("h100-80gb-hbm3", "h100", "9.0", 132, "NVIDIA H100 80GB HBM3")
+L4 = GpuIdentity("l4", "l4", "8.9", 58, "NVIDIA L4")
+
+
+def tuned_config(chunk=32, warps=4):
+    cfg = default_config(64, torch.float32).to_dict()
+    cfg["solve"] = dict(cfg["solve"], CHUNK=chunk, BLOCK_N=16, LOOKAHEAD=1, num_warps=warps)
+    return cfg
+
+
+def entry(T, BH=16, pass_="fwd", dtype="fp32", chunk=32, warps=4):
+    return {"pass": pass_, "dtype": dtype, "head_dim": 64, "T": T, "BH": BH,
+            "config": tuned_config(chunk, warps), "median_ms": 1.0, "trials": 3}
+
+
+def write(folder, gpu, entries, **provenance):
+    import triton
+
+    from dfgen.templating import templates_hash
+
+    prov = {"gpu": gpu, "triton": triton.__version__, "templates": templates_hash(), **provenance}
+    tuned_file.merge(folder / f"{gpu}.yaml", prov, entries)
+
+
+def test_names_and_families():
+    assert gpu_key("NVIDIA H200") == "h200" and gpu_family("h200") == "h200"
+    assert gpu_key("NVIDIA A100-SXM4-80GB") == "a100-sxm4-80gb"
+    assert gpu_family("a100-sxm4-80gb") == "a100"
+    assert gpu_family("geforce-rtx-4090") == "rtx-4090"
+
+
+def test_no_file_means_built_in_default(tmp_path):
+    choice = Dispatcher(H200, [tmp_path]).choose("fwd", "fp32", 64, 1024, 16)
+    assert choice.source == "built-in default"
+    assert choice.config == default_config(64, torch.float32)
+
+
+def test_exact_then_family_then_compute_capability(tmp_path):
+    user, packaged = tmp_path / "user", tmp_path / "packaged"
+    write(packaged, "a100-sxm4-80gb", {"e": entry(1024, chunk=16)}, compute_capability="8.0")
+    write(packaged, "h200", {"e": entry(1024, chunk=64)}, compute_capability="9.0")
+    # family: an A100 PCIe uses the A100 SXM file
+    choice = Dispatcher(A100_PCIE, [user, packaged]).choose("fwd", "fp32", 64, 1024, 16)
+    assert choice.config.solve["CHUNK"] == 16 and "same family" in choice.source
+    # compute capability: an H100 (9.0) uses the H200 file
+    choice = Dispatcher(H100, [user, packaged]).choose("fwd", "fp32", 64, 1024, 16)
+    assert choice.config.solve["CHUNK"] == 64 and "compute capability 9.0" in choice.source
+    # nothing for an L4 (8.9)
+    assert Dispatcher(L4, [user, packaged]).choose("fwd", "fp32", 64, 1024, 16).source == "built-in default"
+    # a user folder overrides the packaged one
+    write(user, "h200", {"e": entry(1024, chunk=32)}, compute_capability="9.0")
+    choice = Dispatcher(H200, [user, packaged]).choose("fwd", "fp32", 64, 1024, 16)
+    assert choice.config.solve["CHUNK"] == 32 and str(user) in choice.source
+
+
+def test_nearest_bucket_on_a_log_scale(tmp_path):
+    write(tmp_path, "h200", {"t1k": entry(1024, chunk=16), "t4k": entry(4096, chunk=32),
+                             "t4k-bwd": entry(4096, pass_="fwd+bwd", chunk=64),
+                             "bf16": entry(3000, dtype="bf16", chunk=128, warps=8)})
+    disp = Dispatcher(H200, [tmp_path])
+    assert disp.choose("fwd", "fp32", 64, 3000, 16).config.solve["CHUNK"] == 32  # 4096 nearer
+    assert disp.choose("fwd", "fp32", 64, 1500, 16).config.solve["CHUNK"] == 16
+    assert disp.choose("fwd+bwd", "fp32", 64, 1024, 16).config.solve["CHUNK"] == 64  # same pass first
+    assert disp.choose("fwd", "fp32", 64, 1, 1).config.solve["CHUNK"] == 16
+    # another head dim has no entry: default
+    assert disp.choose("fwd", "fp32", 128, 1024, 16).source == "built-in default"
+    # cached: the same object comes back
+    assert disp.choose("fwd", "fp32", 64, 3000, 16) is disp.choose("fwd", "fp32", 64, 3000, 16)
+
+
+def test_corrupt_file_warns_and_falls_back(tmp_path, monkeypatch):
+    (tmp_path / "h200.yaml").write_text("format: dfgen-tuned/1\nentries: [oops\n")
+    with pytest.warns(UserWarning, match="h200.yaml"):
+        disp = Dispatcher(H200, [tmp_path])
+    assert disp.choose("fwd", "fp32", 64, 1024, 16).source == "built-in default"
+    monkeypatch.setenv("DFGEN_STRICT", "1")
+    with pytest.raises(ConfigError, match="h200.yaml"):
+        Dispatcher(H200, [tmp_path])
+
+
+def test_foreign_file_is_ignored(tmp_path):
+    (tmp_path / "h200.yaml").write_text("device: H200\nconfigs: {}\n")  # not ours
+    with pytest.warns(UserWarning, match="format must be"):
+        disp = Dispatcher(H200, [tmp_path])
+    assert disp.path is None
+
+
+def test_stale_file_is_validated_before_first_use(tmp_path):
+    write(tmp_path, "cpu-interpreter", {"e": entry(32, BH=2)}, triton="0.0.1")
+    ident = GpuIdentity("cpu-interpreter", "cpu-interpreter", "none", 0, "CPU")
+    with pytest.warns(UserWarning, match="tuned with triton 0.0.1"):
+        disp = Dispatcher(ident, [tmp_path])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # it validates and passes: no warning
+        choice = disp.choose("fwd", "fp32", 64, 32, 2)
+    assert choice.config.solve["CHUNK"] == 32 and "[e]" in choice.source
+
+
+def test_entry_failing_validation_falls_back(tmp_path, monkeypatch):
+    """DFGEN_VALIDATE=1 checks a config at its first use; one that fails is replaced by the
+    built-in default with a warning (here: head dim 48, which Triton refuses to compile)."""
+    bad = entry(32, BH=2)
+    bad["head_dim"] = 48
+    write(tmp_path, "cpu-interpreter", {"bad": bad})
+    monkeypatch.setenv("DFGEN_VALIDATE", "1")
+    ident = GpuIdentity("cpu-interpreter", "cpu-interpreter", "none", 0, "CPU")
+    disp = Dispatcher(ident, [tmp_path])
+    with pytest.warns(UserWarning, match="failed validation"):
+        choice = disp.choose("fwd", "fp32", 48, 32, 2)
+    assert choice.source.startswith("built-in default")
