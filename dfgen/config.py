@@ -10,6 +10,7 @@ The backward is the same for both: a reverse sweep (solve_bwd), then dq/dk (attn
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
@@ -34,6 +35,7 @@ class KernelConfig:
         # read-only sections: a config may be shared (cached defaults, tuned entries)
         for name in _SECTIONS:
             object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
+        object.__setattr__(self, "json", json.dumps(self.to_dict(), sort_keys=True))
         object.__setattr__(self, "_key", tuple(
             (name, tuple(sorted(getattr(self, name).items()))) for name in _SECTIONS)
             + (self.strategy,))

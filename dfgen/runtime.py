@@ -15,6 +15,7 @@ from .dispatch import dispatcher_for
 from .errors import InputError
 from .forward import forward
 from .interpreter import interpreter_active
+from . import ops  # noqa: F401  (registers the dfgen:: custom ops for torch.compile)
 
 __all__ = ["deltaformer_attn", "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS"]
 
@@ -98,6 +99,22 @@ def deltaformer_attn(q, k, v, beta=None, *, config: KernelConfig | dict | None =
     B, T, H, D = q.shape
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, beta))
+    if torch.compiler.is_compiling():
+        # Traced as custom ops (no graph break); the config travels as a JSON constant and
+        # is resolved inside the op, where tuned files may be read.
+        if isinstance(config, dict):
+            raise InputError("under torch.compile pass config as a KernelConfig (or None)")
+        text = config.json if config is not None else ""
+        if needs_grad:
+            return torch.ops.dfgen.attn_fwd_train(q, k, v, beta, text)[0]
+        return torch.ops.dfgen.attn_fwd(q, k, v, beta, text)
+    return _eager(q, k, v, beta, config, needs_grad)
+
+
+def resolve_config(config, q, needs_grad: bool) -> KernelConfig:
+    """The validated config for a call: the given one (missing sections from the built-in
+    default), or the tuned one for this GPU and shape."""
+    B, T, H, D = q.shape
     if config is None:
         config = dispatcher_for(q.device).choose(
             "fwd+bwd" if needs_grad else "fwd", _DTYPE_NAMES[q.dtype], D, T, B * H).config
@@ -105,7 +122,11 @@ def deltaformer_attn(q, k, v, beta=None, *, config: KernelConfig | dict | None =
         config = KernelConfig.from_dict(config, defaults=default_config(D, q.dtype))
     else:
         config = config.with_defaults(default_config(D, q.dtype))
-    config.check(D, backward=needs_grad)
+    return config.check(D, backward=needs_grad)
+
+
+def _eager(q, k, v, beta, config, needs_grad):
+    config = resolve_config(config, q, needs_grad)
     if needs_grad:
         return _DeltaFormerAttn.apply(q, k, v, beta, config)
     return forward(q, k, v, beta, config)[0]

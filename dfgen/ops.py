@@ -1,0 +1,91 @@
+"""DeltaFormer attention as torch custom ops (torch.library), so that torch.compile traces a
+model calling it without graph breaks. The kernel config travels as a JSON string, a
+constant of the traced graph. Eager calls skip the op layer (dfgen.runtime calls the
+kernels directly); under torch.compile the runtime calls these ops.
+
+    dfgen::attn_fwd(q, k, v, beta?, config) -> o
+    dfgen::attn_fwd_train(q, k, v, beta?, config) -> (o, u, a, lse)   differentiable in o
+    dfgen::attn_bwd(q, k, beta?, u, a, lse, do, config) -> (dq, dk, dv, dbeta)
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .backward import backward
+from .config import KernelConfig
+from .forward import forward
+
+
+@functools.lru_cache(maxsize=256)
+def _parse(text: str) -> KernelConfig:
+    return KernelConfig.from_dict(json.loads(text))
+
+
+def _config(text: str, q: Tensor, needs_grad: bool) -> KernelConfig:
+    """The config a traced call carries ('' = pick the tuned one for this GPU and shape)."""
+    from .runtime import resolve_config
+
+    return resolve_config(_parse(text) if text else None, q, needs_grad)
+
+
+@torch.library.custom_op("dfgen::attn_fwd", mutates_args=())
+def attn_fwd(q: Tensor, k: Tensor, v: Tensor, beta: Optional[Tensor], config: str) -> Tensor:
+    return forward(q, k, v, beta, _config(config, q, False))[0]
+
+
+@attn_fwd.register_fake
+def _(q, k, v, beta, config):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("dfgen::attn_fwd_train", mutates_args=())
+def attn_fwd_train(q: Tensor, k: Tensor, v: Tensor, beta: Optional[Tensor],
+                   config: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    o, u, lse, a = forward(q, k, v, beta, _config(config, q, True), for_backward=True)
+    return o, u, a, lse
+
+
+@attn_fwd_train.register_fake
+def _(q, k, v, beta, config):
+    B, T, H, _ = q.shape
+    return (torch.empty_like(q), torch.empty_like(q), torch.empty_like(q),
+            q.new_empty(B, H, T, dtype=torch.float32))
+
+
+@torch.library.custom_op("dfgen::attn_bwd", mutates_args=())
+def attn_bwd(q: Tensor, k: Tensor, beta: Optional[Tensor], u: Tensor, a: Tensor, lse: Tensor,
+             do: Tensor, config: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    cfg = _config(config, q, True)
+    if do.stride(-1) != 1:
+        do = do.contiguous()
+    dq, dk, dv, dbeta = backward(q, k, beta, u, a, lse, do, cfg.solve_bwd, cfg.attn_bwd)
+    return dq, dk, dv, dbeta if dbeta is not None else q.new_empty(0)
+
+
+@attn_bwd.register_fake
+def _(q, k, beta, u, a, lse, do, config):
+    dbeta = torch.empty_like(beta) if beta is not None else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(u), dbeta
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, beta, config = inputs
+    _, u, a, lse = output
+    ctx.save_for_backward(q, k, beta, u, a, lse)
+    ctx.config = config
+    ctx.has_beta = beta is not None
+
+
+def _backward(ctx, do, du, da, dlse):
+    q, k, beta, u, a, lse = ctx.saved_tensors
+    dq, dk, dv, dbeta = torch.ops.dfgen.attn_bwd(q, k, beta, u, a, lse, do, ctx.config)
+    return dq, dk, dv, (dbeta if ctx.has_beta else None), None
+
+
+attn_fwd_train.register_autograd(_backward, setup_context=_setup_context)
