@@ -1,0 +1,72 @@
+"""Per-call CPU overhead of dfgen.runtime.deltaformer_attn above the kernels.
+
+    python bench/overhead.py
+
+Measures (median of many calls, CPU time):
+  dispatch   input checks + tuned-config lookup + config check (what runtime adds before
+             any kernel work); runs anywhere.
+  on a GPU also:
+  call       deltaformer_attn at a tiny shape, where the kernels take microseconds
+  launch     the same kernels launched directly (preallocated outputs, no dfgen Python)
+so call - launch is what dfgen's Python costs per call.
+"""
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from dfgen import runtime  # noqa: E402
+from dfgen.validation import random_inputs  # noqa: E402
+
+
+def cpu_us(fn, n=2000):
+    fn()
+    samples = []
+    for _ in range(5):
+        start = time.process_time()
+        for _ in range(n):
+            fn()
+        samples.append((time.process_time() - start) / n * 1e6)
+    return statistics.median(samples)
+
+
+def main():
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    q, k, v, beta = random_inputs((1, 256, 4, 64), torch.bfloat16, device, seed=0)
+
+    def dispatch():
+        runtime._check_inputs(q, k, v, beta)
+        runtime.resolve_config(None, q, False)
+
+    print(f"dispatch: {cpu_us(dispatch):.2f} us per call (input checks + lookup + config check)")
+    if device.type != "cuda":
+        print("no GPU: call and launch overheads need one")
+        return
+    from dfgen import codegen
+    from dfgen.forward import forward
+
+    cfg = runtime.resolve_config(None, q, False)
+    with torch.no_grad():
+        call = cpu_us(lambda: runtime.deltaformer_attn(q, k, v, beta), n=500)
+        module = codegen.load("solve_fwd", q.dtype, 64, cfg.solve)
+        u, o, lse = torch.empty_like(q), torch.empty_like(q), q.new_empty(1, 4, 256, dtype=torch.float32)
+        sync = torch.zeros(1 + 4 * (256 // module.CHUNK_ROWS + 1), dtype=torch.int32, device=device)
+
+        def launch():
+            sync.zero_()
+            module.launch(q, k, v, beta, u, o, None, lse, sync, 0.125)
+        direct = cpu_us(launch, n=500)
+        torch.cuda.synchronize()
+    print(f"call: {call:.2f} us, direct launch: {direct:.2f} us, dfgen Python above the "
+          f"kernels: {call - direct:.2f} us per call")
+    del forward
+
+
+if __name__ == "__main__":
+    main()
