@@ -71,7 +71,7 @@ def attn_bwd(q: Tensor, k: Tensor, beta: Optional[Tensor], u: Tensor, a: Tensor,
 @attn_bwd.register_fake
 def _(q, k, beta, u, a, lse, do, config):
     dbeta = torch.empty_like(beta) if beta is not None else q.new_empty(0)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(u), dbeta
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(k), dbeta  # v is like k
 
 
 def _setup_context(ctx, inputs, output):

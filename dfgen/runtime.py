@@ -30,10 +30,14 @@ def _check_inputs(q, k, v, beta):
             raise InputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise InputError(f"{name} must be [B, T, H, D] (4 dims), got shape {tuple(t.shape)}")
-    if k.shape != q.shape or v.shape != q.shape:
-        raise InputError(f"q, k and v must have the same shape [B, T, H, D]; got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape != v.shape:
+        raise InputError(f"k and v must have the same shape; got k {tuple(k.shape)}, v {tuple(v.shape)}")
     B, T, H, D = q.shape
+    if k.shape[0] != B or k.shape[1] != T or k.shape[3] != D:
+        raise InputError(f"k and v must be [B, T, H_kv, D] with q's B, T and D; got q "
+                         f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[2] < 1 or H % k.shape[2]:
+        raise InputError(f"q's heads ({H}) must be a multiple of k and v's heads ({k.shape[2]})")
     if T < 1 or B < 1 or H < 1:
         raise InputError(f"q must have B, T, H >= 1, got shape {tuple(q.shape)}")
     if D not in SUPPORTED_HEAD_DIMS:
@@ -89,7 +93,9 @@ class _DeltaFormerAttn(torch.autograd.Function):
 def deltaformer_attn(q, k, v, beta=None, *, config: KernelConfig | dict | None = None):
     """DeltaFormer attention: o = causal_softmax(q k^T) u, u = (I + diag(beta) P)^{-1} v.
 
-    q, k, v: [B, T, H, D] float16/bfloat16/float32 on one CUDA device (unit stride on D);
+    q: [B, T, H, D]; k, v: [B, T, H_kv, D] with H a multiple of H_kv (grouped heads share
+    keys and values; u is per query head); float16/bfloat16/float32 on one CUDA device
+    (unit stride on D);
     beta: [B, T, H] or None (all ones). config: a KernelConfig (or its dict form; missing
     sections come from the built-in default); None picks the tuned config for this GPU and
     shape (dfgen.dispatch), else the built-in default. Returns o, [B, T, H, D], in q's
