@@ -27,7 +27,7 @@ def _sum_groups(grad, kv_like):
     return grad.view(B, T, H_kv, H // H_kv, D).sum(3).to(kv_like.dtype)
 
 
-def reverse_sweep(q, k, do, u, a, beta, lse, knobs):
+def reverse_sweep(q, k, do, u, a, beta, lse, knobs, *, gated: bool = True):
     """The solve_bwd stage alone: (dv, e, dbeta or None, delta, ds_diag); dv is per query
     head ([B, T, H, D], float32 with grouped kv heads), dbeta float32 [B, T, H], delta and
     ds_diag float32 [B, H, T]."""
@@ -41,17 +41,21 @@ def reverse_sweep(q, k, do, u, a, beta, lse, knobs):
     n_chunks = -(-T // module.CHUNK_ROWS)
     sync = torch.zeros(1 + B * H * n_chunks, dtype=torch.int32, device=q.device)
     module.launch(q, k, do, u, a, beta, lse, dv, e, dbeta, delta, ds_diag, sync,
-                  1.0 / math.sqrt(D))
+                  1.0 / math.sqrt(D), gated)
     return dv, e, dbeta, delta, ds_diag
 
 
-def query_key_grads(q, k, u, e, lse, delta, ds_diag, knobs):
-    """The attn_bwd stage alone: (dq, dk), dk summed over grouped query heads."""
+def query_key_grads(q, k, u, e, lse, delta, ds_diag, knobs, *, with_du: bool = False):
+    """The attn_bwd stage alone: (dq, dk), dk summed over grouped query heads; with_du
+    also the strictly-later part of P^T e (float32, per query head)."""
     D = q.shape[-1]
     dq = torch.empty_like(q)
     dk = _per_query_head(q, q.shape[2] // k.shape[2])
+    du = torch.empty(q.shape, dtype=torch.float32, device=q.device) if with_du else None
     codegen.load("attn_bwd", q.dtype, D, knobs).launch(q, k, u, e, lse, delta, ds_diag, dq, dk,
-                                                       1.0 / math.sqrt(D))
+                                                       1.0 / math.sqrt(D), du)
+    if with_du:
+        return dq, _sum_groups(dk, k), du
     return dq, _sum_groups(dk, k)
 
 
@@ -63,3 +67,31 @@ def backward(q, k, beta, u, a, lse, do, solve_knobs, attn_knobs):
     if dbeta is not None:
         dbeta = dbeta.to(beta.dtype)
     return dq, dk, _sum_groups(dv, k), dbeta
+
+
+def backward_q_solve(q, q_solve, k, beta, u, a, lse_solve, o, lse_attn, do, config):
+    """(dq, dq_solve, dk, dv, dbeta or None) for o = causal_softmax(q k^T) u with
+    u = (I + diag(beta) P')^{-1} v, P' from q_solve k^T. The attention stage's backward
+    (e = do, delta = do . o, the diagonal in ds_ii) gives dq, part of dk and
+    du = P^T do; the solve stage's reverse sweep without the gate (do := du) gives dv,
+    dbeta and, through a second dq/dk pass over q_solve, dq_solve and the rest of dk."""
+    B, T, H, D = q.shape
+    group = H // k.shape[2]
+    k_q = k if group == 1 else k.repeat_interleave(group, dim=2)  # per query head, for s_ii
+    do32, u32 = do.float(), u.float()
+    big_delta = (do32 * o.float()).sum(-1)  # [B, T, H]
+    s_ii = (q.float() * k_q.float()).sum(-1) / math.sqrt(D)
+    p_ii = torch.exp(s_ii - lse_attn.transpose(1, 2))  # the diagonal of the inclusive softmax
+    ds_ii = p_ii * ((do32 * u32).sum(-1) - big_delta)
+    dq, dk_attn, du = query_key_grads(q, k, u, do, lse_attn, big_delta.transpose(1, 2).contiguous(),
+                                      ds_ii.transpose(1, 2).contiguous(), config.attn_bwd,
+                                      with_du=True)
+    du += p_ii.unsqueeze(-1) * do32
+    dv, e, dbeta, delta, ds_diag = reverse_sweep(q_solve, k, du, u, a, beta, lse_solve,
+                                                 config.solve_bwd, gated=False)
+    dq_solve, dk_solve = query_key_grads(q_solve, k, u, e, lse_solve, delta, ds_diag,
+                                         config.attn_bwd)
+    if dbeta is not None:
+        dbeta = dbeta.to(beta.dtype)
+    dk = (dk_attn.float() + dk_solve.float()).to(k.dtype)
+    return dq, dq_solve, dk, _sum_groups(dv, k), dbeta

@@ -29,13 +29,15 @@ def solve_stage(q, k, v, beta, knobs, *, write_o: bool, write_a: bool = False):
     return u, o, lse, a
 
 
-def attention_stage(q, k, u, knobs):
-    """Causal attention of q over (k, u): o_i = sum_{j<=i} softmax(s_i)_j u_j."""
-    D = q.shape[-1]
+def attention_stage(q, k, u, knobs, *, return_lse: bool = False):
+    """Causal attention of q over (k, u): o_i = sum_{j<=i} softmax(s_i)_j u_j; with
+    return_lse also (o, lse_i = logsumexp_{j<=i} s_ij as [B, H, T] float32)."""
+    B, T, H, D = q.shape
     module = codegen.load("attn_fwd", q.dtype, D, knobs)
     o = torch.empty_like(u)
-    module.launch(q, k, u, o, 1.0 / math.sqrt(D))
-    return o
+    lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device) if return_lse else None
+    module.launch(q, k, u, o, 1.0 / math.sqrt(D), lse)
+    return (o, lse) if return_lse else o
 
 
 def forward(q, k, v, beta, config: KernelConfig, *, for_backward: bool = False):
@@ -46,3 +48,16 @@ def forward(q, k, v, beta, config: KernelConfig, *, for_backward: bool = False):
     if not fused:
         o = attention_stage(q, k, u, config.attn)
     return o, u, lse, a
+
+
+def forward_q_solve(q, q_solve, k, v, beta, config: KernelConfig, *, for_backward: bool = False):
+    """The two-stage pass with the solve stage's own queries: u from the strict softmax of
+    q_solve k^T, then o = causal softmax(q k^T) u. Returns (o, u, lse_solve, a, lse_attn),
+    a and lse_attn (inclusive) being None unless for_backward."""
+    u, _, lse_solve, a = solve_stage(q_solve, k, v, beta, config.solve, write_o=False,
+                                     write_a=for_backward)
+    if for_backward:
+        o, lse_attn = attention_stage(q, k, u, config.attn, return_lse=True)
+    else:
+        o, lse_attn = attention_stage(q, k, u, config.attn), None
+    return o, u, lse_solve, a, lse_attn

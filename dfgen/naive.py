@@ -87,13 +87,14 @@ def naive_causal_attention(q, k, v, compute_dtype=torch.float64) -> torch.Tensor
     return (p @ v.to(compute_dtype).transpose(1, 2)).transpose(1, 2).contiguous()
 
 
-def naive_deltaformer_attn(q, k, v, beta=None, compute_dtype=torch.float64) -> torch.Tensor:
+def naive_deltaformer_attn(q, k, v, beta=None, compute_dtype=torch.float64, q_solve=None) -> torch.Tensor:
     """DeltaFormer attention o = causal_softmax(q k^T) u with u from the solve stage.
 
-    q, k, v: [B, T, H, D]; beta: [B, T, H] or None (ones). Returns o as [B, T, H, D]
-    in compute_dtype (float64 or float32).
+    q, k, v: [B, T, H, D]; beta: [B, T, H] or None (ones). q_solve: the solve stage's own
+    queries (u = (I + diag(beta) P')^{-1} v, P' the strict softmax of q_solve k^T), None
+    for q. Returns o as [B, T, H, D] in compute_dtype (float64 or float32).
     """
-    u = naive_deltaformer_u(q, k, v, beta, compute_dtype)
+    u = naive_deltaformer_u(q if q_solve is None else q_solve, k, v, beta, compute_dtype)
     return naive_causal_attention(q, k, u, compute_dtype)
 
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from .backward import backward
+from .backward import backward, backward_q_solve
 from .config import KernelConfig, default_config
 from .dispatch import dispatcher_for
 from .errors import InputError
-from .forward import forward
+from .forward import forward, forward_q_solve
 from .interpreter import interpreter_active
 from . import ops  # noqa: F401  (registers the dfgen:: custom ops for torch.compile)
 
@@ -90,13 +90,57 @@ class _DeltaFormerAttn(torch.autograd.Function):
         return dq, dk, dv, dbeta, None
 
 
-def deltaformer_attn(q, k, v, beta=None, *, config: KernelConfig | dict | None = None):
+class _DeltaFormerAttnQSolve(torch.autograd.Function):
+    """The two-stage form with the solve stage's own queries."""
+
+    @staticmethod
+    def forward(ctx, q, q_solve, k, v, beta, config):
+        o, u, lse_solve, a, lse_attn = forward_q_solve(q, q_solve, k, v, beta, config,
+                                                       for_backward=True)
+        ctx.save_for_backward(q, q_solve, k, beta, u, a, lse_solve, o, lse_attn)
+        ctx.config = config
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, q_solve, k, beta, u, a, lse_solve, o, lse_attn = ctx.saved_tensors
+        if do.stride(-1) != 1:
+            do = do.contiguous()
+        dq, dq_solve, dk, dv, dbeta = backward_q_solve(q, q_solve, k, beta, u, a, lse_solve, o,
+                                                       lse_attn, do, ctx.config)
+        return dq, dq_solve, dk, dv, dbeta, None
+
+
+def _two_stage(config: KernelConfig, head_dim: int, dtype) -> KernelConfig:
+    """A separate solve query needs the two-stage strategy: keep the solve knobs, take the
+    attention stage's from the built-in default if the config has none."""
+    if config.strategy == "two_stage":
+        return config
+    attn = default_config(head_dim, dtype, strategy="two_stage").attn
+    return KernelConfig("two_stage", config.solve, attn, config.solve_bwd, config.attn_bwd)
+
+
+def _check_q_solve(q, q_solve):
+    if not isinstance(q_solve, torch.Tensor):
+        raise InputError(f"q_solve must be a torch.Tensor or None, got {type(q_solve).__name__}")
+    if q_solve.shape != q.shape:
+        raise InputError(f"q_solve must have q's shape {tuple(q.shape)}, got {tuple(q_solve.shape)}")
+    if q_solve.dtype != q.dtype or q_solve.device != q.device:
+        raise InputError(f"q_solve must match q's dtype and device ({q.dtype}, {q.device}); "
+                         f"got {q_solve.dtype}, {q_solve.device}")
+    if q_solve.stride(-1) != 1:
+        raise InputError(f"q_solve must be contiguous in its last dim, got strides {q_solve.stride()}")
+
+
+def deltaformer_attn(q, k, v, beta=None, *, q_solve=None, config: KernelConfig | dict | None = None):
     """DeltaFormer attention: o = causal_softmax(q k^T) u, u = (I + diag(beta) P)^{-1} v.
 
     q: [B, T, H, D]; k, v: [B, T, H_kv, D] with H a multiple of H_kv (grouped heads share
     keys and values; u is per query head); float16/bfloat16/float32 on one CUDA device
     (unit stride on D);
-    beta: [B, T, H] or None (all ones). config: a KernelConfig (or its dict form; missing
+    beta: [B, T, H] or None (all ones). q_solve: [B, T, H, D] queries of the solve stage's
+    own scores (u = (I + diag(beta) P')^{-1} v with P' the strict softmax of q_solve k^T),
+    None for q; it takes the two-stage path. config: a KernelConfig (or its dict form; missing
     sections come from the built-in default); None picks the tuned config for this GPU and
     shape (dfgen.dispatch), else the built-in default. Returns o, [B, T, H, D], in q's
     dtype; differentiable in q, k, v and beta.
@@ -104,7 +148,15 @@ def deltaformer_attn(q, k, v, beta=None, *, config: KernelConfig | dict | None =
     _check_inputs(q, k, v, beta)
     B, T, H, D = q.shape
     needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, beta))
+        t is not None and t.requires_grad for t in (q, k, v, beta, q_solve))
+    if q_solve is not None:
+        _check_q_solve(q, q_solve)
+        if torch.compiler.is_compiling():
+            raise InputError("q_solve is not supported under torch.compile yet")
+        config = _two_stage(resolve_config(config, q, needs_grad), D, q.dtype).check(D, needs_grad)
+        if needs_grad:
+            return _DeltaFormerAttnQSolve.apply(q, q_solve, k, v, beta, config)
+        return forward_q_solve(q, q_solve, k, v, beta, config)[0]
     if torch.compiler.is_compiling():
         # Traced as custom ops (no graph break); the config travels as a JSON constant and
         # is resolved inside the op, where tuned files may be read.
