@@ -10,6 +10,7 @@ import math
 import torch
 
 from . import codegen
+from .forward import _packing
 
 
 def _per_query_head(like, group):
@@ -27,7 +28,7 @@ def _sum_groups(grad, kv_like):
     return grad.view(B, T, H_kv, H // H_kv, D).sum(3).to(kv_like.dtype)
 
 
-def reverse_sweep(q, k, do, u, a, beta, lse, knobs, *, gated: bool = True):
+def reverse_sweep(q, k, do, u, a, beta, lse, knobs, *, gated: bool = True, seqs=None):
     """The solve_bwd stage alone: (dv, e, dbeta or None, delta, ds_diag); dv is per query
     head ([B, T, H, D], float32 with grouped kv heads), dbeta float32 [B, T, H], delta and
     ds_diag float32 [B, H, T]."""
@@ -38,14 +39,15 @@ def reverse_sweep(q, k, do, u, a, beta, lse, knobs, *, gated: bool = True):
     delta = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
     ds_diag = torch.empty_like(delta)
     module = codegen.load("solve_bwd", q.dtype, D, knobs)
-    n_chunks = -(-T // module.CHUNK_ROWS)
-    sync = torch.zeros(1 + B * H * n_chunks, dtype=torch.int32, device=q.device)
+    n_seqs, longest = (B, T) if seqs is None else (seqs[0].numel() - 1, seqs[1])
+    n_chunks = -(-longest // module.CHUNK_ROWS)
+    sync = torch.zeros(1 + n_seqs * H * n_chunks, dtype=torch.int32, device=q.device)
     module.launch(q, k, do, u, a, beta, lse, dv, e, dbeta, delta, ds_diag, sync,
-                  1.0 / math.sqrt(D), gated)
+                  1.0 / math.sqrt(D), gated, *_packing(seqs))
     return dv, e, dbeta, delta, ds_diag
 
 
-def query_key_grads(q, k, u, e, lse, delta, ds_diag, knobs, *, with_du: bool = False):
+def query_key_grads(q, k, u, e, lse, delta, ds_diag, knobs, *, with_du: bool = False, seqs=None):
     """The attn_bwd stage alone: (dq, dk), dk summed over grouped query heads; with_du
     also the strictly-later part of P^T e (float32, per query head)."""
     D = q.shape[-1]
@@ -53,23 +55,23 @@ def query_key_grads(q, k, u, e, lse, delta, ds_diag, knobs, *, with_du: bool = F
     dk = _per_query_head(q, q.shape[2] // k.shape[2])
     du = torch.empty(q.shape, dtype=torch.float32, device=q.device) if with_du else None
     codegen.load("attn_bwd", q.dtype, D, knobs).launch(q, k, u, e, lse, delta, ds_diag, dq, dk,
-                                                       1.0 / math.sqrt(D), du)
+                                                       1.0 / math.sqrt(D), du, *_packing(seqs))
     if with_du:
         return dq, _sum_groups(dk, k), du
     return dq, _sum_groups(dk, k)
 
 
-def backward(q, k, beta, u, a, lse, do, solve_knobs, attn_knobs):
+def backward(q, k, beta, u, a, lse, do, solve_knobs, attn_knobs, seqs=None):
     """(dq, dk, dv, dbeta or None) for o = deltaformer_attn(q, k, v, beta) given do; k and
     v (hence dk, dv) may have fewer heads than q."""
-    dv, e, dbeta, delta, ds_diag = reverse_sweep(q, k, do, u, a, beta, lse, solve_knobs)
-    dq, dk = query_key_grads(q, k, u, e, lse, delta, ds_diag, attn_knobs)
+    dv, e, dbeta, delta, ds_diag = reverse_sweep(q, k, do, u, a, beta, lse, solve_knobs, seqs=seqs)
+    dq, dk = query_key_grads(q, k, u, e, lse, delta, ds_diag, attn_knobs, seqs=seqs)
     if dbeta is not None:
         dbeta = dbeta.to(beta.dtype)
     return dq, dk, _sum_groups(dv, k), dbeta
 
 
-def backward_q_solve(q, q_solve, k, beta, u, a, lse_solve, o, lse_attn, do, config):
+def backward_q_solve(q, q_solve, k, beta, u, a, lse_solve, o, lse_attn, do, config, seqs=None):
     """(dq, dq_solve, dk, dv, dbeta or None) for o = causal_softmax(q k^T) u with
     u = (I + diag(beta) P')^{-1} v, P' from q_solve k^T. The attention stage's backward
     (e = do, delta = do . o, the diagonal in ds_ii) gives dq, part of dk and
@@ -85,12 +87,12 @@ def backward_q_solve(q, q_solve, k, beta, u, a, lse_solve, o, lse_attn, do, conf
     ds_ii = p_ii * ((do32 * u32).sum(-1) - big_delta)
     dq, dk_attn, du = query_key_grads(q, k, u, do, lse_attn, big_delta.transpose(1, 2).contiguous(),
                                       ds_ii.transpose(1, 2).contiguous(), config.attn_bwd,
-                                      with_du=True)
+                                      with_du=True, seqs=seqs)
     du += p_ii.unsqueeze(-1) * do32
     dv, e, dbeta, delta, ds_diag = reverse_sweep(q_solve, k, du, u, a, beta, lse_solve,
-                                                 config.solve_bwd, gated=False)
+                                                 config.solve_bwd, gated=False, seqs=seqs)
     dq_solve, dk_solve = query_key_grads(q_solve, k, u, e, lse_solve, delta, ds_diag,
-                                         config.attn_bwd)
+                                         config.attn_bwd, seqs=seqs)
     if dbeta is not None:
         dbeta = dbeta.to(beta.dtype)
     dk = (dk_attn.float() + dk_solve.float()).to(k.dtype)

@@ -74,10 +74,10 @@ class _DeltaFormerAttn(torch.autograd.Function):
     """Saves q, k, beta, u, a = P u and the strict lse: O(B*T*H*D), no C x C matrices."""
 
     @staticmethod
-    def forward(ctx, q, k, v, beta, config):
-        o, u, lse, a = forward(q, k, v, beta, config, for_backward=True)
+    def forward(ctx, q, k, v, beta, config, seqs):
+        o, u, lse, a = forward(q, k, v, beta, config, for_backward=True, seqs=seqs)
         ctx.save_for_backward(q, k, beta, u, a, lse)
-        ctx.config = config
+        ctx.config, ctx.seqs = config, seqs
         return o
 
     @staticmethod
@@ -86,19 +86,19 @@ class _DeltaFormerAttn(torch.autograd.Function):
         if do.stride(-1) != 1:
             do = do.contiguous()
         dq, dk, dv, dbeta = backward(q, k, beta, u, a, lse, do, ctx.config.solve_bwd,
-                                     ctx.config.attn_bwd)
-        return dq, dk, dv, dbeta, None
+                                     ctx.config.attn_bwd, seqs=ctx.seqs)
+        return dq, dk, dv, dbeta, None, None
 
 
 class _DeltaFormerAttnQSolve(torch.autograd.Function):
     """The two-stage form with the solve stage's own queries."""
 
     @staticmethod
-    def forward(ctx, q, q_solve, k, v, beta, config):
+    def forward(ctx, q, q_solve, k, v, beta, config, seqs):
         o, u, lse_solve, a, lse_attn = forward_q_solve(q, q_solve, k, v, beta, config,
-                                                       for_backward=True)
+                                                       for_backward=True, seqs=seqs)
         ctx.save_for_backward(q, q_solve, k, beta, u, a, lse_solve, o, lse_attn)
-        ctx.config = config
+        ctx.config, ctx.seqs = config, seqs
         return o
 
     @staticmethod
@@ -107,8 +107,8 @@ class _DeltaFormerAttnQSolve(torch.autograd.Function):
         if do.stride(-1) != 1:
             do = do.contiguous()
         dq, dq_solve, dk, dv, dbeta = backward_q_solve(q, q_solve, k, beta, u, a, lse_solve, o,
-                                                       lse_attn, do, ctx.config)
-        return dq, dq_solve, dk, dv, dbeta, None
+                                                       lse_attn, do, ctx.config, seqs=ctx.seqs)
+        return dq, dq_solve, dk, dv, dbeta, None, None
 
 
 def _two_stage(config: KernelConfig, head_dim: int, dtype) -> KernelConfig:
@@ -132,7 +132,25 @@ def _check_q_solve(q, q_solve):
         raise InputError(f"q_solve must be contiguous in its last dim, got strides {q_solve.stride()}")
 
 
-def deltaformer_attn(q, k, v, beta=None, *, q_solve=None, config: KernelConfig | dict | None = None):
+def _check_cu_seqlens(q, cu_seqlens):
+    """(cu_seqlens as int32, longest length) after checking it against q."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise InputError("cu_seqlens must be a 1-D tensor [N+1] of sequence start offsets")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise InputError(f"cu_seqlens must be int32 (or int64), got {cu_seqlens.dtype}")
+    if cu_seqlens.device != q.device:
+        raise InputError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
+    if q.shape[0] != 1:
+        raise InputError(f"with cu_seqlens, q, k, v must be [1, total_T, H, D] (packed); got B={q.shape[0]}")
+    bounds = cu_seqlens.tolist()  # one host sync, as the longest length sizes the launch
+    lengths = [b - a for a, b in zip(bounds, bounds[1:])]
+    if bounds[0] != 0 or bounds[-1] != q.shape[1] or min(lengths) < 0:
+        raise InputError(f"cu_seqlens must rise from 0 to total_T={q.shape[1]}, got {bounds}")
+    return cu_seqlens.to(torch.int32).contiguous(), max(max(lengths), 1)
+
+
+def deltaformer_attn(q, k, v, beta=None, *, q_solve=None, cu_seqlens=None,
+                     config: KernelConfig | dict | None = None):
     """DeltaFormer attention: o = causal_softmax(q k^T) u, u = (I + diag(beta) P)^{-1} v.
 
     q: [B, T, H, D]; k, v: [B, T, H_kv, D] with H a multiple of H_kv (grouped heads share
@@ -140,7 +158,9 @@ def deltaformer_attn(q, k, v, beta=None, *, q_solve=None, config: KernelConfig |
     (unit stride on D);
     beta: [B, T, H] or None (all ones). q_solve: [B, T, H, D] queries of the solve stage's
     own scores (u = (I + diag(beta) P')^{-1} v with P' the strict softmax of q_solve k^T),
-    None for q; it takes the two-stage path. config: a KernelConfig (or its dict form; missing
+    None for q; it takes the two-stage path. cu_seqlens: int32 [N+1] offsets of packed
+    sequences in [1, total_T, H, D] tensors (beta [1, total_T, H]), each independent, as in
+    fla; None for a padded batch. config: a KernelConfig (or its dict form; missing
     sections come from the built-in default); None picks the tuned config for this GPU and
     shape (dfgen.dispatch), else the built-in default. Returns o, [B, T, H, D], in q's
     dtype; differentiable in q, k, v and beta.
@@ -149,14 +169,19 @@ def deltaformer_attn(q, k, v, beta=None, *, q_solve=None, config: KernelConfig |
     B, T, H, D = q.shape
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, beta, q_solve))
+    seqs = None
+    if cu_seqlens is not None:
+        if torch.compiler.is_compiling():
+            raise InputError("cu_seqlens is not supported under torch.compile yet")
+        seqs = _check_cu_seqlens(q, cu_seqlens)
     if q_solve is not None:
         _check_q_solve(q, q_solve)
         if torch.compiler.is_compiling():
             raise InputError("q_solve is not supported under torch.compile yet")
-        config = _two_stage(resolve_config(config, q, needs_grad), D, q.dtype).check(D, needs_grad)
+        config = _two_stage(resolve_config(config, q, needs_grad, seqs), D, q.dtype).check(D, needs_grad)
         if needs_grad:
-            return _DeltaFormerAttnQSolve.apply(q, q_solve, k, v, beta, config)
-        return forward_q_solve(q, q_solve, k, v, beta, config)[0]
+            return _DeltaFormerAttnQSolve.apply(q, q_solve, k, v, beta, config, seqs)
+        return forward_q_solve(q, q_solve, k, v, beta, config, seqs=seqs)[0]
     if torch.compiler.is_compiling():
         # Traced as custom ops (no graph break); the config travels as a JSON constant and
         # is resolved inside the op, where tuned files may be read.
@@ -166,13 +191,16 @@ def deltaformer_attn(q, k, v, beta=None, *, q_solve=None, config: KernelConfig |
         if needs_grad:
             return torch.ops.dfgen.attn_fwd_train(q, k, v, beta, text)[0]
         return torch.ops.dfgen.attn_fwd(q, k, v, beta, text)
-    return _eager(q, k, v, beta, config, needs_grad)
+    return _eager(q, k, v, beta, config, needs_grad, seqs)
 
 
-def resolve_config(config, q, needs_grad: bool) -> KernelConfig:
+def resolve_config(config, q, needs_grad: bool, seqs=None) -> KernelConfig:
     """The validated config for a call: the given one (missing sections from the built-in
-    default), or the tuned one for this GPU and shape."""
+    default), or the tuned one for this GPU and shape (packed sequences count as their
+    longest length and number)."""
     B, T, H, D = q.shape
+    if seqs is not None:
+        B, T = seqs[0].numel() - 1, seqs[1]
     if config is None:
         config = dispatcher_for(q.device).choose(
             "fwd+bwd" if needs_grad else "fwd", _DTYPE_NAMES[q.dtype], D, T, B * H).config
@@ -183,8 +211,8 @@ def resolve_config(config, q, needs_grad: bool) -> KernelConfig:
     return config.check(D, backward=needs_grad)
 
 
-def _eager(q, k, v, beta, config, needs_grad):
-    config = resolve_config(config, q, needs_grad)
+def _eager(q, k, v, beta, config, needs_grad, seqs=None):
+    config = resolve_config(config, q, needs_grad, seqs)
     if needs_grad:
-        return _DeltaFormerAttn.apply(q, k, v, beta, config)
-    return forward(q, k, v, beta, config)[0]
+        return _DeltaFormerAttn.apply(q, k, v, beta, config, seqs)
+    return forward(q, k, v, beta, config, seqs=seqs)[0]
