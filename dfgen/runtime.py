@@ -149,7 +149,36 @@ def _check_cu_seqlens(q, cu_seqlens):
     return cu_seqlens.to(torch.int32).contiguous(), max(max(lengths), 1)
 
 
-def deltaformer_attn(q, k, v, beta=None, *, q_solve=None, cu_seqlens=None,
+def _unpadded(attention_mask, q, k, v, beta, q_solve, config):
+    """Padding masks by packing: the unpadded tokens of each row become one sequence
+    (cu_seqlens), so padded positions reach no other position, in the solve stage too;
+    the output is zero at padded positions."""
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != q.shape[:2]:
+        shape = getattr(attention_mask, "shape", None)
+        raise InputError(f"attention_mask must be a [B, T] = {tuple(q.shape[:2])} tensor of 0/1 "
+                         f"(0 = padding), got {tuple(shape) if shape is not None else type(attention_mask).__name__}")
+    if attention_mask.device != q.device:
+        raise InputError(f"attention_mask is on {attention_mask.device} but q is on {q.device}")
+    keep = attention_mask.bool()
+    if attention_mask.dtype != torch.bool and not ((attention_mask == 0) | (attention_mask == 1)).all():
+        raise InputError("attention_mask must hold only 0 (padding) and 1 (token)")
+    B, T, H, D = q.shape
+    index = keep.flatten().nonzero().squeeze(1)
+    out = q.new_zeros(B * T, H, D)
+    if index.numel() == 0:
+        return out.view(B, T, H, D)
+    cu = torch.zeros(B + 1, dtype=torch.int32, device=q.device)
+    cu[1:] = keep.sum(1).cumsum(0)
+
+    def pack(t):
+        return None if t is None else t.reshape(B * T, *t.shape[2:]).index_select(0, index).unsqueeze(0)
+
+    o = deltaformer_attn(pack(q), pack(k), pack(v), pack(beta), q_solve=pack(q_solve),
+                         cu_seqlens=cu, config=config)
+    return out.index_copy(0, index, o[0]).view(B, T, H, D)
+
+
+def deltaformer_attn(q, k, v, beta=None, *, q_solve=None, cu_seqlens=None, attention_mask=None,
                      config: KernelConfig | dict | None = None):
     """DeltaFormer attention: o = causal_softmax(q k^T) u, u = (I + diag(beta) P)^{-1} v.
 
@@ -160,12 +189,20 @@ def deltaformer_attn(q, k, v, beta=None, *, q_solve=None, cu_seqlens=None,
     own scores (u = (I + diag(beta) P')^{-1} v with P' the strict softmax of q_solve k^T),
     None for q; it takes the two-stage path. cu_seqlens: int32 [N+1] offsets of packed
     sequences in [1, total_T, H, D] tensors (beta [1, total_T, H]), each independent, as in
-    fla; None for a padded batch. config: a KernelConfig (or its dict form; missing
+    fla; None for a padded batch. attention_mask: [B, T] of 0/1 (0 = padding, left or right),
+    as in Hugging Face models: padded positions influence nothing and get a zero output.
+    config: a KernelConfig (or its dict form; missing
     sections come from the built-in default); None picks the tuned config for this GPU and
     shape (dfgen.dispatch), else the built-in default. Returns o, [B, T, H, D], in q's
     dtype; differentiable in q, k, v and beta.
     """
     _check_inputs(q, k, v, beta)
+    if attention_mask is not None:
+        if cu_seqlens is not None:
+            raise InputError("give attention_mask or cu_seqlens, not both")
+        if torch.compiler.is_compiling():
+            raise InputError("attention_mask is not supported under torch.compile yet")
+        return _unpadded(attention_mask, q, k, v, beta, q_solve, config)
     B, T, H, D = q.shape
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, beta, q_solve))
