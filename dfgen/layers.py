@@ -108,6 +108,15 @@ class DeltaFormerAttention(nn.Module):
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError("attention_mask must be a [batch_size, seq_len] 0/1 padding mask")
         B, T, _ = hidden_states.shape
+        cu_seqlens = kwargs.get("cu_seqlens")
+        q, k, v, beta = self.project(hidden_states, cu_seqlens)
+        o = deltaformer_attn(q, k, v, beta, cu_seqlens=cu_seqlens, attention_mask=attention_mask)
+        o = self.o_proj(o.reshape(B, T, -1))
+        return o, None, past_key_values
+
+    def project(self, hidden_states, cu_seqlens=None):
+        """(q, k, v, beta) of the attention: projections, optional q/k norm, rotary."""
+        B, T, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)
@@ -117,9 +126,5 @@ class DeltaFormerAttention(nn.Module):
         if self.qk_norm:
             q = self.q_norm(q.float()).to(v.dtype)
             k = self.k_norm(k.float()).to(v.dtype)
-        cu_seqlens = kwargs.get("cu_seqlens")
         q, k = self.rotary(q, k, cu_seqlens=cu_seqlens)
-        o = deltaformer_attn(q.contiguous(), k.contiguous(), v.contiguous(), beta,
-                             cu_seqlens=cu_seqlens, attention_mask=attention_mask)
-        o = self.o_proj(o.reshape(B, T, -1))
-        return o, None, past_key_values
+        return q.contiguous(), k.contiguous(), v.contiguous(), beta

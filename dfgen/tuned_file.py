@@ -23,7 +23,6 @@ file, then rename) and merged with what is already there, keys sorted for clean 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -31,6 +30,7 @@ import yaml
 
 from .config import KernelConfig
 from .errors import ConfigError
+from .files import atomic_write_text
 
 FORMAT = "dfgen-tuned/1"
 PASSES = ("fwd", "fwd+bwd")
@@ -94,17 +94,7 @@ def write(path: str | os.PathLike, data: Mapping) -> None:
     """Atomically replace `path` with `data` (validated first)."""
     path = Path(path)
     validate(data, str(path))
-    text = yaml.safe_dump(dict(data), sort_keys=True, default_flow_style=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, yaml.safe_dump(dict(data), sort_keys=True, default_flow_style=False))
 
 
 def merge(path: str | os.PathLike, provenance: Mapping, entries: Mapping[str, Mapping]) -> dict:

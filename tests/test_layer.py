@@ -13,18 +13,10 @@ from dfgen.naive import naive_deltaformer_attn
 
 
 def _reference_layer(layer, x, attention_mask=None):
-    """The same computation with the reference attention, float64."""
+    """The same projections with the reference attention (float64, kv heads repeated)."""
     B, T, _ = x.shape
     with torch.no_grad():
-        q = layer.q_proj(x).view(B, T, layer.num_heads, layer.head_dim)
-        k = layer.k_proj(x).view(B, T, layer.num_kv_heads, layer.head_dim)
-        v = layer.v_proj(x).view(B, T, layer.num_kv_heads, layer.head_dim)
-        beta = layer.b_proj(x).float()
-        if layer.beta_activation == "sigmoid":
-            beta = torch.sigmoid(beta)
-        if layer.qk_norm:
-            q, k = layer.q_norm(q.float()).to(v.dtype), layer.k_norm(k.float()).to(v.dtype)
-        q, k = layer.rotary(q, k)
+        q, k, v, beta = layer.project(x)
         g = layer.num_kv_groups
         o = naive_deltaformer_attn(q, k.repeat_interleave(g, 2), v.repeat_interleave(g, 2), beta)
         return layer.o_proj(o.to(x.dtype).reshape(B, T, -1))
@@ -53,6 +45,20 @@ def test_layer_trains_and_masks():
     assert x.grad is not None and torch.isfinite(x.grad).all()
     assert all(p.grad is not None for p in layer.parameters())
     assert (x.grad[1, :7] == 0).all()  # padded positions influence nothing
+
+
+def test_projections():
+    torch.manual_seed(2)
+    layer = DeltaFormerAttention(hidden_size=64, num_heads=2, num_kv_heads=1, qk_norm=True).to(DEVICE)
+    x = torch.randn(1, 5, 64, device=DEVICE)
+    q, k, v, beta = layer.project(x)
+    assert q.shape == (1, 5, 2, 32) and k.shape == v.shape == (1, 5, 1, 32)
+    assert ((beta > 0) & (beta < 1)).all()  # sigmoid by default
+    assert torch.allclose(v, layer.v_proj(x).view(1, 5, 1, 32))
+    # rotary keeps norms; position 0 is unrotated, so q there is the normed projection
+    qn = layer.q_norm(layer.q_proj(x).view(1, 5, 2, 32))
+    assert torch.allclose(q[:, 0], qn[:, 0], atol=1e-5)
+    assert torch.allclose(q.norm(dim=-1), qn.norm(dim=-1), atol=1e-4)
 
 
 def test_rotary_restarts_per_sequence():
