@@ -79,7 +79,41 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _tune_workers(args) -> int:
+    """`--workers N`: N tune processes on one shared study, one per GPU (CUDA_VISIBLE_DEVICES);
+    without a GPU, N interpreter processes."""
+    import subprocess
+
+    import torch
+
+    from .codegen import cache_root
+
+    gpus = torch.cuda.device_count()
+    if gpus and args.workers > gpus:
+        raise SystemExit(f"dfgen tune: --workers {args.workers} but only {gpus} GPU(s) are present")
+    storage = args.storage or str(cache_root() / "studies" / f"workers-{os.getpid()}.journal")
+    argv = list(args.argv)
+    if "--workers" in argv:  # drop the flag and its value; the workers run one each
+        i = argv.index("--workers")
+        del argv[i:i + 2]
+    argv = [a for a in argv if not a.startswith("--workers=")]
+    if not args.storage:
+        argv += ["--storage", storage]
+    procs = []
+    for worker in range(args.workers):
+        env = dict(os.environ)
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = str(worker)
+        procs.append(subprocess.Popen([sys.executable, "-m", "dfgen.cli", *argv, "--seed",
+                                       str(args.seed + worker)], env=env))
+    codes = [p.wait() for p in procs]
+    print(f"dfgen tune: {args.workers} workers finished with exit codes {codes}")
+    return max(codes)
+
+
 def cmd_tune(args) -> int:
+    if args.workers > 1:
+        return _tune_workers(args)
     interpreted = _use_interpreter_without_gpu()
     import tempfile
     from pathlib import Path
@@ -206,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--storage", help="Optuna storage: a file path (a journal, the default "
                       "kind, for processes on one host) or a database URL (sqlite:///..., "
                       "postgresql://..., mysql://...) that processes on many hosts share")
+    tune.add_argument("--workers", type=int, default=1,
+                      help="processes sharing the study, one per GPU (default 1)")
     tune.add_argument("--timeout", type=float, default=600.0,
                       help="seconds one candidate may take (compile, check, timing)")
     tune.set_defaults(func=cmd_tune)
@@ -222,7 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     from .errors import DfgenError
 
     try:

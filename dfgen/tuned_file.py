@@ -22,6 +22,7 @@ file, then rename) and merged with what is already there, keys sorted for clean 
 
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -99,11 +100,15 @@ def write(path: str | os.PathLike, data: Mapping) -> None:
 
 def merge(path: str | os.PathLike, provenance: Mapping, entries: Mapping[str, Mapping]) -> dict:
     """Add or replace `entries` in the file at `path` (created if missing), keeping every
-    other entry; the provenance becomes `provenance`. Returns what was written."""
+    other entry; the provenance becomes `provenance`. Returns what was written. Processes
+    merging into one file at once take turns (a lock file beside it)."""
     path = Path(path)
-    data = read(path) if path.exists() else empty()
-    merged = dict(data["entries"])
-    merged.update({key: dict(entry) for key, entry in entries.items()})
-    out = {"format": FORMAT, "provenance": dict(provenance), "entries": merged}
-    write(path, out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = read(path) if path.exists() else empty()
+        merged = dict(data["entries"])
+        merged.update({key: dict(entry) for key, entry in entries.items()})
+        out = {"format": FORMAT, "provenance": dict(provenance), "entries": merged}
+        write(path, out)
     return out

@@ -85,6 +85,18 @@ def test_two_workers_share_a_postgres_study(tmp_path):
     assert 3 <= len([t for t in study.trials if t.state.is_finished()]) <= 6
 
 
+def test_workers_flag_runs_processes_on_one_study(tmp_path):
+    journal = tmp_path / "w.journal"
+    out = run("tune", "--gpu", "h200", "--trials", "4", "--workers", "2", "--storage", str(journal),
+              "--out", str(tmp_path / "w.yaml"))
+    assert "2 workers finished with exit codes [0, 0]" in out
+    storage = tuner.open_storage(str(journal))
+    (summary,) = optuna.get_all_study_summaries(storage)
+    study = optuna.load_study(study_name=summary.study_name, storage=storage)
+    assert 4 <= len([t for t in study.trials if t.state.is_finished()]) <= 8
+    assert "fwd/bf16/d32/t40/bh2" in tuned_file.read(tmp_path / "w.yaml")["entries"]
+
+
 def test_failing_candidates_are_recorded_and_the_search_goes_on(tmp_path):
     """A timeout too short for any candidate: every trial fails with its reason, the
     search still runs all its trials, and no config is written."""
