@@ -182,19 +182,19 @@ def deltaformer_attn(q, k, v, beta=None, *, q_solve=None, cu_seqlens=None, atten
                      config: KernelConfig | dict | None = None):
     """DeltaFormer attention: o = causal_softmax(q k^T) u, u = (I + diag(beta) P)^{-1} v.
 
-    q: [B, T, H, D]; k, v: [B, T, H_kv, D] with H a multiple of H_kv (grouped heads share
-    keys and values; u is per query head); float16/bfloat16/float32 on one CUDA device
-    (unit stride on D);
-    beta: [B, T, H] or None (all ones). q_solve: [B, T, H, D] queries of the solve stage's
-    own scores (u = (I + diag(beta) P')^{-1} v with P' the strict softmax of q_solve k^T),
-    None for q; it takes the two-stage path. cu_seqlens: int32 [N+1] offsets of packed
-    sequences in [1, total_T, H, D] tensors (beta [1, total_T, H]), each independent, as in
-    fla; None for a padded batch. attention_mask: [B, T] of 0/1 (0 = padding, left or right),
-    as in Hugging Face models: padded positions influence nothing and get a zero output.
-    config: a KernelConfig (or its dict form; missing
-    sections come from the built-in default); None picks the tuned config for this GPU and
-    shape (dfgen.dispatch), else the built-in default. Returns o, [B, T, H, D], in q's
-    dtype; differentiable in q, k, v and beta.
+    q: [B, T, H, D]; k, v: [B, T, H_kv, D], H a multiple of H_kv (grouped heads share keys
+        and values; u is per query head); float16, bfloat16 or float32 on one CUDA device
+        (or the CPU under TRITON_INTERPRET=1), unit stride on D.
+    beta: [B, T, H] or None (all ones).
+    q_solve: [B, T, H, D] queries of the solve stage's own scores (u = (I + diag(beta) P')^{-1} v,
+        P' the strict softmax of q_solve k^T); None uses q. Takes the two-stage path.
+    cu_seqlens: int32 [N+1] offsets of packed independent sequences in [1, total_T, H, D]
+        tensors (beta [1, total_T, H]), as in fla; None for a padded batch.
+    attention_mask: [B, T] of 0/1 (0 = padding, left or right), as in Hugging Face models:
+        padded positions influence nothing and get a zero output.
+    config: a KernelConfig or its dict form (missing sections come from the built-in
+        default); None picks the tuned config for this GPU and shape (dfgen.dispatch).
+    Returns o, [B, T, H, D], in q's dtype; differentiable in q, k, v, beta and q_solve.
     """
     _check_inputs(q, k, v, beta)
     if attention_mask is not None:
