@@ -7,7 +7,8 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
   apt-get update -qq >/dev/null && apt-get install -y -qq postgresql >/dev/null
 fi
 bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
-port=${DFGEN_PG_PORT:-54329}
+# a free loopback port, unless one is given
+port=${DFGEN_PG_PORT:-$(python3 -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")}
 data=$(mktemp -d /tmp/dfgen-pg.XXXXXX)
 chown postgres "$data"
 su postgres -c "$bin/initdb -D $data -A trust -U postgres" >/dev/null
