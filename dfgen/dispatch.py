@@ -152,8 +152,9 @@ class Dispatcher:
         return data
 
     # -- lookup --------------------------------------------------------------------------
-    def choose(self, pass_: str, dtype: str, head_dim: int, T: int, BH: int) -> Choice:
-        key = (pass_, dtype, head_dim, T, BH)
+    def choose(self, pass_: str, dtype: str, head_dim: int, T: int, BH: int,
+               variant: str = "") -> Choice:
+        key = (pass_, dtype, head_dim, T, BH, variant)
         choice = self._cache.get(key)
         if choice is None:
             with self._lock:
@@ -161,10 +162,10 @@ class Dispatcher:
                 self._cache[key] = choice
         return choice
 
-    def _resolve(self, pass_, dtype, head_dim, T, BH) -> Choice:
+    def _resolve(self, pass_, dtype, head_dim, T, BH, variant) -> Choice:
         torch_dtype = {"bf16": "torch.bfloat16", "fp16": "torch.float16", "fp32": "torch.float32"}[dtype]
         default = default_config(head_dim, torch_dtype)
-        entry_key, entry = self.nearest(pass_, dtype, head_dim, T, BH)
+        entry_key, entry = self.nearest(pass_, dtype, head_dim, T, BH, variant)
         if entry is None:
             log.debug("dfgen: %s/%s/d%d/T%d/BH%d -> built-in default (no tuned entry)",
                       pass_, dtype, head_dim, T, BH)
@@ -177,10 +178,10 @@ class Dispatcher:
         log.debug("dfgen: %s/%s/d%d/T%d/BH%d -> %s", pass_, dtype, head_dim, T, BH, source)
         return Choice(config, source)
 
-    def nearest(self, pass_, dtype, head_dim, T, BH):
+    def nearest(self, pass_, dtype, head_dim, T, BH, variant=""):
         """(key, entry) of the nearest tuned bucket, or (None, None). A forward+backward
-        call prefers fwd+bwd entries; a forward call prefers fwd entries; either falls
-        back to the other pass."""
+        call prefers fwd+bwd entries, a forward call fwd entries, and a q_solve call
+        (variant qsolve) its own entries; each falls back to the others."""
         if not self.data:
             return None, None
         entries = self.data["entries"]
@@ -189,7 +190,8 @@ class Dispatcher:
             if entry["dtype"] != dtype or entry["head_dim"] != head_dim:
                 continue
             score = (abs(math.log2(max(T, 1) / entry["T"])) + abs(math.log2(max(BH, 1) / entry["BH"]))
-                     + (0.0 if entry["pass"] == pass_ else 100.0))
+                     + (0.0 if entry["pass"] == pass_ else 100.0)
+                     + (0.0 if entry.get("variant", "") == variant else 50.0))
             if best_score is None or score < best_score:
                 best, best_score = (key, entry), score
         return best

@@ -215,7 +215,8 @@ def deltaformer_attn(q, k, v, beta=None, *, q_solve=None, cu_seqlens=None, atten
         _check_q_solve(q, q_solve)
         if torch.compiler.is_compiling():
             raise InputError("q_solve is not supported under torch.compile yet")
-        config = _two_stage(resolve_config(config, q, needs_grad, seqs), D, q.dtype).check(D, needs_grad)
+        config = _two_stage(resolve_config(config, q, needs_grad, seqs, variant="qsolve"), D,
+                            q.dtype).check(D, needs_grad)
         if needs_grad:
             return _DeltaFormerAttnQSolve.apply(q, q_solve, k, v, beta, config, seqs)
         return forward_q_solve(q, q_solve, k, v, beta, config, seqs=seqs)[0]
@@ -231,7 +232,7 @@ def deltaformer_attn(q, k, v, beta=None, *, q_solve=None, cu_seqlens=None, atten
     return _eager(q, k, v, beta, config, needs_grad, seqs)
 
 
-def resolve_config(config, q, needs_grad: bool, seqs=None) -> KernelConfig:
+def resolve_config(config, q, needs_grad: bool, seqs=None, variant: str = "") -> KernelConfig:
     """The validated config for a call: the given one (missing sections from the built-in
     default), or the tuned one for this GPU and shape (packed sequences count as their
     longest length and number)."""
@@ -240,7 +241,7 @@ def resolve_config(config, q, needs_grad: bool, seqs=None) -> KernelConfig:
         B, T = seqs[0].numel() - 1, seqs[1]
     if config is None:
         config = dispatcher_for(q.device).choose(
-            "fwd+bwd" if needs_grad else "fwd", _DTYPE_NAMES[q.dtype], D, T, B * H).config
+            "fwd+bwd" if needs_grad else "fwd", _DTYPE_NAMES[q.dtype], D, T, B * H, variant).config
     elif isinstance(config, dict):
         config = KernelConfig.from_dict(config, defaults=default_config(D, q.dtype))
     else:

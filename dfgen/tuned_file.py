@@ -15,6 +15,8 @@
         default_ms: ...        the built-in default's, measured in the same study
         trials: ...            trials run (failed ones included)
         failures: ...
+        variant: qsolve        optional: the case the entry was tuned for (qsolve: a
+                               solve stage with its own queries, two-stage path)
 
 Read with yaml.safe_load and checked against this schema; written atomically (temporary
 file, then rename) and merged with what is already there, keys sorted for clean diffs.
@@ -36,11 +38,12 @@ from .files import atomic_write_text
 FORMAT = "dfgen-tuned/1"
 PASSES = ("fwd", "fwd+bwd")
 _ENTRY_KEYS = {"pass", "dtype", "head_dim", "T", "BH", "config", "median_ms", "default_ms",
-               "trials", "failures"}
+               "trials", "failures", "variant"}
+VARIANTS = ("", "qsolve")
 
 
-def bucket_key(pass_: str, dtype: str, head_dim: int, T: int, BH: int) -> str:
-    return f"{pass_}/{dtype}/d{head_dim}/t{T}/bh{BH}"
+def bucket_key(pass_: str, dtype: str, head_dim: int, T: int, BH: int, variant: str = "") -> str:
+    return f"{pass_}/{dtype}/d{head_dim}/t{T}/bh{BH}" + (f"/{variant}" if variant else "")
 
 
 def empty() -> dict:
@@ -70,6 +73,8 @@ def validate(data: Any, source: str) -> dict:
             raise ConfigError(f"{where} has unknown fields {sorted(unknown)}")
         if entry["pass"] not in PASSES:
             raise ConfigError(f"{where}: pass must be one of {PASSES}")
+        if entry.get("variant", "") not in VARIANTS:
+            raise ConfigError(f"{where}: variant must be one of {VARIANTS}")
         for field in ("head_dim", "T", "BH"):
             if not isinstance(entry[field], int) or entry[field] < 1:
                 raise ConfigError(f"{where}: {field} must be a positive integer")

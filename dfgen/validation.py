@@ -30,44 +30,56 @@ def random_inputs(shape, dtype, device, seed=None):
     return q, k, v, beta
 
 
-def runner(q, k, v, beta, config, backward: bool, do):
+def runner(q, k, v, beta, config, backward: bool, do, q_solve=None):
     """(run, outputs): run() is one pass of dfgen under `config` (what gets timed);
-    outputs() returns (o, gradients of q, k, v, beta or ())."""
-    from .forward import forward
+    outputs() returns (o, gradients of q, k, v, beta[, q_solve] or ())."""
+    from .forward import forward, forward_q_solve
     from .runtime import deltaformer_attn
 
     if not backward:
         def run():
             with torch.no_grad():
+                if q_solve is not None:
+                    return forward_q_solve(q, q_solve, k, v, beta, config)[0]
                 return forward(q, k, v, beta, config)[0]
         return run, lambda: (run(), ())
     leaves = [t.detach().requires_grad_() for t in (q, k, v, beta)]
+    solve_leaf = q_solve.detach().requires_grad_() if q_solve is not None else None
 
     def outputs():
-        o = deltaformer_attn(*leaves, config=config)
-        return o, torch.autograd.grad(o, leaves, do)
+        o = deltaformer_attn(*leaves, q_solve=solve_leaf, config=config)
+        return o, torch.autograd.grad(o, leaves + ([solve_leaf] if q_solve is not None else []), do)
 
     return (lambda: outputs()[1]), outputs
 
 
-def reference(q, k, v, beta, do, backward: bool, compute_dtype):
+def reference(q, k, v, beta, do, backward: bool, compute_dtype, q_solve=None):
     """(o, gradients or ()) of the naive reference in compute_dtype."""
+    group = q.shape[2] // k.shape[2]
+
+    def attn(q, k, v, beta, q_solve):
+        return naive_deltaformer_attn(q, k.repeat_interleave(group, 2), v.repeat_interleave(group, 2),
+                                      beta, compute_dtype, q_solve=q_solve)
+
     if not backward:
-        return naive_deltaformer_attn(q, k, v, beta, compute_dtype), ()
+        return attn(q, k, v, beta, q_solve), ()
     leaves = [t.detach().to(compute_dtype).requires_grad_() for t in (q, k, v, beta)]
-    o = naive_deltaformer_attn(*leaves, compute_dtype=compute_dtype)
-    return o.detach(), torch.autograd.grad(o, leaves, do.to(compute_dtype))
+    solve_leaf = q_solve.detach().to(compute_dtype).requires_grad_() if q_solve is not None else None
+    o = attn(*leaves, solve_leaf)
+    grads = torch.autograd.grad(o, leaves + ([solve_leaf] if q_solve is not None else []),
+                                do.to(compute_dtype))
+    return o.detach(), grads
 
 
-def check(config, backward: bool, q, k, v, beta, do, ref=None):
+def check(config, backward: bool, q, k, v, beta, do, ref=None, q_solve=None):
     """(relative error, run) of `config` on these inputs: the largest relative error of o
     and (with backward) every gradient. Raises what the kernels raise."""
     config.check(q.shape[-1], backward=backward)
-    run, outputs = runner(q, k, v, beta, config, backward, do)
+    run, outputs = runner(q, k, v, beta, config, backward, do, q_solve)
     o, grads = outputs()
     if ref is None:
         ref = reference(q, k, v, beta, do, backward,
-                        torch.float32 if q.is_cuda else torch.float64)
+                        torch.float32 if q.is_cuda else torch.float64, q_solve)
     ref_o, ref_grads = ref
     err = max([relative_error(o, ref_o)] + [relative_error(g, r) for g, r in zip(grads, ref_grads)])
     return err, run
@@ -86,8 +98,9 @@ def validate_config(config, entry: dict, device, max_T: int | None = None) -> tu
     shape = (1, min(entry["T"], cap), min(entry["BH"], 4), entry["head_dim"])
     q, k, v, beta = random_inputs(shape, dtype, device)
     do = torch.randn_like(q)
+    q_solve = torch.randn_like(q) if entry.get("variant") == "qsolve" else None
     try:
-        err, _ = check(config, backward, q, k, v, beta, do)
+        err, _ = check(config, backward, q, k, v, beta, do, q_solve=q_solve)
     except Exception as exc:  # noqa: BLE001 - any failure fails the check, with its reason
         return False, f"{type(exc).__name__}: {str(exc)[:200]}"
     if not passes(err, dtype, backward):

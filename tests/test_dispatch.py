@@ -83,6 +83,18 @@ def test_nearest_bucket_on_a_log_scale(tmp_path):
     assert disp.choose("fwd", "fp32", 64, 3000, 16) is disp.choose("fwd", "fp32", 64, 3000, 16)
 
 
+def test_q_solve_calls_prefer_their_own_entries(tmp_path):
+    qsolve = entry(1024, chunk=64)
+    qsolve["variant"] = "qsolve"
+    qsolve["config"] = dict(qsolve["config"], strategy="two_stage",
+                            attn=dict(default_config(64, torch.float32, "two_stage").attn))
+    write(tmp_path, "h200", {"plain": entry(1024, chunk=16), "qsolve": qsolve})
+    disp = Dispatcher(H200, [tmp_path])
+    assert disp.choose("fwd", "fp32", 64, 1024, 16).config.solve["CHUNK"] == 16
+    choice = disp.choose("fwd", "fp32", 64, 1024, 16, variant="qsolve")
+    assert choice.config.solve["CHUNK"] == 64 and choice.config.strategy == "two_stage"
+
+
 def test_corrupt_file_warns_and_falls_back(tmp_path, monkeypatch):
     (tmp_path / "h200.yaml").write_text("format: dfgen-tuned/1\nentries: [oops\n")
     with pytest.warns(UserWarning, match="h200.yaml"):

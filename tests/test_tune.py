@@ -121,6 +121,18 @@ def test_evaluate_reports_a_candidate_that_fails_to_compile():
     assert result["ok"] is False and "power of 2" in result["reason"]
 
 
+def test_tune_a_q_solve_bucket(tmp_path):
+    """A bucket of the q_solve case: two-stage configs only, checked with q_solve inputs."""
+    shapes = tmp_path / "shapes.yaml"
+    shapes.write_text("- {pass: fwd+bwd, dtype: fp32, head_dim: 32, T: 24, BH: 1, variant: qsolve}\n")
+    out_file = tmp_path / "q.yaml"
+    run("tune", "--gpu", "h200", "--trials", "2", "--shapes", str(shapes), "--out", str(out_file),
+        "--storage", str(tmp_path / "q.journal"))
+    entry = tuned_file.read(out_file)["entries"]["fwd+bwd/fp32/d32/t24/bh1/qsolve"]
+    assert entry["variant"] == "qsolve" and entry["config"]["strategy"] == "two_stage"
+    assert entry["failures"] == 0
+
+
 def test_gpu_keys():
     assert tuner.gpu_key("NVIDIA H200") == "h200"
     assert tuner.gpu_key("NVIDIA A100-SXM4-80GB") == "a100-sxm4-80gb"

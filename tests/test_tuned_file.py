@@ -39,6 +39,9 @@ def test_corrupt_and_foreign_files_name_the_problem(tmp_path):
     bad.write_text(yaml.safe_dump({"format": tuned_file.FORMAT, "entries": {"k": broken}}))
     with pytest.raises(ConfigError, match="entry 'k'.*CHUNK=7"):
         tuned_file.read(bad)
+    bad.write_text(yaml.safe_dump({"format": tuned_file.FORMAT, "entries": {"k": {**entry(), "variant": "x"}}}))
+    with pytest.raises(ConfigError, match="variant must be"):
+        tuned_file.read(bad)
     bad.write_text(yaml.safe_dump({"format": tuned_file.FORMAT, "entries": {"k": {"pass": "fwd"}}}))
     with pytest.raises(ConfigError, match="lacks"):
         tuned_file.read(bad)

@@ -1,7 +1,7 @@
 """Check and time one candidate config in its own process (`python -m dfgen.tuning.evaluate`),
 so that a crash, a hang or an out-of-resources error costs only this process.
 
-Reads a JSON request on stdin: {config, pass, dtype, head_dim, T, BH, seed}; prints one
+Reads a JSON request on stdin: {config, pass, dtype, head_dim, T, BH, seed, variant}; prints one
 JSON line: {"ok": true, "median_ms", "error"} or {"ok": false, "reason"}. Inputs are fresh
 random tensors; the output (and with fwd+bwd every gradient) must match the naive
 reference within the dtype's tolerance before any time is taken.
@@ -32,8 +32,10 @@ def main() -> int:
     shape = (1, request["T"], request["BH"], request["head_dim"])
     q, k, v, do = (torch.randn(shape, generator=gen, device=device).to(dtype) for _ in range(4))
     beta = torch.sigmoid(torch.randn(shape[:3], generator=gen, device=device))
+    q_solve = (torch.randn(shape, generator=gen, device=device).to(dtype)
+               if request.get("variant") == "qsolve" else None)
     try:
-        err, run = check(config, backward, q, k, v, beta, do)
+        err, run = check(config, backward, q, k, v, beta, do, q_solve=q_solve)
         if not passes(err, dtype, backward):  # NaN fails too
             print(json.dumps({"ok": False, "reason": f"wrong: relative error {err:.3e}"}))
             return 0

@@ -18,9 +18,11 @@ def _active(section_need: str, pass_: str, strategy: str) -> bool:
     return True
 
 
-def suggest(trial, pass_: str) -> KernelConfig:
-    """Sample a config with an Optuna trial: parameters are named section.KNOB."""
-    strategy = trial.suggest_categorical("strategy", list(STRATEGIES))
+def suggest(trial, pass_: str, variant: str = "") -> KernelConfig:
+    """Sample a config with an Optuna trial: parameters are named section.KNOB. The qsolve
+    variant (a solve stage with its own queries) runs only the two-stage strategy."""
+    strategies = ["two_stage"] if variant == "qsolve" else list(STRATEGIES)
+    strategy = trial.suggest_categorical("strategy", strategies)
     sections = {}
     for section, stage, need in SECTIONS:
         if _active(need, pass_, strategy):

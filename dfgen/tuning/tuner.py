@@ -26,7 +26,8 @@ from .space import config_of, params_of, suggest
 
 GPU_BUCKETS = [dict(pass_=p, dtype="bf16", head_dim=d, T=t, BH=bh)
                for p in ("fwd", "fwd+bwd") for d in (64, 128)
-               for t, bh in ((1024, 32), (2048, 16), (4096, 16), (8192, 16), (16384, 8))]
+               for t, bh in ((1024, 32), (2048, 16), (4096, 16), (8192, 16), (16384, 8))] + [
+    dict(pass_="fwd+bwd", dtype="bf16", head_dim=128, T=4096, BH=16, variant="qsolve")]
 CPU_BUCKETS = [dict(pass_="fwd", dtype="bf16", head_dim=32, T=40, BH=2)]
 
 
@@ -108,19 +109,21 @@ def evaluate(request: dict, timeout_s: float) -> dict:
 def tune_bucket(bucket: dict, *, trials: int, sampler: str, seed: int, storage,
                 timeout_s: float, retime: int = 3, log=print) -> BucketResult:
     pass_, dtype, head_dim, T, BH = (bucket[k] for k in ("pass_", "dtype", "head_dim", "T", "BH"))
-    key = tuned_file.bucket_key(pass_, dtype, head_dim, T, BH)
+    variant = bucket.get("variant", "")
+    key = tuned_file.bucket_key(pass_, dtype, head_dim, T, BH, variant)
     backward = pass_ == "fwd+bwd"
     default = default_config(head_dim, {"bf16": "torch.bfloat16", "fp16": "torch.float16",
-                                        "fp32": "torch.float32"}[dtype])
+                                        "fp32": "torch.float32"}[dtype],
+                             strategy="two_stage" if variant == "qsolve" else "fused")
     study = optuna.create_study(study_name=f"dfgen:{key}:templates-{templates_hash()}",
                                 storage=storage, load_if_exists=True, direction="minimize",
                                 sampler=make_sampler(sampler, seed))
     if not study.trials:
         study.enqueue_trial(params_of(default, pass_))  # the shipped default goes first
-    request = dict(pass_=pass_, dtype=dtype, head_dim=head_dim, T=T, BH=BH)
+    request = dict(pass_=pass_, dtype=dtype, head_dim=head_dim, T=T, BH=BH, variant=variant)
 
     def objective(trial):
-        config = suggest(trial, pass_)
+        config = suggest(trial, pass_, variant)
         try:
             config.check(head_dim, backward=backward)
         except DfgenError as err:  # infeasible: rejected before anything compiles
@@ -191,6 +194,7 @@ def _finish(study, key, request, default, pass_, seed, timeout_s, retime, log) -
             best = challenger
     entry = {"pass": pass_, "dtype": request["dtype"], "head_dim": request["head_dim"],
              "T": request["T"], "BH": request["BH"], "config": best[0].to_dict(),
+             **({"variant": request["variant"]} if request["variant"] else {}),
              "median_ms": round(best[1], 5),
              "default_ms": round(default_ms, 5) if default_ms is not None else None,
              "trials": len(study.trials), "failures": failures}
@@ -202,7 +206,7 @@ def _finish(study, key, request, default, pass_, seed, timeout_s, retime, log) -
 
 
 def load_buckets(path) -> list[dict]:
-    """A YAML list of {pass, dtype, head_dim, T, BH}."""
+    """A YAML list of {pass, dtype, head_dim, T, BH[, variant]} (variant: qsolve)."""
     data = yaml.safe_load(Path(path).read_text())
     if not isinstance(data, list):
         raise DfgenError(f"{path}: a shapes file is a YAML list of buckets")
@@ -210,7 +214,7 @@ def load_buckets(path) -> list[dict]:
     for item in data:
         try:
             out.append(dict(pass_=item["pass"], dtype=item["dtype"], head_dim=int(item["head_dim"]),
-                            T=int(item["T"]), BH=int(item["BH"])))
+                            T=int(item["T"]), BH=int(item["BH"]), variant=item.get("variant", "")))
         except (KeyError, TypeError, ValueError) as err:
             raise DfgenError(f"{path}: bad bucket {item!r} ({err})") from None
     return out
