@@ -1,0 +1,109 @@
+"""Compile every generated kernel for a GPU target without a GPU (Triton's AOT path) and
+report registers and spills from ptxas: catches compile errors before a GPU session.
+
+    python bench/compile_check.py [--arch 90]
+
+Uses the ptxas that ships in the triton wheel (the newest one that reads triton's PTX).
+The triton here may differ from the GPU machine's: a pass here is a good sign, not proof.
+"""
+import argparse
+import itertools
+import os
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from dfgen import codegen  # noqa: E402
+from dfgen.config import default_config  # noqa: E402
+
+FP32_POINTERS = {"LSE", "DELTA", "DSD", "DBETA", "BETA", "DU"}
+INT_POINTERS = {"SYNC", "CU"}
+UNALIGNED = {"T", "H", "GROUP", "n_bh", "n_chunks", "sm_scale"}
+
+
+def signature(fn, dtype, constexprs):
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in ("T", "H", "GROUP"):
+            sig[name] = "i32"
+        elif name in INT_POINTERS:
+            sig[name] = "*i32"
+        elif name in FP32_POINTERS:
+            sig[name] = "*fp32"
+        elif name.isupper() or name in ("DV", "DK"):
+            sig[name] = f"*{dtype}"
+        elif name == "sm_scale":
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+        if name not in UNALIGNED and name not in constexprs and not name.startswith("stride_bet") \
+                and not name.startswith("stride_db"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, attrs
+
+
+def ptxas_report(ptx, arch):
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    for exe in ("ptxas-blackwell", "ptxas"):
+        path = os.path.join(bindir, exe)
+        if not os.path.exists(path):
+            continue
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+            f.write(ptx)
+        out = subprocess.run([path, "-v", f"--gpu-name=sm_{arch}a", f.name, "-o", os.devnull],
+                             capture_output=True, text=True)
+        os.unlink(f.name)
+        if out.returncode == 0:
+            regs = [l for l in out.stderr.splitlines() if "registers" in l or "spill" in l]
+            return " | ".join(l.split("info    :")[-1].strip() for l in regs)
+    return "ptxas unavailable"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", type=int, default=90)
+    args = ap.parse_args()
+    target = GPUTarget("cuda", args.arch, 128)
+    failures = 0
+    for head_dim, dtype in itertools.product((64, 128), ("bf16",)):
+        cfg = default_config(head_dim, torch.bfloat16, strategy="two_stage")
+        stages = {"solve_fwd": cfg.solve, "attn_fwd": cfg.attn, "solve_bwd": cfg.solve_bwd,
+                  "attn_bwd": cfg.attn_bwd}
+        switches = {"solve_fwd": ("HAS_BETA", "WRITE_O", "WRITE_A", "VARLEN"),
+                    "attn_fwd": ("WRITE_LSE", "VARLEN"), "solve_bwd": ("HAS_BETA", "GATED", "VARLEN"),
+                    "attn_bwd": ("WRITE_DU", "VARLEN")}
+        for stage, knobs in stages.items():
+            module = codegen.load(stage, torch.bfloat16, head_dim, knobs)
+            kernels = [getattr(module, n) for n in dir(module) if n.endswith("_kernel")]
+            for fn in kernels:
+                present = [s for s in switches[stage] if s in fn.arg_names]
+                for values in itertools.product((False, True), repeat=len(present)):
+                    consts = dict(zip(present, values))
+                    sig, attrs = signature(fn, dtype, consts)
+                    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v
+                                                         for k, v in consts.items()}, attrs=attrs)
+                    label = f"{fn.__name__} d{head_dim} " + " ".join(f"{k}={int(v)}" for k, v in consts.items())
+                    try:
+                        compiled = triton.compile(src, target=target, options=dict(
+                            num_warps=module.LAUNCH["num_warps"], num_stages=module.LAUNCH["num_stages"]))
+                        print(f"ok   {label}: {ptxas_report(compiled.asm['ptx'], args.arch)}", flush=True)
+                    except Exception as exc:  # report every failure, then exit non-zero
+                        failures += 1
+                        print(f"FAIL {label}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
+                              flush=True)
+    print(f"{failures} failure(s)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
