@@ -38,8 +38,6 @@ def _use_interpreter_without_gpu() -> bool:
 
 
 def cmd_emit(args) -> int:
-    import torch  # noqa: F401  (dtype names)
-
     from .codegen import emit
     from .config import default_config
     from .templating import spec

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from . import tuned_file
 from .config import KernelConfig, default_config
-from .errors import ConfigError, DfgenError
+from .errors import ConfigError
 
 log = logging.getLogger("dfgen.dispatch")
 _VENDOR_WORDS = ("geforce", "tesla", "quadro")
@@ -235,4 +235,4 @@ def reset() -> None:
 
 
 __all__ = ["GpuIdentity", "Dispatcher", "Choice", "gpu_key", "gpu_family", "identify",
-           "search_dirs", "dispatcher_for", "reset", "DfgenError"]
+           "search_dirs", "dispatcher_for", "reset"]

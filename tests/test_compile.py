@@ -40,8 +40,6 @@ def test_compile_without_grad_uses_the_forward_op():
 
 
 def test_custom_ops_pass_opcheck():
-    from dfgen import ops
-
     q, k, v, beta = make_inputs(1, 20, 1, 32, torch.float32, seed=14)
     text = CONFIG.json
     torch.library.opcheck(torch.ops.dfgen.attn_fwd.default, (q, k, v, beta, text),

@@ -1,6 +1,5 @@
 """dfgen tune without a GPU: the interpreter pipeline, resuming, shared studies, failures."""
 
-import json
 import os
 import subprocess
 import sys
