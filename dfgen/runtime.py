@@ -132,8 +132,9 @@ def _check_q_solve(q, q_solve):
         raise InputError(f"q_solve must be contiguous in its last dim, got strides {q_solve.stride()}")
 
 
-def _check_cu_seqlens(q, cu_seqlens):
-    """(cu_seqlens as int32, longest length) after checking it against q."""
+def _check_cu_seqlens(q, cu_seqlens, max_seqlen=None):
+    """(cu_seqlens as int32, longest length) after checking it against q. With max_seqlen
+    given, the offsets are trusted and nothing waits for the device (CUDA graphs)."""
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise InputError("cu_seqlens must be a 1-D tensor [N+1] of sequence start offsets")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
@@ -142,6 +143,10 @@ def _check_cu_seqlens(q, cu_seqlens):
         raise InputError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
     if q.shape[0] != 1:
         raise InputError(f"with cu_seqlens, q, k, v must be [1, total_T, H, D] (packed); got B={q.shape[0]}")
+    if max_seqlen is not None:
+        if not isinstance(max_seqlen, int) or max_seqlen < 1:
+            raise InputError(f"max_seqlen must be a positive int, got {max_seqlen!r}")
+        return cu_seqlens.to(torch.int32).contiguous(), max_seqlen
     bounds = cu_seqlens.tolist()  # one host sync, as the longest length sizes the launch
     lengths = [b - a for a, b in zip(bounds, bounds[1:])]
     if bounds[0] != 0 or bounds[-1] != q.shape[1] or min(lengths) < 0:
@@ -178,8 +183,8 @@ def _unpadded(attention_mask, q, k, v, beta, q_solve, config):
     return out.index_copy(0, index, o[0]).view(B, T, H, D)
 
 
-def deltaformer_attn(q, k, v, beta=None, *, q_solve=None, cu_seqlens=None, attention_mask=None,
-                     config: KernelConfig | dict | None = None):
+def deltaformer_attn(q, k, v, beta=None, *, q_solve=None, cu_seqlens=None, max_seqlen=None,
+                     attention_mask=None, config: KernelConfig | dict | None = None):
     """DeltaFormer attention: o = causal_softmax(q k^T) u, u = (I + diag(beta) P)^{-1} v.
 
     q: [B, T, H, D]; k, v: [B, T, H_kv, D], H a multiple of H_kv (grouped heads share keys
@@ -190,6 +195,8 @@ def deltaformer_attn(q, k, v, beta=None, *, q_solve=None, cu_seqlens=None, atten
         P' the strict softmax of q_solve k^T); None uses q. Takes the two-stage path.
     cu_seqlens: int32 [N+1] offsets of packed independent sequences in [1, total_T, H, D]
         tensors (beta [1, total_T, H]), as in fla; None for a padded batch.
+    max_seqlen: with cu_seqlens, the longest sequence's length if known: the offsets are
+        then trusted, not read back (no host sync, so CUDA graphs can capture the call).
     attention_mask: [B, T] of 0/1 (0 = padding, left or right), as in Hugging Face models:
         padded positions influence nothing and get a zero output.
     config: a KernelConfig or its dict form (missing sections come from the built-in
@@ -210,7 +217,7 @@ def deltaformer_attn(q, k, v, beta=None, *, q_solve=None, cu_seqlens=None, atten
     if cu_seqlens is not None:
         if torch.compiler.is_compiling():
             raise InputError("cu_seqlens is not supported under torch.compile yet")
-        seqs = _check_cu_seqlens(q, cu_seqlens)
+        seqs = _check_cu_seqlens(q, cu_seqlens, max_seqlen)
     if q_solve is not None:
         _check_q_solve(q, q_solve)
         if torch.compiler.is_compiling():

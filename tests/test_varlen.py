@@ -73,6 +73,17 @@ def test_varlen_forward_and_gradients(variant, lengths_name, dtype_name):
         assert_close(got, want, dtype, name, tol)
 
 
+def test_max_seqlen_skips_the_host_read():
+    q, k, v, beta, cu, _ = _packed([17, 1, 40, 5], 2, 2, 32, torch.float32, seed=4)
+    config = CONFIGS["fused"]
+    with torch.no_grad():
+        read_back = deltaformer_attn(q, k, v, beta, cu_seqlens=cu, config=config)
+        trusted = deltaformer_attn(q, k, v, beta, cu_seqlens=cu, max_seqlen=40, config=config)
+    assert torch.equal(read_back, trusted)
+    with pytest.raises(InputError, match="max_seqlen must be a positive int"):
+        deltaformer_attn(q, k, v, beta, cu_seqlens=cu, max_seqlen=0)
+
+
 def test_cu_seqlens_is_checked():
     q, k, v, beta, cu, _ = _packed([3, 4], 2, 2, 32, torch.float32, seed=0)
     with pytest.raises(InputError, match="rise from 0 to total_T=7"):
