@@ -21,6 +21,7 @@ from .templating import spec
 STRATEGIES = ("fused", "two_stage")
 _SECTIONS = ("solve", "attn", "solve_bwd", "attn_bwd")
 _checked: set = set()  # (config key, head dim, backward) already validated: checks are pure
+_filled: dict = {}  # (config key, defaults key) -> the config with empty sections filled
 
 
 @dataclass(frozen=True)
@@ -103,11 +104,23 @@ class KernelConfig:
         return cls(strategy=strategy, **sections)
 
     def with_defaults(self, defaults: "KernelConfig") -> "KernelConfig":
-        """This config with its empty sections taken from `defaults`."""
-        filled = {name: getattr(self, name) or getattr(defaults, name) for name in _SECTIONS}
-        if self.strategy != "two_stage":
-            filled["attn"] = {}
-        return KernelConfig(strategy=self.strategy, **filled)
+        """This config with its empty sections taken from `defaults` (itself when none is
+        empty; memoized, as the runtime asks on every call)."""
+        memo = (self._key, defaults._key)
+        found = _filled.get(memo)
+        if found is not None:
+            return found
+        missing = [name for name in _SECTIONS if not getattr(self, name)
+                   and (name != "attn" or self.strategy == "two_stage")]
+        if not missing:
+            found = self
+        else:
+            filled = {name: getattr(self, name) or getattr(defaults, name) for name in _SECTIONS}
+            if self.strategy != "two_stage":
+                filled["attn"] = {}
+            found = KernelConfig(strategy=self.strategy, **filled)
+        _filled[memo] = found
+        return found
 
     def __str__(self) -> str:
         parts = [self.strategy] + [f"{k}={v}" for k, v in sorted(self.solve.items())]

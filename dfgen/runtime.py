@@ -111,13 +111,21 @@ class _DeltaFormerAttnQSolve(torch.autograd.Function):
         return dq, dq_solve, dk, dv, dbeta, None, None
 
 
+_as_two_stage: dict = {}
+
+
 def _two_stage(config: KernelConfig, head_dim: int, dtype) -> KernelConfig:
     """A separate solve query needs the two-stage strategy: keep the solve knobs, take the
-    attention stage's from the built-in default if the config has none."""
+    attention stage's from the built-in default if the config has none (memoized)."""
     if config.strategy == "two_stage":
         return config
-    attn = default_config(head_dim, dtype, strategy="two_stage").attn
-    return KernelConfig("two_stage", config.solve, attn, config.solve_bwd, config.attn_bwd)
+    memo = (config.key(), head_dim, dtype)
+    found = _as_two_stage.get(memo)
+    if found is None:
+        attn = default_config(head_dim, dtype, strategy="two_stage").attn
+        found = KernelConfig("two_stage", config.solve, attn, config.solve_bwd, config.attn_bwd)
+        _as_two_stage[memo] = found
+    return found
 
 
 def _check_q_solve(q, q_solve):
