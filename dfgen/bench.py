@@ -66,7 +66,7 @@ class Row:
         return self.dfgen_ms / self.sdpa_ms
 
 
-def _timer(on_gpu: bool):
+def timer(on_gpu: bool):
     if on_gpu:
         import triton.testing
 
@@ -97,7 +97,7 @@ def bench_shape(shape, dtype, device, configs, with_fla=True, log=None, backward
     """Time dfgen (fastest correct candidate), SDPA and fla on one shape, forward or
     forward+backward, all on the same fresh inputs."""
     on_gpu = device.type == "cuda"
-    time_ms = _timer(on_gpu)
+    time_ms = timer(on_gpu)
     q, k, v, beta = random_inputs(shape, dtype, device)
     do = torch.randn_like(q)
     ref = reference(q, k, v, beta, do, backward, torch.float32 if on_gpu else torch.float64)

@@ -28,6 +28,7 @@ from .config import KernelConfig, default_config
 from .errors import ConfigError
 
 log = logging.getLogger("dfgen.dispatch")
+_CACHE_LIMIT = 4096  # cached lookups per GPU before the cache starts over
 _VENDOR_WORDS = ("geforce", "tesla", "quadro")
 
 
@@ -159,6 +160,8 @@ class Dispatcher:
         if choice is None:
             with self._lock:
                 choice = self._cache.get(key) or self._resolve(*key)
+                if len(self._cache) >= _CACHE_LIMIT:  # packed inputs vary T: keep it bounded
+                    self._cache.clear()
                 self._cache[key] = choice
         return choice
 

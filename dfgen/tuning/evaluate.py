@@ -20,7 +20,7 @@ def main() -> int:
 
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
-    from ..bench import _timer
+    from ..bench import timer
     from ..config import KernelConfig
     from ..validation import check, passes
 
@@ -39,7 +39,7 @@ def main() -> int:
         if not passes(err, dtype, backward):  # NaN fails too
             print(json.dumps({"ok": False, "reason": f"wrong: relative error {err:.3e}"}))
             return 0
-        median = _timer(device.type == "cuda")(run)
+        median = timer(device.type == "cuda")(run)
     except Exception as exc:  # compile errors, out of resources: reported, not raised
         print(json.dumps({"ok": False, "reason": f"{type(exc).__name__}: {str(exc)[:300]}"}))
         return 0
