@@ -143,14 +143,20 @@ def cmd_tune(args) -> int:
     if args.passes:
         wanted = set(args.passes.split(","))
         buckets = [b for b in buckets if b["pass_"] in wanted]
+    limits = tuner.load_space(args.space) if args.space else None
+    jobs = args.jobs or (1 if interpreted else max(1, min(8, (os.cpu_count() or 2) // 2)))
     storage_spec = args.storage or str(cache_root() / "studies" / f"{provenance['gpu']}.journal")
     storage = tuner.open_storage(storage_spec)
-    print(f"dfgen tune: {len(buckets)} bucket(s), {trials} trials each, study storage "
-          f"{storage_spec} (optuna-dashboard reads it)", flush=True)
+    print(f"dfgen tune: {len(buckets)} bucket(s), {trials} trials each"
+          + (f" (at most {args.minutes:g} min each)" if args.minutes else "")
+          + f", {jobs} candidate(s) at a time, sampler {args.sampler}"
+          + (f", space limited by {args.space}" if args.space else "")
+          + f", study storage {storage_spec} (optuna-dashboard reads it)", flush=True)
     results = []
     for bucket in buckets:
         result = tuner.tune_bucket(bucket, trials=trials, sampler=args.sampler, seed=args.seed,
-                                   storage=storage, timeout_s=args.timeout)
+                                   storage=storage, timeout_s=args.timeout, jobs=jobs,
+                                   minutes=args.minutes, limits=limits)
         results.append(result)
         # written after every bucket: an interrupted tune keeps what it finished
         tuned_file.merge(out, provenance, {result.key: result.entry})
@@ -234,7 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--passes", help="comma list of fwd, fwd+bwd (default: both)")
     tune.add_argument("--trials", type=int, help="trials per bucket (default 30; 4 without a GPU)")
     tune.add_argument("--seed", type=int, default=0)
-    tune.add_argument("--sampler", choices=["tpe", "random"], default="tpe")
+    tune.add_argument("--sampler", choices=["tpe", "random", "grid"], default="tpe",
+                      help="tpe (default), random, or grid: an exhaustive sweep of the space "
+                      "(limit it with --space)")
+    tune.add_argument("--space", help="YAML mapping that limits the space: {strategy: fused, "
+                      "solve.CHUNK: [32, 64], ...}; each list a subset of the template's values")
+    tune.add_argument("--minutes", type=float, help="stop a bucket's search after this many minutes")
+    tune.add_argument("--jobs", type=int, help="candidates evaluated at once: they compile in "
+                      "parallel and take turns on the GPU (default: half the CPU cores, at most 8; "
+                      "1 without a GPU)")
     tune.add_argument("--storage", help="Optuna storage: a file path (a journal, the default "
                       "kind, for processes on one host) or a database URL (sqlite:///..., "
                       "postgresql://..., mysql://...) that processes on many hosts share")

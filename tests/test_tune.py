@@ -136,3 +136,40 @@ def test_gpu_keys():
     assert tuner.gpu_key("NVIDIA H200") == "h200"
     assert tuner.gpu_key("NVIDIA A100-SXM4-80GB") == "a100-sxm4-80gb"
     assert tuner.gpu_key("NVIDIA GeForce RTX 4090") == "geforce-rtx-4090"
+
+
+def test_space_limits_are_checked():
+    from dfgen.tuning.space import choices, grid
+
+    space = choices("fwd", limits={"strategy": "fused", "solve.CHUNK": [32, 16]})
+    assert space["strategy"] == ["fused"] and space["solve.CHUNK"] == [16, 32]
+    assert "attn.BLOCK_M" not in space  # the two-stage section is not searched for fused only
+    with pytest.raises(DfgenError, match="unknown parameters.*solve.CHUNKS"):
+        choices("fwd", limits={"solve.CHUNKS": [32]})
+    with pytest.raises(DfgenError, match=r"solve.CHUNK: \[48\] not among"):
+        choices("fwd", limits={"solve.CHUNK": [48]})
+    with pytest.raises(DfgenError, match="one strategy"):
+        grid("fwd")
+    # a backward limit is accepted (and unused) for a forward-only bucket
+    assert "solve_bwd.CHUNK" not in choices("fwd", limits={"solve_bwd.CHUNK": 32})
+
+
+def test_grid_sweep_is_exhaustive_and_runs_jobs_in_parallel(tmp_path):
+    """An exhaustive sweep of a 2-point space, two candidates at a time: exactly the grid's
+    points are evaluated, once each, even when more trials are asked for."""
+    space = tmp_path / "space.yaml"
+    space.write_text("strategy: fused\nsolve.CHUNK: [16, 32]\nsolve.BLOCK_N: 16\nsolve.LOOKAHEAD: 1\n"
+                     "solve.SPLIT_SOLVE: false\nsolve.SOLVE_PRECISION: tf32\nsolve.INV_FP16: false\n"
+                     "solve.num_warps: 4\nsolve.num_stages: 1\n")
+    journal = tmp_path / "sweep.journal"
+    out = run("tune", "--gpu", "h200", "--sampler", "grid", "--space", str(space), "--trials", "10",
+              "--jobs", "2", "--storage", str(journal), "--out", str(tmp_path / "s.yaml"))
+    assert "2 trials (0 already in the study), 2 at a time" in out
+    storage = tuner.open_storage(str(journal))
+    (summary,) = optuna.get_all_study_summaries(storage)
+    assert ":grid-space-" in summary.study_name
+    study = optuna.load_study(study_name=summary.study_name, storage=storage)
+    chunks = sorted(t.params["solve.CHUNK"] for t in study.trials)
+    assert chunks == [16, 32] and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    entry = tuned_file.read(tmp_path / "s.yaml")["entries"]["fwd/bf16/d32/t40/bh2"]
+    assert entry["trials"] == 2 and entry["median_ms"] > 0

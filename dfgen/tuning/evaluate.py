@@ -5,13 +5,48 @@ Reads a JSON request on stdin: {config, pass, dtype, head_dim, T, BH, seed, vari
 JSON line: {"ok": true, "median_ms", "error"} or {"ok": false, "reason"}. Inputs are fresh
 random tensors; the output (and with fwd+bwd every gradient) must match the naive
 reference within the dtype's tolerance before any time is taken.
+
+On a GPU, several evaluations run at once (`dfgen tune --jobs`): each first compiles its
+kernels by running the pass at a small shape, which needs the CPU and little of the GPU,
+then takes the GPU's lock for the check at the tuned shape and the timing, so that no two
+candidates are ever timed at the same time.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import sys
+import tempfile
+
+WARM_SHAPE = (1, 512, 2)  # (B, T, H): T / CHUNK > 1 and H > 1, as at the tuned shapes
+
+
+@contextlib.contextmanager
+def gpu_lock():
+    """An exclusive lock per visible GPU set, held while a candidate is checked and timed."""
+    name = os.environ.get("CUDA_VISIBLE_DEVICES", "all").replace(",", "-") or "none"
+    path = os.path.join(tempfile.gettempdir(), f"dfgen-gpu-{name}.lock")
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _inputs(shape, dtype, device, gen, with_q_solve: bool):
+    """q, k, v, beta, do, q_solve (or None): fresh random tensors from `gen`."""
+    import torch
+
+    def randn(size):
+        return torch.randn(size, generator=gen, device=device)
+
+    q, k, v, do = (randn(shape).to(dtype) for _ in range(4))
+    beta = torch.sigmoid(randn(shape[:3]))
+    return q, k, v, beta, do, randn(shape).to(dtype) if with_q_solve else None
 
 
 def main() -> int:
@@ -22,7 +57,7 @@ def main() -> int:
         os.environ["TRITON_INTERPRET"] = "1"
     from ..bench import timer
     from ..config import KernelConfig
-    from ..validation import check, passes
+    from ..validation import check, passes, runner
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[request["dtype"]]
@@ -30,16 +65,23 @@ def main() -> int:
     config = KernelConfig.from_dict(request["config"])
     gen = torch.Generator(device=device).manual_seed(request["seed"])
     shape = (1, request["T"], request["BH"], request["head_dim"])
-    q, k, v, do = (torch.randn(shape, generator=gen, device=device).to(dtype) for _ in range(4))
-    beta = torch.sigmoid(torch.randn(shape[:3], generator=gen, device=device))
-    q_solve = (torch.randn(shape, generator=gen, device=device).to(dtype)
-               if request.get("variant") == "qsolve" else None)
+    with_q_solve = request.get("variant") == "qsolve"
+    on_gpu = device.type == "cuda"
     try:
-        err, run = check(config, backward, q, k, v, beta, do, q_solve=q_solve)
-        if not passes(err, dtype, backward):  # NaN fails too
-            print(json.dumps({"ok": False, "reason": f"wrong: relative error {err:.3e}"}))
-            return 0
-        median = timer(device.type == "cuda")(run)
+        if on_gpu:  # compile outside the lock: other candidates may be timed meanwhile
+            warm = _inputs(WARM_SHAPE + (request["head_dim"],), dtype, device, gen, with_q_solve)
+            runner(*warm[:4], config, backward, warm[4], warm[5])[1]()
+            torch.cuda.synchronize()
+            del warm
+        with gpu_lock() if on_gpu else contextlib.nullcontext():
+            q, k, v, beta, do, q_solve = _inputs(shape, dtype, device, gen, with_q_solve)
+            err, run = check(config, backward, q, k, v, beta, do, q_solve=q_solve)
+            if not passes(err, dtype, backward):  # NaN fails too
+                print(json.dumps({"ok": False, "reason": f"wrong: relative error {err:.3e}"}))
+                return 0
+            if on_gpu:
+                torch.cuda.empty_cache()  # the reference's memory, before timing
+            median = timer(on_gpu)(run)
     except Exception as exc:  # compile errors, out of resources: reported, not raised
         print(json.dumps({"ok": False, "reason": f"{type(exc).__name__}: {str(exc)[:300]}"}))
         return 0

@@ -3,7 +3,9 @@ process before its time counts; the best configs merged into tuned/<gpu>.yaml.""
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime
+import hashlib
 import json
 import os
 import subprocess
@@ -22,7 +24,7 @@ from ..dispatch import gpu_key
 from ..errors import DfgenError
 from ..templating import templates_hash
 from .. import tuned_file
-from .space import config_of, params_of, suggest
+from .space import choices, config_of, grid, params_of, suggest
 
 GPU_BUCKETS = [dict(pass_=p, dtype="bf16", head_dim=d, T=t, BH=bh)
                for p in ("fwd", "fwd+bwd") for d in (64, 128)
@@ -63,14 +65,33 @@ class BucketResult:
     failures: int
 
 
-def make_sampler(name: str, seed: int):
+SAMPLERS = ("tpe", "random", "grid")
+
+
+def make_sampler(name: str, seed: int, grid_space: dict | None = None, trials: int = 30):
+    """tpe (default; with parallel jobs it counts running trials as bad, constant liar;
+    its random start shrinks with small budgets so that some trials are guided), random,
+    or grid: an exhaustive sweep of a (limited) space in random order."""
     if name == "tpe":
-        with warnings.catch_warnings():  # multivariate/group are marked experimental
+        with warnings.catch_warnings():  # multivariate/group/constant_liar are experimental
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
+                                              constant_liar=True,
+                                              n_startup_trials=max(3, min(10, trials // 3)))
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    raise DfgenError(f"--sampler must be tpe or random, got {name!r}")
+    if name == "grid":
+        return optuna.samplers.GridSampler(grid_space, seed=seed)
+    raise DfgenError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {name!r}")
+
+
+def study_name(key: str, sampler: str, limits: dict | None) -> str:
+    """One study per bucket and template version; a limited space or a sweep is its own study."""
+    name = f"dfgen:{key}:templates-{templates_hash()}"
+    if limits or sampler == "grid":
+        blob = json.dumps(limits or {}, sort_keys=True)
+        name += f":{sampler}-space-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
+    return name
 
 
 def open_storage(spec: str):
@@ -107,7 +128,11 @@ def evaluate(request: dict, timeout_s: float) -> dict:
 
 
 def tune_bucket(bucket: dict, *, trials: int, sampler: str, seed: int, storage,
-                timeout_s: float, retime: int = 3, log=print) -> BucketResult:
+                timeout_s: float, retime: int = 2, log=print, jobs: int = 1,
+                minutes: float | None = None, limits: dict | None = None) -> BucketResult:
+    """Search one bucket: `trials` in all (a resumed study counts what it has), at most
+    `minutes` of search, `jobs` candidates evaluated at once (they compile in parallel and
+    take turns on the GPU), over the templates' space or the part `limits` keeps."""
     pass_, dtype, head_dim, T, BH = (bucket[k] for k in ("pass_", "dtype", "head_dim", "T", "BH"))
     variant = bucket.get("variant", "")
     key = tuned_file.bucket_key(pass_, dtype, head_dim, T, BH, variant)
@@ -115,15 +140,19 @@ def tune_bucket(bucket: dict, *, trials: int, sampler: str, seed: int, storage,
     default = default_config(head_dim, {"bf16": "torch.bfloat16", "fp16": "torch.float16",
                                         "fp32": "torch.float32"}[dtype],
                              strategy="two_stage" if variant == "qsolve" else "fused")
-    study = optuna.create_study(study_name=f"dfgen:{key}:templates-{templates_hash()}",
+    grid_space = grid(pass_, variant, limits) if sampler == "grid" else None
+    study = optuna.create_study(study_name=study_name(key, sampler, limits),
                                 storage=storage, load_if_exists=True, direction="minimize",
-                                sampler=make_sampler(sampler, seed))
-    if not study.trials:
-        study.enqueue_trial(params_of(default, pass_))  # the shipped default goes first
+                                sampler=make_sampler(sampler, seed, grid_space, trials))
+    default_params = params_of(default, pass_)
+    space = choices(pass_, variant, limits)
+    if not study.trials and sampler != "grid" and all(
+            value in space.get(param, [value]) for param, value in default_params.items()):
+        study.enqueue_trial(default_params)  # the shipped default goes first
     request = dict(pass_=pass_, dtype=dtype, head_dim=head_dim, T=T, BH=BH, variant=variant)
 
     def objective(trial):
-        config = suggest(trial, pass_, variant)
+        config = suggest(trial, pass_, variant, limits)
         try:
             config.check(head_dim, backward=backward)
         except DfgenError as err:  # infeasible: rejected before anything compiles
@@ -143,12 +172,23 @@ def tune_bucket(bucket: dict, *, trials: int, sampler: str, seed: int, storage,
 
     done = len([t for t in study.trials if t.state.is_finished()])
     remaining = max(0, trials - done)
+    if sampler == "grid":  # a sweep ends when its grid is exhausted
+        remaining = max(0, min(remaining, _grid_size(grid_space) - done))
     if remaining:
-        log(f"{key}: {remaining} trials ({done} already in the study)")
+        log(f"{key}: {remaining} trials ({done} already in the study), {jobs} at a time"
+            + (f", at most {minutes:g} min" if minutes else ""))
         study.optimize(objective, n_trials=remaining, catch=(CandidateFailed,),
+                       n_jobs=jobs, timeout=minutes * 60 if minutes else None,
                        show_progress_bar=sys.stderr.isatty(),
                        callbacks=[_report(log, key)])
-    return _finish(study, key, request, default, pass_, seed, timeout_s, retime, log)
+    return _finish(study, key, request, default, pass_, seed, timeout_s, retime, log, jobs)
+
+
+def _grid_size(space: dict) -> int:
+    size = 1
+    for values in space.values():
+        size *= len(values)
+    return size
 
 
 def _report(log, key):
@@ -165,7 +205,7 @@ def _has_complete(study) -> bool:
     return any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
 
 
-def _finish(study, key, request, default, pass_, seed, timeout_s, retime, log) -> BucketResult:
+def _finish(study, key, request, default, pass_, seed, timeout_s, retime, log, jobs=1) -> BucketResult:
     """Re-time the top few and the default on fresh inputs; the default stays unless a
     challenger beats it by more than the measured spread."""
     complete = sorted((t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE
@@ -173,15 +213,15 @@ def _finish(study, key, request, default, pass_, seed, timeout_s, retime, log) -
     failures = len([t for t in study.trials if t.state == optuna.trial.TrialState.FAIL])
     default_params = params_of(default, pass_)
     candidates = [default_params] + [t.params for t in complete[:retime] if t.params != default_params]
+    configs = [config_of(params) for params in candidates]
+    runs = [(i, rep) for i in range(len(configs)) for rep in range(2)]
+    with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:  # the GPU lock serializes timing
+        results = list(pool.map(lambda run: evaluate(
+            dict(request, config=configs[run[0]].to_dict(), seed=seed + 10_000 + 2 * run[0] + run[1],
+                 **{"pass": pass_}), timeout_s), runs))
     timings = []  # (config, best of two medians, their spread, is the default)
-    for i, params in enumerate(candidates):
-        config = config_of(params)
-        times = []
-        for rep in range(2):
-            result = evaluate(dict(request, config=config.to_dict(), seed=seed + 10_000 + 2 * i + rep,
-                                   **{"pass": pass_}), timeout_s)
-            if result["ok"]:
-                times.append(result["median_ms"])
+    for i, config in enumerate(configs):
+        times = [r["median_ms"] for (j, _), r in zip(runs, results) if j == i and r["ok"]]
         if len(times) == 2:
             timings.append((config, min(times), abs(times[0] - times[1]) / min(times), i == 0))
     if not timings:
@@ -203,6 +243,14 @@ def _finish(study, key, request, default, pass_, seed, timeout_s, retime, log) -
     log(f"{key}: best {best[1]:.4f} ms (default {default_ms if default_ms else float('nan'):.4f} ms, "
         f"noise {noise:.1%}) {best[0]}")
     return BucketResult(key, entry, failures)
+
+
+def load_space(path) -> dict:
+    """A YAML mapping {parameter: value or list of values} that limits the search space."""
+    data = yaml.safe_load(Path(path).read_text())
+    if not isinstance(data, dict):
+        raise DfgenError(f"{path}: a space file is a YAML mapping {{section.KNOB: [values]}}")
+    return data
 
 
 def load_buckets(path) -> list[dict]:
