@@ -1,41 +1,88 @@
 #!/usr/bin/env bash
-# Everything a GPU session needs to verify and measure, in one command (the device tool
-# runs one command per call; keep calls few). Writes logs under ${OUT:-./gpu-logs}.
-#   bash bench/gpu-check.sh tests            GPU tests (all of tests/, GPU cases included)
-#   bash bench/gpu-check.sh bench            forward table (candidates file) and fwd+bwd table
-#   bash bench/gpu-check.sh overhead         per-call CPU overhead
-#   bash bench/gpu-check.sh tune [TRIALS]    a tune of the default buckets into tuned/<gpu>.yaml
+# Everything a GPU session needs to verify and measure, in few commands (the device tool
+# runs one command per call; keep calls few). Logs go to a folder packed at the end into
+# ${OUT:-./gpu-logs}/logs.tgz (with any tuned file beside it); each
+# phase has a time cap (seconds, env CAP_<PHASE>) so that one slow phase cannot eat the
+# others' output.
+#   tests              GPU tests (all of tests/, GPU cases included; pytest-xdist if present)
+#   bench              forward table (candidates file) and forward+backward table
+#   benchbwd           the forward+backward table alone
+#   layer              the layer and dispatcher tests (fla comparison when fla is carried)
+#   overhead           per-call CPU overhead
+#   varlen             packed variable-length throughput against an equal-length batch
+#   tune [MIN]         tune the buckets of $SHAPES (default bench/shapes-h200.yaml; MIN minutes
+#                      of search per bucket, default 0.5), merged into tuned/<gpu>.yaml (copied back)
+#   sweep              Optuna against an exhaustive sweep on two buckets (bench/sweep-*.yaml)
+#   models             with the installed tuned file: dfgen show, dfgen check, the model
+#                      tests (torch.compile, CUDA graphs), and `dfgen bench` as the runtime picks
 # Several phases may be given: bash bench/gpu-check.sh tests bench overhead
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${OUT:-gpu-logs}
-mkdir -p "$out"
+dest=${OUT:-gpu-logs}
+out=$(mktemp -d /tmp/gpu-logs.XXXX)
+mkdir -p "$dest"
+pack() { cp "$out"/*.yaml "$dest"/ 2>/dev/null; tar czf "$dest/logs.tgz" -C "$out" .; }
+trap pack EXIT
 export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
 [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
   --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || export PYTHONPATH=$PWD
 nvidia-smi --query-gpu=name,clocks.sm,memory.used --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
+gpu=$(python3 -c "import torch; from dfgen.dispatch import gpu_key; print(gpu_key(torch.cuda.get_device_name()))")
+xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
 status=0
+capped() { local cap=$1; shift; timeout -k 10 "$cap" "$@"; local rc=$?; [ $rc -eq 124 ] && echo "(stopped at the ${cap} s cap)"; return $rc; }
 while [ $# -gt 0 ]; do
+  start=$SECONDS; phase=$1
   case "$1" in
     tests)
-      python3 -m pytest -q tests -x > "$out/pytest.txt" 2>&1 || status=1
-      tail -n 3 "$out/pytest.txt";;
+      capped "${CAP_TESTS:-300}" python3 -m pytest -q -p no:cacheprovider $xdist tests > "$out/pytest.txt" 2>&1 || status=1
+      grep -E "^(FAILED|ERROR)" "$out/pytest.txt" | head -20; tail -n 2 "$out/pytest.txt";;
     bench)
-      python3 -m dfgen.cli bench --configs bench/candidates-h200.yaml > "$out/bench-fwd.txt" 2> "$out/bench-fwd.err" || status=1
-      cat "$out/bench-fwd.txt"
-      python3 -m dfgen.cli bench --backward > "$out/bench-fwdbwd.txt" 2> "$out/bench-fwdbwd.err" || status=1
-      cat "$out/bench-fwdbwd.txt";;
+      capped "${CAP_BENCH_FWD:-150}" python3 -m dfgen.cli bench --configs bench/candidates-h200.yaml > "$out/bench-fwd.txt" 2> "$out/bench-fwd.err" || status=1
+      cat "$out/bench-fwd.txt"; grep "dfgen bench:" "$out/bench-fwd.err"
+      capped "${CAP_BENCH_BWD:-150}" python3 -m dfgen.cli bench --backward > "$out/bench-fwdbwd.txt" 2> "$out/bench-fwdbwd.err" || status=1
+      cat "$out/bench-fwdbwd.txt"; grep "dfgen bench:" "$out/bench-fwdbwd.err";;
+    benchbwd)
+      capped "${CAP_BENCH_BWD:-150}" python3 -m dfgen.cli bench --backward > "$out/bench-fwdbwd.txt" 2> "$out/bench-fwdbwd.err" || status=1
+      cat "$out/bench-fwdbwd.txt"; grep "dfgen bench:" "$out/bench-fwdbwd.err";;
+    bwdrow)
+      capped "${CAP_BWDROW:-90}" python3 -m dfgen.cli bench --backward --shapes "${ROW:-1,4096,16,128}" > "$out/bench-bwdrow.txt" 2>&1 || status=1; grep -v "^dfgen bench:" "$out/bench-bwdrow.txt";;
+    fla)
+      capped "${CAP_FLA:-60}" python3 -m pytest -q -s -p no:cacheprovider tests/test_layer.py -k fla > "$out/fla.txt" 2>&1 || status=1
+      grep -E "^E |passed|failed|relative errors" "$out/fla.txt" | head;;
+    layer)
+      capped "${CAP_LAYER:-90}" python3 -m pytest -q -p no:cacheprovider tests/test_layer.py tests/test_dispatch.py > "$out/layer.txt" 2>&1 || status=1
+      grep -E "^(FAILED|ERROR)|Error" "$out/layer.txt" | head; tail -n 2 "$out/layer.txt";;
     overhead)
-      python3 bench/overhead.py | tee "$out/overhead.txt" || status=1;;
+      capped "${CAP_OVERHEAD:-60}" python3 bench/overhead.py > "$out/overhead.txt" 2>&1 || status=1; tail -n 8 "$out/overhead.txt";;
+    varlen)
+      capped "${CAP_VARLEN:-90}" python3 bench/varlen.py > "$out/varlen.txt" 2>&1 || status=1; tail -n 6 "$out/varlen.txt";;
     tune)
-      trials=${2:-20}; [ $# -gt 1 ] && [[ "$2" =~ ^[0-9]+$ ]] && shift
-      gpu=$(python3 -c "import torch; from dfgen.dispatch import gpu_key; print(gpu_key(torch.cuda.get_device_name()))")
-      python3 -m dfgen.cli tune --gpu "$gpu" --trials "$trials" --timeout 300 \
-        --storage "$out/tune.journal" --out "$out/$gpu.yaml" > "$out/tune.txt" 2>&1 || status=1
-      tail -n 30 "$out/tune.txt";;
+      minutes=0.5; [ $# -gt 1 ] && [[ "$2" =~ ^[0-9.]+$ ]] && { minutes=$2; shift; }
+      capped "${CAP_TUNE:-480}" python3 -m dfgen.cli tune --gpu "$gpu" --shapes "${SHAPES:-bench/shapes-h200.yaml}" \
+        --space bench/space-h200-bf16.yaml --trials 200 --minutes "$minutes" --timeout 240 \
+        --storage "$out/tune.journal" --out "tuned/$gpu.yaml" > "$out/tune.txt" 2>&1 || status=1
+      grep -E "^[a-z+]+/.*: best|^\|" "$out/tune.txt" | tail -n 40
+      [ -f "tuned/$gpu.yaml" ] && cp "tuned/$gpu.yaml" "$out/$gpu.yaml" && echo "merged into tuned/$gpu.yaml";;
+    sweep)
+      for b in bench/sweep-*.yaml; do
+        name=$(basename "$b" .yaml)
+        capped "${CAP_SWEEP:-150}" python3 -m dfgen.cli tune --gpu "$gpu" --shapes "$b" --space "bench/$name.space" \
+          --sampler grid --trials 1000 --storage "$out/sweep.journal" --out "$out/sweep.yaml" > "$out/$name-grid.txt" 2>&1 || status=1
+        n=$(python3 -c "import yaml,sys; e=list(yaml.safe_load(open('$out/sweep.yaml'))['entries'].values()); print(max(1, max(x['trials'] for x in e)//4))" 2>/dev/null || echo 8)
+        capped "${CAP_SWEEP:-150}" python3 -m dfgen.cli tune --gpu "$gpu" --shapes "$b" --space "bench/$name.space" \
+          --trials "$n" --jobs 2 --storage "$out/sweep.journal" --out "$out/optuna.yaml" > "$out/$name-tpe.txt" 2>&1 || status=1
+        grep -h -E ": best" "$out/$name-grid.txt" "$out/$name-tpe.txt"
+      done;;
+    models)
+      python3 -m dfgen.cli show 2>&1 | tee "$out/show.txt" | tail -n 4
+      capped "${CAP_CHECK:-120}" python3 -m dfgen.cli check > "$out/check.txt" 2>&1 || status=1; tail -n 4 "$out/check.txt"
+      capped "${CAP_MODELS:-120}" python3 -m pytest -q -p no:cacheprovider tests/test_models_gpu.py > "$out/models.txt" 2>&1 || status=1; tail -n 2 "$out/models.txt"
+      capped "${CAP_BENCH_TUNED:-200}" python3 -m dfgen.cli bench > "$out/bench-fwd-tuned.txt" 2>&1 || status=1; grep -v "^dfgen bench:" "$out/bench-fwd-tuned.txt";;
     *) echo "unknown phase $1"; status=2;;
   esac
+  echo "[$phase: $((SECONDS - start)) s]"
   shift
 done
 exit $status

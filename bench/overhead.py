@@ -8,7 +8,10 @@ Measures (median of many calls, CPU time):
   on a GPU also:
   call       deltaformer_attn at a tiny shape, where the kernels take microseconds
   launch     the same kernels launched directly (preallocated outputs, no dfgen Python)
-so call - launch is what dfgen's Python costs per call.
+  stubbed    deltaformer_attn with the Triton launch replaced by a no-op: dfgen's own CPU
+             time per call (checks, lookup, allocating outputs, zeroing the flags)
+Bursts of 100 calls with a synchronize (untimed) before each, so a full GPU queue cannot
+stall the timed calls.
 """
 import os
 import statistics
@@ -25,10 +28,14 @@ from dfgen import runtime  # noqa: E402
 from dfgen.validation import random_inputs  # noqa: E402
 
 
-def cpu_us(fn, n=2000):
+def cpu_us(fn, n=2000, sync=None):
+    """Median CPU time of one call (us), over bursts of n calls; `sync` (untimed) runs
+    before each burst, so that a GPU queue that fills up cannot stall the timed calls."""
     fn()
     samples = []
-    for _ in range(5):
+    for _ in range(7):
+        if sync:
+            sync()
         start = time.process_time()
         for _ in range(n):
             fn()
@@ -56,23 +63,30 @@ def main():
         print("no GPU: call and launch overheads need one")
         return
     from dfgen import codegen
-    from dfgen.forward import forward
 
     cfg = runtime.resolve_config(None, q, False)
+    sync = torch.cuda.synchronize
     with torch.no_grad():
-        call = cpu_us(lambda: runtime.deltaformer_attn(q, k, v, beta), n=500)
         module = codegen.load("solve_fwd", q.dtype, 64, cfg.solve)
+        call = cpu_us(lambda: runtime.deltaformer_attn(q, k, v, beta), n=100, sync=sync)
         u, o, lse = torch.empty_like(q), torch.empty_like(q), q.new_empty(1, 4, 256, dtype=torch.float32)
-        sync = torch.zeros(1 + 4 * (256 // module.CHUNK_ROWS + 1), dtype=torch.int32, device=device)
+        flags = torch.zeros(1 + 4 * (256 // module.CHUNK_ROWS + 1), dtype=torch.int32, device=device)
 
         def launch():
-            sync.zero_()
-            module.launch(q, k, v, beta, u, o, None, lse, sync, 0.125)
-        direct = cpu_us(launch, n=500)
-        torch.cuda.synchronize()
-    print(f"call: {call:.2f} us, direct launch: {direct:.2f} us, dfgen Python above the "
-          f"kernels: {call - direct:.2f} us per call")
-    del forward
+            flags.zero_()
+            module.launch(q, k, v, beta, u, o, None, lse, flags, 0.125)
+        direct = cpu_us(launch, n=100, sync=sync)
+        real_launch = module.launch
+        module.launch = lambda *args, **kwargs: None  # everything dfgen does but the launch
+        try:
+            python_only = cpu_us(lambda: runtime.deltaformer_attn(q, k, v, beta), n=100, sync=sync)
+        finally:
+            module.launch = real_launch
+        sync()
+    print(f"call: {call:.2f} us; the same kernels launched directly on preallocated outputs: "
+          f"{direct:.2f} us; difference: {call - direct:.2f} us per call")
+    print(f"dfgen's CPU time per call with the Triton launch stubbed out (checks, lookup, "
+          f"output allocation, the flags' memset): {python_only:.2f} us")
 
 
 if __name__ == "__main__":

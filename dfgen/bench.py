@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import KernelConfig, default_config
+from .config import KernelConfig
 from .validation import check, passes, random_inputs, reference
 
 GPU_SHAPES = [(1, 4096, 16, 128), (1, 8192, 16, 128), (4, 2048, 16, 64), (8, 1024, 32, 64),
@@ -204,11 +204,34 @@ def run(shapes=None, dtype=torch.bfloat16, configs=None, with_fla=True, verbose=
     if shapes is None:
         shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if verbose else None
-    rows = []
+    rows, sources = [], set()
     for shape in shapes:
-        candidates = configs or [default_config(shape[3], dtype)]
-        rows.append(bench_shape(tuple(shape), dtype, device, candidates, with_fla, log, backward))
-    return format_table(rows, dtype, device, len(configs or [None]), backward)
+        if configs:
+            candidates = configs
+        else:  # what the runtime would pick: the tuned entry for this GPU and shape, or the default
+            choice = runtime_choice(shape, dtype, device, backward)
+            candidates = [choice.config]
+            sources.add(choice.source.split(" [")[0])
+        started = time.perf_counter()
+        row = bench_shape(tuple(shape), dtype, device, candidates, with_fla, log, backward)
+        rows.append(row)
+        fla = f"{row.fla_ms:.3f}" if row.fla_ms is not None else "n/a"
+        print(f"dfgen bench: {row.shape} dfgen {row.dfgen_ms:.3f} ms, SDPA {row.sdpa_ms:.3f} ms, "
+              f"fla {fla} ms, {row.ratio:.2f}x SDPA, memory {row.memory_mib} "
+              f"({time.perf_counter() - started:.0f} s for this row)", file=sys.stderr, flush=True)
+    table = format_table(rows, dtype, device, len(configs or [None]), backward)
+    if sources:
+        table += "\nconfigs chosen as the runtime chooses them, from: " + ", ".join(sorted(sources))
+    return table
+
+
+def runtime_choice(shape, dtype, device, backward: bool):
+    """The dispatcher's Choice for a [B, T, H, D] call (tuned entry or built-in default)."""
+    from .dispatch import dispatcher_for
+
+    B, T, H, D = shape
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    return dispatcher_for(device).choose("fwd+bwd" if backward else "fwd", name, D, T, B * H)
 
 
 def load_configs(path) -> list[KernelConfig]:
