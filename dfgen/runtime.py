@@ -24,7 +24,33 @@ _DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "f
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 
 
+_VALID_SIGNATURES: set = set()  # inputs already checked, by what the checks look at
+
+
+def _signature(q, k, v, beta):
+    """What _check_inputs depends on, or None when it cannot be read cheaply."""
+    try:
+        return (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device,
+                v.device, q.stride(-1), k.stride(-1), v.stride(-1),
+                None if beta is None else (beta.shape, beta.dtype, beta.device))
+    except (AttributeError, TypeError, RuntimeError, IndexError):
+        return None
+
+
 def _check_inputs(q, k, v, beta):
+    """Raise InputError naming the argument when the inputs are not what the kernels take.
+    Passing signatures of CUDA inputs are remembered, so a training loop pays a set lookup
+    per call (CPU inputs also depend on TRITON_INTERPRET, read at each call)."""
+    sig = _signature(q, k, v, beta)
+    if sig is not None and sig in _VALID_SIGNATURES:
+        return
+    _check_inputs_fully(q, k, v, beta)
+    if sig is not None and q.is_cuda and len(_VALID_SIGNATURES) < 4096 and (
+            type(q) is torch.Tensor and (beta is None or type(beta) is torch.Tensor)):
+        _VALID_SIGNATURES.add(sig)
+
+
+def _check_inputs_fully(q, k, v, beta):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise InputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
