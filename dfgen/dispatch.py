@@ -28,6 +28,9 @@ from .config import KernelConfig, default_config
 from .errors import ConfigError
 
 log = logging.getLogger("dfgen.dispatch")
+# A tuned entry serves calls within this many doublings of its T and of its batch*heads.
+REACH = 2.0
+_REACH_DOUBLINGS = math.log2(REACH)
 _CACHE_LIMIT = 4096  # cached lookups per GPU before the cache starts over
 _VENDOR_WORDS = ("geforce", "tesla", "quadro")
 
@@ -184,7 +187,10 @@ class Dispatcher:
     def nearest(self, pass_, dtype, head_dim, T, BH, variant=""):
         """(key, entry) of the nearest tuned bucket, or (None, None). A forward+backward
         call prefers fwd+bwd entries, a forward call fwd entries, and a q_solve call
-        (variant qsolve) its own entries; each falls back to the others."""
+        (variant qsolve) its own entries; each falls back to the others. An entry serves
+        only shapes within REACH of its T and of its batch*heads: a config tuned far away
+        was measured slower than the built-in default (H200: the d64 T=1024 BH=256 entry
+        at T=2048 BH=64 and T=8192 BH=32), so beyond that the default serves."""
         if not self.data:
             return None, None
         entries = self.data["entries"]
@@ -192,7 +198,11 @@ class Dispatcher:
         for key, entry in entries.items():
             if entry["dtype"] != dtype or entry["head_dim"] != head_dim:
                 continue
-            score = (abs(math.log2(max(T, 1) / entry["T"])) + abs(math.log2(max(BH, 1) / entry["BH"]))
+            t_dist = abs(math.log2(max(T, 1) / entry["T"]))
+            bh_dist = abs(math.log2(max(BH, 1) / entry["BH"]))
+            if max(t_dist, bh_dist) > _REACH_DOUBLINGS:
+                continue
+            score = (t_dist + bh_dist
                      + (0.0 if entry["pass"] == pass_ else 100.0)
                      + (0.0 if entry.get("variant", "") == variant else 50.0))
             if best_score is None or score < best_score:

@@ -75,8 +75,13 @@ def test_nearest_bucket_on_a_log_scale(tmp_path):
     disp = Dispatcher(H200, [tmp_path])
     assert disp.choose("fwd", "fp32", 64, 3000, 16).config.solve["CHUNK"] == 32  # 4096 nearer
     assert disp.choose("fwd", "fp32", 64, 1500, 16).config.solve["CHUNK"] == 16
-    assert disp.choose("fwd+bwd", "fp32", 64, 1024, 16).config.solve["CHUNK"] == 64  # same pass first
-    assert disp.choose("fwd", "fp32", 64, 1, 1).config.solve["CHUNK"] == 16
+    assert disp.choose("fwd+bwd", "fp32", 64, 2048, 16).config.solve["CHUNK"] == 64  # same pass first
+    assert disp.choose("fwd+bwd", "fp32", 64, 1024, 16).config.solve["CHUNK"] == 16  # 4096 out of reach
+    assert disp.choose("fwd", "fp32", 64, 600, 9).config.solve["CHUNK"] == 16
+    # beyond a factor 2 of every entry's T or batch*heads the built-in default serves
+    assert disp.choose("fwd", "fp32", 64, 1, 1).source == "built-in default"
+    assert disp.choose("fwd", "fp32", 64, 1024, 33).source == "built-in default"
+    assert disp.choose("fwd", "fp32", 64, 1024, 32).config.solve["CHUNK"] == 16
     # another head dim has no entry: default
     assert disp.choose("fwd", "fp32", 128, 1024, 16).source == "built-in default"
     # cached: the same object comes back
@@ -113,8 +118,10 @@ def test_foreign_file_is_ignored(tmp_path):
 
 
 def test_stale_file_is_validated_before_first_use(tmp_path):
-    write(tmp_path, "cpu-interpreter", {"e": entry(32, BH=2)}, triton="0.0.1")
-    ident = GpuIdentity("cpu-interpreter", "cpu-interpreter", "none", 0, "CPU")
+    # validation runs the kernels: in the interpreter on CPU, on the device on a GPU machine
+    key = "test-gpu" if torch.cuda.is_available() else "cpu-interpreter"
+    write(tmp_path, key, {"e": entry(32, BH=2)}, triton="0.0.1")
+    ident = GpuIdentity(key, key, "none", 0, "CPU")
     with pytest.warns(UserWarning, match="tuned with triton 0.0.1"):
         disp = Dispatcher(ident, [tmp_path])
     with warnings.catch_warnings():
