@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 import torch
 
-from conftest import DEVICE, assert_close, gpu_only
+from conftest import DEVICE, assert_close, gpu_only, rel_err
 from dfgen.layers import DeltaFormerAttention, RotaryEmbedding
 from dfgen.naive import naive_deltaformer_attn
 
@@ -70,22 +70,45 @@ def test_rotary_restarts_per_sequence():
     assert torch.allclose(q1[:, 3:], q2, atol=1e-6)
 
 
+def _sdpa_flash_attn_func(q, k, v, causal=True, window_size=(-1, -1)):
+    """flash_attn_func's contract ([B, T, H, D], causal) through torch SDPA: fla's layer
+    imports flash-attn for its output stage, which this machine may lack."""
+    assert causal and tuple(window_size) == (-1, -1)
+    o = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+    return o.transpose(1, 2)
+
+
 @gpu_only
 @pytest.mark.skipif(importlib.util.find_spec("fla") is None, reason="fla is not installed")
-def test_matches_fla_layer_with_raw_beta():
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["plain", "qk-norm"])
+def test_matches_fla_layer_with_raw_beta(monkeypatch, qk_norm):
+    import fla.ops.deltaformer.parallel as fla_parallel
     from fla.layers.deltaformer import DeltaFormerAttention as FlaLayer
 
+    if fla_parallel.flash_attn_func is None:  # the same causal attention, through SDPA
+        monkeypatch.setattr(fla_parallel, "flash_attn_func", _sdpa_flash_attn_func)
     torch.manual_seed(0)
-    ours = DeltaFormerAttention(hidden_size=1024, num_heads=8, beta_activation="identity").cuda().bfloat16()
-    theirs = FlaLayer(hidden_size=1024, num_heads=8).cuda().bfloat16()
-    theirs.load_state_dict(ours.state_dict(), strict=False)
+    ours = DeltaFormerAttention(hidden_size=1024, num_heads=8, qk_norm=qk_norm,
+                                beta_activation="identity").cuda().bfloat16()
+    theirs = FlaLayer(hidden_size=1024, num_heads=8, qk_norm=qk_norm).cuda().bfloat16()
+    missing, unexpected = theirs.load_state_dict(ours.state_dict(), strict=False)
+    assert not unexpected and all("norm" not in name for name in missing), (missing, unexpected)
     with torch.no_grad():  # small projections keep fla's raw beta near (0, 1)
         ours.b_proj.weight.mul_(0.01)
         theirs.b_proj.weight.copy_(ours.b_proj.weight)
         theirs.b_proj.bias.copy_(ours.b_proj.bias)
     x = torch.randn(2, 512, 1024, device="cuda", dtype=torch.bfloat16)
-    try:
-        ref = theirs(x)[0]
-    except ImportError as err:  # fla's output stage needs flash-attn
-        pytest.skip(f"fla's layer cannot run here: {err}")
-    assert_close(ours(x)[0], ref, torch.bfloat16, "o", 2e-2)
+    with torch.no_grad():
+        fla_out = theirs(x)[0]
+        out = ours(x)[0]
+    # both layers against one float64 evaluation of the shared math (our projections, the
+    # naive attention), so the two compute the same function. dfgen must meet bf16's 2e-2;
+    # fla's bf16 kernels were measured at 2.1e-2 with q/k norm (H200, 2026-11-28), so fla
+    # gets 5e-2: a different function (another beta, norm or rotary) errs by O(1).
+    exact = _reference_layer(ours, x)
+    errors = {"dfgen": rel_err(out, exact), "fla": rel_err(fla_out, exact),
+              "dfgen-fla": rel_err(out, fla_out)}
+    print(f"relative errors ({'qk-norm' if qk_norm else 'plain'}): {errors}")
+    assert errors["dfgen"] < 2e-2, errors
+    assert errors["fla"] < 5e-2 and errors["dfgen-fla"] < 5e-2, errors
