@@ -106,8 +106,9 @@ def test_failing_candidates_are_recorded_and_the_search_goes_on(tmp_path):
     study = optuna.load_study(study_name=optuna.get_all_study_summaries(db)[0].study_name,
                               storage=db)
     assert len(study.trials) == 3
-    for trial in study.trials:
-        assert trial.state in (optuna.trial.TrialState.FAIL, optuna.trial.TrialState.PRUNED)
+    for trial in study.trials:  # failed, or rejected by a template constraint before compiling
+        assert trial.state == optuna.trial.TrialState.FAIL or (
+            trial.value == tuner.REJECTED_MS and "rejected" in trial.user_attrs)
     assert any("timed out" in t.user_attrs.get("failure", "") for t in study.trials)
 
 
@@ -173,3 +174,24 @@ def test_grid_sweep_is_exhaustive_and_runs_jobs_in_parallel(tmp_path):
     assert chunks == [16, 32] and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     entry = tuned_file.read(tmp_path / "s.yaml")["entries"]["fwd/bf16/d32/t40/bh2"]
     assert entry["trials"] == 2 and entry["median_ms"] > 0
+
+
+def test_infeasible_points_are_rejected_with_a_bad_value_and_never_win(tmp_path):
+    """BLOCK_N 32 > CHUNK 16 breaks solve_fwd's constraint: that point is rejected before
+    compiling, recorded with a value TPE learns from, and the feasible point wins."""
+    space = tmp_path / "space.yaml"
+    space.write_text("strategy: fused\nsolve.CHUNK: 16\nsolve.BLOCK_N: [16, 32]\nsolve.LOOKAHEAD: 1\n"
+                     "solve.SPLIT_SOLVE: false\nsolve.SOLVE_PRECISION: tf32\nsolve.INV_FP16: false\n"
+                     "solve.num_warps: 4\nsolve.num_stages: 1\n")
+    journal = tmp_path / "r.journal"
+    run("tune", "--gpu", "h200", "--sampler", "grid", "--space", str(space), "--trials", "2",
+        "--storage", str(journal), "--out", str(tmp_path / "r.yaml"))
+    storage = tuner.open_storage(str(journal))
+    (summary,) = optuna.get_all_study_summaries(storage)
+    trials = optuna.load_study(study_name=summary.study_name, storage=storage).trials
+    rejected = [t for t in trials if "rejected" in t.user_attrs]
+    assert len(rejected) == 1 and rejected[0].params["solve.BLOCK_N"] == 32
+    assert rejected[0].value == tuner.REJECTED_MS and "BLOCK_N <= CHUNK" in rejected[0].user_attrs["rejected"]
+    entry = tuned_file.read(tmp_path / "r.yaml")["entries"]["fwd/bf16/d32/t40/bh2"]
+    assert entry["median_ms"] < tuner.REJECTED_MS
+    assert entry["config"]["solve"]["BLOCK_N"] in (16, 64)  # the timed point or the default

@@ -36,6 +36,13 @@ CPU_BUCKETS = [dict(pass_="fwd", dtype="bf16", head_dim=32, T=40, BH=2)]
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # progress is reported by _report
 
 
+# The value of a trial whose config breaks a template constraint: it is rejected before
+# anything compiles, and a value far above any real time teaches TPE to avoid the region
+# (a pruned trial teaches it little: a short tune once sampled 76 infeasible points of
+# 130). Such trials are never re-timed, written or reported as best.
+REJECTED_MS = 1e9
+
+
 class CandidateFailed(DfgenError):
     """A candidate did not compile, crashed, timed out or gave a wrong answer."""
 
@@ -157,9 +164,9 @@ def tune_bucket(bucket: dict, *, trials: int, sampler: str, seed: int, storage,
             config.check(head_dim, backward=backward)
         except DfgenError as err:  # infeasible: rejected before anything compiles
             trial.set_user_attr("rejected", str(err))
-            raise optuna.TrialPruned(str(err))
+            return REJECTED_MS
         for old in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-            if old.params == trial.params:  # a duplicate point is not timed twice
+            if old.params == trial.params and "rejected" not in old.user_attrs:  # a duplicate point is not timed twice
                 trial.set_user_attr("duplicate_of", old.number)
                 return old.value
         result = evaluate(dict(request, config=config.to_dict(), seed=seed + trial.number,
@@ -193,7 +200,8 @@ def _grid_size(space: dict) -> int:
 
 def _report(log, key):
     def callback(study, trial):
-        best = study.best_value if _has_complete(study) else float("nan")
+        timed = [t.value for t in _timed(study)]
+        best = min(timed) if timed else float("nan")
         state = trial.state.name.lower()
         note = trial.user_attrs.get("failure") or trial.user_attrs.get("rejected") or ""
         log(f"  {key} trial {trial.number}: {state} "
@@ -201,15 +209,17 @@ def _report(log, key):
     return callback
 
 
-def _has_complete(study) -> bool:
-    return any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+def _timed(study) -> list:
+    """Completed trials that were timed (not rejected as infeasible)."""
+    return [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            if "rejected" not in t.user_attrs]
 
 
 def _finish(study, key, request, default, pass_, seed, timeout_s, retime, log, jobs=1) -> BucketResult:
     """Re-time the top few and the default on fresh inputs; the default stays unless a
     challenger beats it by more than the measured spread."""
-    complete = sorted((t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE
-                       and "duplicate_of" not in t.user_attrs), key=lambda t: t.value)
+    complete = sorted((t for t in _timed(study) if "duplicate_of" not in t.user_attrs),
+                      key=lambda t: t.value)
     failures = len([t for t in study.trials if t.state == optuna.trial.TrialState.FAIL])
     default_params = params_of(default, pass_)
     candidates = [default_params] + [t.params for t in complete[:retime] if t.params != default_params]
