@@ -17,16 +17,15 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from dfgen.bench import timer  # noqa: E402
 from dfgen.runtime import deltaformer_attn  # noqa: E402
-from dfgen.validation import relative_error  # noqa: E402
+from dfgen.validation import random_inputs, relative_error  # noqa: E402
 
 LENGTHS = [512, 1024, 4096, 2048, 3072, 1536, 2560, 1536]  # sum 16384
 H, D, DTYPE = 16, 128, torch.bfloat16
 
 
-def inputs(B, T, gen):
-    q, k, v, do = (torch.randn(B, T, H, D, device="cuda", generator=gen).to(DTYPE) for _ in range(4))
-    beta = torch.sigmoid(torch.randn(B, T, H, device="cuda", generator=gen))
-    return q, k, v, beta, do
+def inputs(B, T, seed):
+    q, k, v, beta = random_inputs((B, T, H, D), DTYPE, torch.device("cuda"), seed)
+    return q, k, v, beta, torch.randn_like(q)
 
 
 def passes(q, k, v, beta, do, **kw):
@@ -45,11 +44,10 @@ def passes(q, k, v, beta, do, **kw):
 
 def main():
     assert torch.cuda.is_available(), "bench/varlen.py measures GPU throughput"
-    gen = torch.Generator(device="cuda").manual_seed(0)
     total = sum(LENGTHS)
     cu = torch.tensor([0] + list(torch.tensor(LENGTHS).cumsum(0)), device="cuda", dtype=torch.int32)
-    packed = inputs(1, total, gen)
-    batch = inputs(8, 2048, gen)
+    packed = inputs(1, total, seed=0)
+    batch = inputs(8, 2048, seed=1)
     kw = dict(cu_seqlens=cu, max_seqlen=max(LENGTHS))
     with torch.no_grad():  # packed == each sequence alone
         o = deltaformer_attn(*packed[:4], **kw)

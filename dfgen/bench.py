@@ -230,8 +230,9 @@ def runtime_choice(shape, dtype, device, backward: bool):
     from .dispatch import dispatcher_for
 
     B, T, H, D = shape
-    name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
-    return dispatcher_for(device).choose("fwd+bwd" if backward else "fwd", name, D, T, B * H)
+    from .templating import dtype_name
+
+    return dispatcher_for(device).choose("fwd+bwd" if backward else "fwd", dtype_name(dtype), D, T, B * H)
 
 
 def load_configs(path) -> list[KernelConfig]:

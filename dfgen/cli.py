@@ -60,11 +60,10 @@ def cmd_emit(args) -> int:
 
 def cmd_bench(args) -> int:
     interpreted = _use_interpreter_without_gpu()
-    import torch
-
     from .bench import load_configs, run
+    from .validation import DTYPES
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    dtype = DTYPES[args.dtype]
     shapes = None
     if args.shapes:
         shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";")]

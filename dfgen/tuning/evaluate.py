@@ -37,16 +37,14 @@ def gpu_lock():
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _inputs(shape, dtype, device, gen, with_q_solve: bool):
-    """q, k, v, beta, do, q_solve (or None): fresh random tensors from `gen`."""
+def _inputs(shape, dtype, device, seed: int, with_q_solve: bool):
+    """q, k, v, beta (validation.random_inputs, seeded) and fresh do and q_solve (or None)."""
     import torch
 
-    def randn(size):
-        return torch.randn(size, generator=gen, device=device)
+    from ..validation import random_inputs
 
-    q, k, v, do = (randn(shape).to(dtype) for _ in range(4))
-    beta = torch.sigmoid(randn(shape[:3]))
-    return q, k, v, beta, do, randn(shape).to(dtype) if with_q_solve else None
+    q, k, v, beta = random_inputs(shape, dtype, device, seed)
+    return q, k, v, beta, torch.randn_like(q), torch.randn_like(q) if with_q_solve else None
 
 
 def main() -> int:
@@ -57,24 +55,24 @@ def main() -> int:
         os.environ["TRITON_INTERPRET"] = "1"
     from ..bench import timer
     from ..config import KernelConfig
-    from ..validation import check, passes, runner
+    from ..validation import DTYPES, check, passes, runner
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[request["dtype"]]
+    dtype = DTYPES[request["dtype"]]
     backward = request["pass"] == "fwd+bwd"
     config = KernelConfig.from_dict(request["config"])
-    gen = torch.Generator(device=device).manual_seed(request["seed"])
     shape = (1, request["T"], request["BH"], request["head_dim"])
     with_q_solve = request.get("variant") == "qsolve"
     on_gpu = device.type == "cuda"
     try:
         if on_gpu:  # compile outside the lock: other candidates may be timed meanwhile
-            warm = _inputs(WARM_SHAPE + (request["head_dim"],), dtype, device, gen, with_q_solve)
+            warm = _inputs(WARM_SHAPE + (request["head_dim"],), dtype, device, request["seed"] + 1,
+                           with_q_solve)
             runner(*warm[:4], config, backward, warm[4], warm[5])[1]()
             torch.cuda.synchronize()
             del warm
         with gpu_lock() if on_gpu else contextlib.nullcontext():
-            q, k, v, beta, do, q_solve = _inputs(shape, dtype, device, gen, with_q_solve)
+            q, k, v, beta, do, q_solve = _inputs(shape, dtype, device, request["seed"], with_q_solve)
             err, run = check(config, backward, q, k, v, beta, do, q_solve=q_solve)
             if not passes(err, dtype, backward):  # NaN fails too
                 print(json.dumps({"ok": False, "reason": f"wrong: relative error {err:.3e}"}))

@@ -23,6 +23,7 @@ from ..config import default_config
 from ..dispatch import gpu_key
 from ..errors import DfgenError
 from ..templating import templates_hash
+from ..validation import DTYPES
 from .. import tuned_file
 from .space import choices, config_of, grid, params_of, suggest
 
@@ -144,8 +145,7 @@ def tune_bucket(bucket: dict, *, trials: int, sampler: str, seed: int, storage,
     variant = bucket.get("variant", "")
     key = tuned_file.bucket_key(pass_, dtype, head_dim, T, BH, variant)
     backward = pass_ == "fwd+bwd"
-    default = default_config(head_dim, {"bf16": "torch.bfloat16", "fp16": "torch.float16",
-                                        "fp32": "torch.float32"}[dtype],
+    default = default_config(head_dim, DTYPES[dtype],
                              strategy="two_stage" if variant == "qsolve" else "fused")
     grid_space = grid(pass_, variant, limits) if sampler == "grid" else None
     study = optuna.create_study(study_name=study_name(key, sampler, limits),
