@@ -1,7 +1,8 @@
 """Compile every generated kernel for a GPU target without a GPU (Triton's AOT path) and
 report registers and spills from ptxas: catches compile errors before a GPU session.
 
-    python bench/compile_check.py [--arch 90]
+    python bench/compile_check.py [--arch 90] [--stages solve_fwd,solve_bwd] [--head-dims 128]
+                                  [--switches HAS_BETA=1,WRITE_O=1,VARLEN=0]
 
 Uses the ptxas that ships in the triton wheel (the newest one that reads triton's PTX).
 The triton here may differ from the GPU machine's: a pass here is a good sign, not proof.
@@ -72,10 +73,18 @@ def ptxas_report(ptx, arch):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--stages", default="solve_fwd,attn_fwd,solve_bwd,attn_bwd",
+                    help="comma-separated stages to compile")
+    ap.add_argument("--head-dims", default="64,128")
+    ap.add_argument("--switches", default="",
+                    help="pin kernel switches, e.g. HAS_BETA=1,VARLEN=0 (others: both values)")
     args = ap.parse_args()
+    wanted = set(args.stages.split(","))
+    pinned = {k: bool(int(v)) for k, v in (kv.split("=") for kv in args.switches.split(",") if kv)}
     target = GPUTarget("cuda", args.arch, 128)
     failures = 0
-    for head_dim, dtype in itertools.product((64, 128), ("bf16",)):
+    head_dims = [int(x) for x in args.head_dims.split(",")]
+    for head_dim, dtype in itertools.product(head_dims, ("bf16",)):
         cfg = default_config(head_dim, torch.bfloat16, strategy="two_stage")
         stages = {"solve_fwd": cfg.solve, "attn_fwd": cfg.attn, "solve_bwd": cfg.solve_bwd,
                   "attn_bwd": cfg.attn_bwd}
@@ -83,12 +92,16 @@ def main():
                     "attn_fwd": ("WRITE_LSE", "VARLEN"), "solve_bwd": ("HAS_BETA", "GATED", "VARLEN"),
                     "attn_bwd": ("WRITE_DU", "VARLEN")}
         for stage, knobs in stages.items():
+            if stage not in wanted:
+                continue
             module = codegen.load(stage, torch.bfloat16, head_dim, knobs)
             kernels = [getattr(module, n) for n in dir(module) if n.endswith("_kernel")]
             for fn in kernels:
                 present = [s for s in switches[stage] if s in fn.arg_names]
                 for values in itertools.product((False, True), repeat=len(present)):
                     consts = dict(zip(present, values))
+                    if any(consts.get(k, v) != v for k, v in pinned.items()):
+                        continue
                     sig, attrs = signature(fn, dtype, consts)
                     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v
                                                          for k, v in consts.items()}, attrs=attrs)

@@ -1,0 +1,76 @@
+"""Time each stage of dfgen's forward and backward alone at the benchmark shapes, beside
+torch SDPA's causal forward and forward+backward, in one process (GPU; bf16; fresh random
+inputs; triton.testing.do_bench medians). Tells where the time of one training step goes.
+
+    python bench/stages.py [--shapes "1,4096,16,128;8,1024,32,64"] [--config cfg.yaml]
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import yaml  # noqa: E402
+
+from dfgen import backward, forward  # noqa: E402
+from dfgen.bench import GPU_SHAPES, sdpa_causal  # noqa: E402
+from dfgen.config import KernelConfig, default_config  # noqa: E402
+from dfgen.validation import random_inputs  # noqa: E402
+
+
+def median_ms(fn):
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def stage_times(shape, dtype, config):
+    B, T, H, D = shape
+    q, k, v, beta = random_inputs(shape, dtype, "cuda", seed=0)
+    do = torch.randn_like(q)
+    cfg = (config or default_config(D, dtype)).with_defaults(default_config(D, dtype))
+    o, u, lse, a = forward.forward(q, k, v, beta, cfg, for_backward=True)
+    dv, e, dbeta, delta, dsd = backward.reverse_sweep(q, k, do, u, a, beta, lse, cfg.solve_bwd)
+    times = {
+        "solve_fwd (o)": median_ms(lambda: forward.solve_stage(q, k, v, beta, cfg.solve, write_o=True)),
+        "solve_fwd (o, a)": median_ms(lambda: forward.forward(q, k, v, beta, cfg, for_backward=True)),
+        "solve_bwd": median_ms(lambda: backward.reverse_sweep(q, k, do, u, a, beta, lse, cfg.solve_bwd)),
+        "attn_bwd": median_ms(lambda: backward.query_key_grads(q, k, u, e, lse, delta, dsd, cfg.attn_bwd)),
+    }
+    qs, ks, vs = (t.transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
+    do_s = do.transpose(1, 2).contiguous()
+    times["SDPA fwd"] = median_ms(lambda: sdpa_causal(qs, ks, vs))
+
+    def sdpa_step():
+        sdpa_causal(qs, ks, vs).backward(do_s)
+    times["SDPA fwd+bwd"] = median_ms(sdpa_step)
+    return times
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default=None, help="'B,T,H,D;...' (default: the benchmark set)")
+    ap.add_argument("--config", default=None, help="YAML file with one kernel config")
+    args = ap.parse_args()
+    shapes = ([tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";")]
+              if args.shapes else GPU_SHAPES)
+    config = None
+    if args.config:
+        with open(args.config) as f:
+            config = KernelConfig.from_dict(yaml.safe_load(f))
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+          f"triton {triton.__version__}, bf16, median ms")
+    header = None
+    for shape in shapes:
+        times = stage_times(shape, torch.bfloat16, config)
+        if header is None:
+            header = list(times)
+            print("| B, T, H, D | " + " | ".join(header) + " | fwd+bwd / SDPA |")
+            print("|" + "---|" * (len(header) + 2))
+        total = times["solve_fwd (o, a)"] + times["solve_bwd"] + times["attn_bwd"]
+        print(f"| {', '.join(map(str, shape))} | " + " | ".join(f"{times[h]:.3f}" for h in header)
+              + f" | {total / times['SDPA fwd+bwd']:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
