@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+import itertools
 import math
 import re
 from dataclasses import dataclass
@@ -73,6 +74,29 @@ class TemplateSpec:
                     f"{self.stage}: constraint `{expr}` fails for "
                     f"{dict(sorted(knobs.items()))} at HEAD_DIM={head_dim}")
 
+    def knob_groups(self) -> list[tuple[str, ...]]:
+        """The knobs in groups that the constraints tie together (each in declaration order;
+        a knob that no constraint ties to another is a group of its own): the tuner samples
+        a group as one choice among its feasible combinations."""
+        groups = [{name} for name in self.knobs]
+        for expr in self.constraints:
+            names = _constraint_names(expr) & set(self.knobs)
+            tied = [g for g in groups if g & names]
+            if len(tied) > 1:
+                groups = [g for g in groups if not g & names] + [set().union(*tied)]
+        order = list(self.knobs)
+        return sorted((tuple(sorted(g, key=order.index)) for g in groups),
+                      key=lambda g: order.index(g[0]))
+
+    def feasible_combinations(self, group: tuple[str, ...], head_dim: int,
+                              allowed: Mapping[str, list] | None = None) -> list[tuple]:
+        """Every combination of the group's values (or the `allowed` subset) that satisfies
+        the constraints over these knobs alone, at this head dim, in declaration order."""
+        values = [list((allowed or {}).get(name, self.knobs[name].values)) for name in group]
+        exprs = [e for e in self.constraints if _constraint_names(e) & set(group)]
+        return [combo for combo in itertools.product(*values)
+                if all(_eval_constraint(e, dict(zip(group, combo), HEAD_DIM=head_dim)) for e in exprs)]
+
     def feasible(self, knobs: Mapping[str, Any], head_dim: int) -> bool:
         try:
             self.check(knobs, head_dim)
@@ -94,6 +118,12 @@ def _compile_constraint(expr: str):
         if not isinstance(node, _ALLOWED_NODES):
             raise ConfigError(f"constraint `{expr}` uses {type(node).__name__}, not allowed")
     return compile(tree, "<constraint>", "eval")
+
+
+@functools.lru_cache(maxsize=None)
+def _constraint_names(expr: str) -> frozenset:
+    return frozenset(node.id for node in ast.walk(ast.parse(expr, mode="eval"))
+                     if isinstance(node, ast.Name)) - {"HEAD_DIM"}
 
 
 def _eval_constraint(expr: str, env: Mapping[str, Any]) -> bool:

@@ -101,3 +101,14 @@ def test_specialization_names_are_readable_and_distinct():
 def test_templates_dir_holds_every_stage():
     for stage in STAGES:
         assert (templates_dir() / f"{stage}.py.jinja").is_file()
+
+
+def test_constraints_tie_knobs_into_groups_of_feasible_combinations():
+    fwd = spec("solve_fwd")
+    groups = fwd.knob_groups()
+    assert ("CHUNK", "BLOCK_N", "LOOKAHEAD") in groups and ("num_warps",) in groups
+    assert sorted(k for g in groups for k in g) == sorted(fwd.knobs)  # each knob in one group
+    combos = fwd.feasible_combinations(("CHUNK", "BLOCK_N", "LOOKAHEAD"), 128,
+                                       {"CHUNK": [64, 128], "BLOCK_N": [64, 128]})
+    assert (128, 128, 2) in combos and (64, 128, 1) not in combos and (128, 64, 3) not in combos
+    assert spec("attn_bwd").feasible_combinations(("BLOCK_M",), 128) == [(16,), (32,), (64,)]

@@ -106,9 +106,8 @@ def test_failing_candidates_are_recorded_and_the_search_goes_on(tmp_path):
     study = optuna.load_study(study_name=optuna.get_all_study_summaries(db)[0].study_name,
                               storage=db)
     assert len(study.trials) == 3
-    for trial in study.trials:  # failed, or rejected by a template constraint before compiling
-        assert trial.state == optuna.trial.TrialState.FAIL or (
-            trial.value == tuner.REJECTED_MS and "rejected" in trial.user_attrs)
+    for trial in study.trials:
+        assert trial.state == optuna.trial.TrialState.FAIL
     assert any("timed out" in t.user_attrs.get("failure", "") for t in study.trials)
 
 
@@ -142,17 +141,45 @@ def test_gpu_keys():
 def test_space_limits_are_checked():
     from dfgen.tuning.space import choices, grid
 
-    space = choices("fwd", limits={"strategy": "fused", "solve.CHUNK": [32, 16]})
-    assert space["strategy"] == ["fused"] and space["solve.CHUNK"] == [16, 32]
-    assert "attn.BLOCK_M" not in space  # the two-stage section is not searched for fused only
+    space = choices("fwd", 32, limits={"strategy": "fused", "solve.CHUNK": [32, 16]})
+    assert space["strategy"] == ["fused"]
+    assert {v.split("/")[0] for v in space["solve.CHUNK/BLOCK_N/LOOKAHEAD"]} == {"16", "32"}
+    assert "attn.BLOCK_M/BLOCK_N" not in space  # the two-stage section is not searched for fused only
     with pytest.raises(DfgenError, match="unknown parameters.*solve.CHUNKS"):
-        choices("fwd", limits={"solve.CHUNKS": [32]})
+        choices("fwd", 32, limits={"solve.CHUNKS": [32]})
     with pytest.raises(DfgenError, match=r"solve.CHUNK: \[48\] not among"):
-        choices("fwd", limits={"solve.CHUNK": [48]})
+        choices("fwd", 32, limits={"solve.CHUNK": [48]})
+    with pytest.raises(DfgenError, match="no combination of solve"):  # BLOCK_N > CHUNK only
+        choices("fwd", 32, limits={"solve.CHUNK": 16, "solve.BLOCK_N": 32})
     with pytest.raises(DfgenError, match="one strategy"):
-        grid("fwd")
+        grid("fwd", 32)
     # a backward limit is accepted (and unused) for a forward-only bucket
-    assert "solve_bwd.CHUNK" not in choices("fwd", limits={"solve_bwd.CHUNK": 32})
+    assert not any(p.startswith("solve_bwd.") for p in choices("fwd", 32, limits={"solve_bwd.CHUNK": 32}))
+
+
+def test_space_holds_only_feasible_points_and_round_trips():
+    """Knobs tied by constraints are one parameter of feasible combinations at the head
+    dim; every point of the space is a valid config, and params_of inverts suggest."""
+    import random
+
+    from dfgen.tuning.space import choices, config_of, params_of
+
+    for pass_, head_dim in (("fwd+bwd", 128), ("fwd", 64)):
+        space = choices(pass_, head_dim, limits={"strategy": "two_stage"})
+        assert "solve.CHUNK/BLOCK_N/LOOKAHEAD" in space and "solve.CHUNK" not in space
+        assert "128/16/1" in space["solve.CHUNK/BLOCK_N/LOOKAHEAD"]  # 128 * 128 <= 16384
+        assert "16/32/1" not in space["solve.CHUNK/BLOCK_N/LOOKAHEAD"]  # BLOCK_N > CHUNK
+        assert "128/64/3" not in space["solve.CHUNK/BLOCK_N/LOOKAHEAD"]  # LOOKAHEAD * CHUNK > 256
+        if pass_ == "fwd+bwd":
+            assert 128 not in space["attn_bwd.BLOCK_M"]  # 128 * 128 > 8192
+        rng = random.Random(0)
+        for _ in range(300):
+            params = {name: rng.choice(values) for name, values in space.items()}
+            config = config_of(params)
+            config.check(head_dim, backward=pass_ == "fwd+bwd")
+            assert params_of(config, pass_) == params
+    default = default_config(128)
+    assert config_of(params_of(default, "fwd+bwd")).to_dict() == default.to_dict()
 
 
 def test_grid_sweep_is_exhaustive_and_runs_jobs_in_parallel(tmp_path):
@@ -170,28 +197,25 @@ def test_grid_sweep_is_exhaustive_and_runs_jobs_in_parallel(tmp_path):
     (summary,) = optuna.get_all_study_summaries(storage)
     assert ":grid-space-" in summary.study_name
     study = optuna.load_study(study_name=summary.study_name, storage=storage)
-    chunks = sorted(t.params["solve.CHUNK"] for t in study.trials)
+    chunks = sorted(int(t.params["solve.CHUNK/BLOCK_N/LOOKAHEAD"].split("/")[0]) for t in study.trials)
     assert chunks == [16, 32] and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     entry = tuned_file.read(tmp_path / "s.yaml")["entries"]["fwd/bf16/d32/t40/bh2"]
     assert entry["trials"] == 2 and entry["median_ms"] > 0
 
 
-def test_infeasible_points_are_rejected_with_a_bad_value_and_never_win(tmp_path):
-    """BLOCK_N 32 > CHUNK 16 breaks solve_fwd's constraint: that point is rejected before
-    compiling, recorded with a value TPE learns from, and the feasible point wins."""
+def test_a_sweep_times_only_feasible_points(tmp_path):
+    """A space of CHUNK 16 with BLOCK_N 16 or 32 holds one feasible point (BLOCK_N <= CHUNK):
+    the sweep times that one and nothing is spent on the other."""
     space = tmp_path / "space.yaml"
     space.write_text("strategy: fused\nsolve.CHUNK: 16\nsolve.BLOCK_N: [16, 32]\nsolve.LOOKAHEAD: 1\n"
                      "solve.SPLIT_SOLVE: false\nsolve.SOLVE_PRECISION: tf32\nsolve.INV_FP16: false\n"
                      "solve.num_warps: 4\nsolve.num_stages: 1\n")
     journal = tmp_path / "r.journal"
-    run("tune", "--gpu", "h200", "--sampler", "grid", "--space", str(space), "--trials", "2",
-        "--storage", str(journal), "--out", str(tmp_path / "r.yaml"))
+    out = run("tune", "--gpu", "h200", "--sampler", "grid", "--space", str(space), "--trials", "5",
+              "--storage", str(journal), "--out", str(tmp_path / "r.yaml"))
+    assert "1 trials (0 already in the study)" in out
     storage = tuner.open_storage(str(journal))
     (summary,) = optuna.get_all_study_summaries(storage)
-    trials = optuna.load_study(study_name=summary.study_name, storage=storage).trials
-    rejected = [t for t in trials if "rejected" in t.user_attrs]
-    assert len(rejected) == 1 and rejected[0].params["solve.BLOCK_N"] == 32
-    assert rejected[0].value == tuner.REJECTED_MS and "BLOCK_N <= CHUNK" in rejected[0].user_attrs["rejected"]
-    entry = tuned_file.read(tmp_path / "r.yaml")["entries"]["fwd/bf16/d32/t40/bh2"]
-    assert entry["median_ms"] < tuner.REJECTED_MS
-    assert entry["config"]["solve"]["BLOCK_N"] in (16, 64)  # the timed point or the default
+    (trial,) = optuna.load_study(study_name=summary.study_name, storage=storage).trials
+    assert trial.params["solve.CHUNK/BLOCK_N/LOOKAHEAD"] == "16/16/1"
+    assert trial.state == optuna.trial.TrialState.COMPLETE

@@ -1,4 +1,11 @@
-"""The search space, read from the templates' declared knobs (nothing repeated here)."""
+"""The search space, read from the templates' declared knobs (nothing repeated here).
+
+A knob that no constraint ties to another is one parameter, `section.KNOB`, with the
+template's values. Knobs that constraints tie together (solve_fwd's CHUNK, BLOCK_N and
+LOOKAHEAD) are one parameter, `section.CHUNK/BLOCK_N/LOOKAHEAD`, whose values are the
+feasible combinations at the bucket's head dim, written "64/32/2": every sampled point
+can run, so no trial is spent on a config the templates forbid.
+"""
 
 from __future__ import annotations
 
@@ -19,19 +26,54 @@ def _active(section_need: str, pass_: str, strategy: str) -> bool:
     return True
 
 
-def choices(pass_: str, variant: str = "", limits: dict | None = None) -> dict:
-    """{parameter: values} of the whole space for a pass, or of the part that `limits` keeps
-    ({"strategy": [...], "solve.CHUNK": [...], ...}: each value list a subset of the
-    template's). The qsolve variant (a solve stage with its own queries) runs only the
-    two-stage strategy."""
+def _param(section: str, group: tuple) -> str:
+    return f"{section}." + "/".join(group)
+
+
+def _encode(combo: tuple) -> str:
+    return "/".join(str(v) for v in combo)
+
+
+def _decode(stage: str, group: tuple, value) -> dict:
+    """{knob: typed value} of one parameter's value."""
+    if len(group) == 1:
+        return {group[0]: value}
+    knobs = spec(stage).knobs
+    parts = str(value).split("/")
+    if len(parts) != len(group):
+        raise DfgenError(f"{stage}: {value!r} does not give one value for each of {list(group)}")
+    out = {}
+    for name, text in zip(group, parts):
+        by_text = {str(v): v for v in knobs[name].values}
+        if text not in by_text:
+            raise DfgenError(f"{stage}: {name}={text!r} is not one of {list(knobs[name].values)}")
+        out[name] = by_text[text]
+    return out
+
+
+def choices(pass_: str, head_dim: int, variant: str = "", limits: dict | None = None) -> dict:
+    """{parameter: values} of the whole space for a pass at a head dim, or of the part that
+    `limits` keeps ({"strategy": [...], "solve.CHUNK": [...], ...}: each value list a
+    subset of the template's, per knob). The qsolve variant (a solve stage with its own
+    queries) runs only the two-stage strategy."""
     limits = dict(limits or {})
     strategies = ["two_stage"] if variant == "qsolve" else list(STRATEGIES)
     out = {"strategy": _limit("strategy", strategies, limits)}
     for section, stage, need in SECTIONS:
-        if any(_active(need, pass_, s) for s in out["strategy"]):
-            for name, knob in spec(stage).knobs.items():
-                param = f"{section}.{name}"
-                out[param] = _limit(param, list(knob.values), limits)
+        if not any(_active(need, pass_, s) for s in out["strategy"]):
+            continue
+        tspec = spec(stage)
+        allowed = {name: _limit(f"{section}.{name}", list(knob.values), limits)
+                   for name, knob in tspec.knobs.items()}
+        for group in tspec.knob_groups():
+            combos = tspec.feasible_combinations(group, head_dim, allowed)
+            if not combos:
+                raise DfgenError(
+                    f"search space: no combination of {section} {list(group)} within "
+                    f"{ {n: allowed[n] for n in group} } satisfies {stage}'s constraints at "
+                    f"head dim {head_dim}")
+            out[_param(section, group)] = ([c[0] for c in combos] if len(group) == 1
+                                           else [_encode(c) for c in combos])
     known = {f"{section}.{name}" for section, stage, _ in SECTIONS for name in spec(stage).knobs}
     unknown = sorted(set(limits) - known)  # limits of sections this pass does not run are fine
     if unknown:
@@ -51,10 +93,10 @@ def _limit(param: str, values: list, limits: dict) -> list:
     return [v for v in values if v in wanted]
 
 
-def grid(pass_: str, variant: str = "", limits: dict | None = None) -> dict:
+def grid(pass_: str, head_dim: int, variant: str = "", limits: dict | None = None) -> dict:
     """The space as an Optuna GridSampler search space (every parameter always present, so
-    the limits must fix one strategy)."""
-    space = choices(pass_, variant, limits)
+    the limits must fix one strategy); it holds feasible points only."""
+    space = choices(pass_, head_dim, variant, limits)
     if len(space["strategy"]) != 1:
         raise DfgenError("an exhaustive sweep needs one strategy: limit 'strategy' to one value")
     strategy = space["strategy"][0]
@@ -62,28 +104,43 @@ def grid(pass_: str, variant: str = "", limits: dict | None = None) -> dict:
             if p == "strategy" or _active(_need(p.split(".")[0]), pass_, strategy)}
 
 
+def grid_size(space: dict) -> int:
+    size = 1
+    for values in space.values():
+        size *= len(values)
+    return size
+
+
 def _need(section: str) -> str:
     return next(need for name, _, need in SECTIONS if name == section)
 
 
-def suggest(trial, pass_: str, variant: str = "", limits: dict | None = None) -> KernelConfig:
-    """Sample a config with an Optuna trial: parameters are named section.KNOB."""
-    space = choices(pass_, variant, limits)
+def _stage(section: str) -> str:
+    return next(stage for name, stage, _ in SECTIONS if name == section)
+
+
+def suggest(trial, pass_: str, head_dim: int, variant: str = "",
+            limits: dict | None = None) -> KernelConfig:
+    """Sample a config with an Optuna trial (parameters as in `choices`)."""
+    space = choices(pass_, head_dim, variant, limits)
     strategy = trial.suggest_categorical("strategy", space["strategy"])
-    sections = {}
-    for section, stage, need in SECTIONS:
-        if _active(need, pass_, strategy):
-            sections[section] = {name: trial.suggest_categorical(f"{section}.{name}", space[f"{section}.{name}"])
-                                 for name in spec(stage).knobs}
-    return KernelConfig(strategy=strategy, **sections)
+    params = {"strategy": strategy}
+    for param, values in space.items():
+        section = param.split(".")[0]
+        if param != "strategy" and _active(_need(section), pass_, strategy):
+            params[param] = trial.suggest_categorical(param, values)
+    return config_of(params)
 
 
 def params_of(config: KernelConfig, pass_: str) -> dict:
     """The trial parameters that `suggest` would need to return `config`."""
     out = {"strategy": config.strategy}
-    for section, _, need in SECTIONS:
+    for section, stage, need in SECTIONS:
         if _active(need, pass_, config.strategy):
-            out.update({f"{section}.{k}": v for k, v in getattr(config, section).items()})
+            knobs = getattr(config, section)
+            for group in spec(stage).knob_groups():
+                combo = tuple(knobs[name] for name in group)
+                out[_param(section, group)] = combo[0] if len(group) == 1 else _encode(combo)
     return out
 
 
@@ -91,6 +148,7 @@ def config_of(params: dict) -> KernelConfig:
     sections: dict = {}
     for name, value in params.items():
         if "." in name:
-            section, knob = name.split(".", 1)
-            sections.setdefault(section, {})[knob] = value
+            section, knobs = name.split(".", 1)
+            group = tuple(knobs.split("/"))
+            sections.setdefault(section, {}).update(_decode(_stage(section), group, value))
     return KernelConfig(strategy=params["strategy"], **sections)

@@ -25,7 +25,7 @@ from ..errors import DfgenError
 from ..templating import templates_hash
 from ..validation import DTYPES
 from .. import tuned_file
-from .space import choices, config_of, grid, params_of, suggest
+from .space import choices, config_of, grid, grid_size, params_of, suggest
 
 GPU_BUCKETS = [dict(pass_=p, dtype="bf16", head_dim=d, T=t, BH=bh)
                for p in ("fwd", "fwd+bwd") for d in (64, 128)
@@ -35,13 +35,6 @@ CPU_BUCKETS = [dict(pass_="fwd", dtype="bf16", head_dim=32, T=40, BH=2)]
 
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # progress is reported by _report
-
-
-# The value of a trial whose config breaks a template constraint: it is rejected before
-# anything compiles, and a value far above any real time teaches TPE to avoid the region
-# (a pruned trial teaches it little: a short tune once sampled 76 infeasible points of
-# 130). Such trials are never re-timed, written or reported as best.
-REJECTED_MS = 1e9
 
 
 class CandidateFailed(DfgenError):
@@ -147,26 +140,22 @@ def tune_bucket(bucket: dict, *, trials: int, sampler: str, seed: int, storage,
     backward = pass_ == "fwd+bwd"
     default = default_config(head_dim, DTYPES[dtype],
                              strategy="two_stage" if variant == "qsolve" else "fused")
-    grid_space = grid(pass_, variant, limits) if sampler == "grid" else None
+    grid_space = grid(pass_, head_dim, variant, limits) if sampler == "grid" else None
     study = optuna.create_study(study_name=study_name(key, sampler, limits),
                                 storage=storage, load_if_exists=True, direction="minimize",
                                 sampler=make_sampler(sampler, seed, grid_space, trials))
     default_params = params_of(default, pass_)
-    space = choices(pass_, variant, limits)
+    space = choices(pass_, head_dim, variant, limits)
     if not study.trials and sampler != "grid" and all(
             value in space.get(param, [value]) for param, value in default_params.items()):
         study.enqueue_trial(default_params)  # the shipped default goes first
     request = dict(pass_=pass_, dtype=dtype, head_dim=head_dim, T=T, BH=BH, variant=variant)
 
     def objective(trial):
-        config = suggest(trial, pass_, variant, limits)
-        try:
-            config.check(head_dim, backward=backward)
-        except DfgenError as err:  # infeasible: rejected before anything compiles
-            trial.set_user_attr("rejected", str(err))
-            return REJECTED_MS
+        config = suggest(trial, pass_, head_dim, variant, limits)  # feasible by construction
+        config.check(head_dim, backward=backward)
         for old in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-            if old.params == trial.params and "rejected" not in old.user_attrs:  # a duplicate point is not timed twice
+            if old.params == trial.params:  # a duplicate point is not timed twice
                 trial.set_user_attr("duplicate_of", old.number)
                 return old.value
         result = evaluate(dict(request, config=config.to_dict(), seed=seed + trial.number,
@@ -180,7 +169,7 @@ def tune_bucket(bucket: dict, *, trials: int, sampler: str, seed: int, storage,
     done = len([t for t in study.trials if t.state.is_finished()])
     remaining = max(0, trials - done)
     if sampler == "grid":  # a sweep ends when its grid is exhausted
-        remaining = max(0, min(remaining, _grid_size(grid_space) - done))
+        remaining = max(0, min(remaining, grid_size(grid_space) - done))
     if remaining:
         log(f"{key}: {remaining} trials ({done} already in the study), {jobs} at a time"
             + (f", at most {minutes:g} min" if minutes else ""))
@@ -191,28 +180,20 @@ def tune_bucket(bucket: dict, *, trials: int, sampler: str, seed: int, storage,
     return _finish(study, key, request, default, pass_, seed, timeout_s, retime, log, jobs)
 
 
-def _grid_size(space: dict) -> int:
-    size = 1
-    for values in space.values():
-        size *= len(values)
-    return size
-
-
 def _report(log, key):
     def callback(study, trial):
         timed = [t.value for t in _timed(study)]
         best = min(timed) if timed else float("nan")
         state = trial.state.name.lower()
-        note = trial.user_attrs.get("failure") or trial.user_attrs.get("rejected") or ""
+        note = trial.user_attrs.get("failure") or ""
         log(f"  {key} trial {trial.number}: {state} "
             f"{'' if trial.value is None else f'{trial.value:.4f} ms'} best {best:.4f} ms {note[:100]}")
     return callback
 
 
 def _timed(study) -> list:
-    """Completed trials that were timed (not rejected as infeasible)."""
-    return [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-            if "rejected" not in t.user_attrs]
+    """Completed (hence timed and checked) trials."""
+    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
 
 
 def _finish(study, key, request, default, pass_, seed, timeout_s, retime, log, jobs=1) -> BucketResult:
