@@ -27,6 +27,7 @@ from dfgen.config import default_config  # noqa: E402
 
 FP32_POINTERS = {"LSE", "DELTA", "DSD", "DBETA", "BETA", "DU"}
 INT_POINTERS = {"SYNC", "CU"}
+FIXED = {"TRACE": False}  # constexprs compiled at one value (TRACE: a GPU-only timing aid)
 UNALIGNED = {"T", "H", "GROUP", "n_bh", "n_chunks", "sm_scale"}
 
 
@@ -39,6 +40,8 @@ def signature(fn, dtype, constexprs):
             sig[name] = "i32"
         elif name in INT_POINTERS:
             sig[name] = "*i32"
+        elif name == "TRACE_BUF":
+            sig[name] = "*i64"
         elif name in FP32_POINTERS:
             sig[name] = "*fp32"
         elif name.isupper() or name in ("DV", "DK"):
@@ -102,6 +105,7 @@ def main():
                     consts = dict(zip(present, values))
                     if any(consts.get(k, v) != v for k, v in pinned.items()):
                         continue
+                    consts.update({k: pinned.get(k, v) for k, v in FIXED.items() if k in fn.arg_names})
                     sig, attrs = signature(fn, dtype, consts)
                     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v
                                                          for k, v in consts.items()}, attrs=attrs)

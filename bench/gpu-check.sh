@@ -9,6 +9,8 @@
 #   benchbwd           the forward+backward table alone
 #   layer              the layer and dispatcher tests (fla comparison when fla is carried)
 #   overhead           per-call CPU overhead
+#   trace              where a forward wavefront step goes (bench/step_trace.py, in-kernel timer)
+#   stages             each stage's time alone beside SDPA (bench/stages.py)
 #   varlen             packed variable-length throughput against an equal-length batch
 #   tune [MIN]         tune the buckets of $SHAPES (default bench/shapes-h200.yaml; MIN minutes
 #                      of search per bucket, default 0.5), merged into tuned/<gpu>.yaml (copied back)
@@ -54,6 +56,10 @@ while [ $# -gt 0 ]; do
     layer)
       capped "${CAP_LAYER:-90}" python3 -m pytest -q -p no:cacheprovider tests/test_layer.py tests/test_dispatch.py > "$out/layer.txt" 2>&1 || status=1
       grep -E "^(FAILED|ERROR)|Error" "$out/layer.txt" | head; tail -n 2 "$out/layer.txt";;
+    trace)
+      capped "${CAP_TRACE:-90}" python3 bench/step_trace.py > "$out/trace.txt" 2>&1 || status=1; tail -n 6 "$out/trace.txt";;
+    stages)
+      capped "${CAP_STAGES:-90}" python3 bench/stages.py > "$out/stages.txt" 2>&1 || status=1; tail -n 8 "$out/stages.txt";;
     overhead)
       capped "${CAP_OVERHEAD:-60}" python3 bench/overhead.py > "$out/overhead.txt" 2>&1 || status=1; tail -n 8 "$out/overhead.txt";;
     varlen)
