@@ -12,11 +12,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-import yaml  # noqa: E402
-
 from dfgen import backward, forward  # noqa: E402
-from dfgen.bench import GPU_SHAPES, sdpa_causal  # noqa: E402
-from dfgen.config import KernelConfig, default_config  # noqa: E402
+from dfgen.bench import GPU_SHAPES, load_configs, parse_shapes, sdpa_causal  # noqa: E402
+from dfgen.config import default_config  # noqa: E402
 from dfgen.validation import random_inputs  # noqa: E402
 
 
@@ -52,12 +50,8 @@ def main():
     ap.add_argument("--shapes", default=None, help="'B,T,H,D;...' (default: the benchmark set)")
     ap.add_argument("--config", default=None, help="YAML file with one kernel config")
     args = ap.parse_args()
-    shapes = ([tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";")]
-              if args.shapes else GPU_SHAPES)
-    config = None
-    if args.config:
-        with open(args.config) as f:
-            config = KernelConfig.from_dict(yaml.safe_load(f))
+    shapes = parse_shapes(args.shapes) if args.shapes else GPU_SHAPES
+    config = load_configs(args.config)[0] if args.config else None
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"triton {triton.__version__}, bf16, median ms")
     header = None

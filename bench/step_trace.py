@@ -19,10 +19,10 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import torch  # noqa: E402
-import yaml  # noqa: E402
 
 from dfgen import codegen  # noqa: E402
-from dfgen.config import KernelConfig, default_config  # noqa: E402
+from dfgen.bench import load_configs, parse_shapes  # noqa: E402
+from dfgen.config import default_config  # noqa: E402
 from dfgen.validation import random_inputs  # noqa: E402
 
 START, PREFIX, INVERSE, READY, WOKE, RELEASED, DONE, SM = range(8)
@@ -70,12 +70,10 @@ def main():
           "became ready to wait only after their predecessor released")
     print("| B, T, H, D | config | steps | kernel µs | step | wake | post | late | late > 0 | window | prefix |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for text in args.shapes.split(";"):
-        shape = tuple(int(x) for x in text.split(","))
+    for shape in parse_shapes(args.shapes):
         config = default_config(shape[3], torch.bfloat16)
         if args.config:
-            with open(args.config) as f:
-                config = KernelConfig.from_dict(yaml.safe_load(f)).with_defaults(config)
+            config = load_configs(args.config)[0].with_defaults(config)
         trace, n_bh, n_chunks = traced_run(shape, torch.bfloat16, config.solve)
         assert (trace[:, :7] >= 0).all(), "a program left a stamp unwritten"
         span = (trace[:, DONE].max() - trace[:, START].min()).item() / 1000.0
@@ -84,7 +82,7 @@ def main():
         cells = [f"{v.median().item():.2f} ({v.mean().item():.2f})" for v in stats.values()]
         late_share = (stats["late"] > 0).double().mean().item()
         cells.insert(4, f"{late_share:.0%}")
-        print(f"| {text} | {config} | {n_chunks} | {span:.1f} | " + " | ".join(cells) + " |", flush=True)
+        print(f"| {', '.join(map(str, shape))} | {config} | {n_chunks} | {span:.1f} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -235,6 +235,11 @@ def runtime_choice(shape, dtype, device, backward: bool):
     return dispatcher_for(device).choose("fwd+bwd" if backward else "fwd", dtype_name(dtype), D, T, B * H)
 
 
+def parse_shapes(text: str) -> list[tuple]:
+    """'B,T,H,D;B,T,H,D;...' as a list of (B, T, H, D)."""
+    return [tuple(int(x) for x in item.split(",")) for item in text.split(";")]
+
+
 def load_configs(path) -> list[KernelConfig]:
     """A YAML file holding one forward config or a list of them."""
     import yaml

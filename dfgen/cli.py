@@ -60,13 +60,11 @@ def cmd_emit(args) -> int:
 
 def cmd_bench(args) -> int:
     interpreted = _use_interpreter_without_gpu()
-    from .bench import load_configs, run
+    from .bench import load_configs, parse_shapes, run
     from .validation import DTYPES
 
     dtype = DTYPES[args.dtype]
-    shapes = None
-    if args.shapes:
-        shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";")]
+    shapes = parse_shapes(args.shapes) if args.shapes else None
     configs = load_configs(args.configs) if args.configs else None
     if interpreted:
         print("dfgen bench: no CUDA device; running in Triton's interpreter at a tiny size "

@@ -182,21 +182,27 @@ def test_space_holds_only_feasible_points_and_round_trips():
     assert config_of(params_of(default, "fwd+bwd")).to_dict() == default.to_dict()
 
 
-def test_grid_sweep_is_exhaustive_and_runs_jobs_in_parallel(tmp_path):
-    """An exhaustive sweep of a 2-point space, two candidates at a time: exactly the grid's
-    points are evaluated, once each, even when more trials are asked for."""
+def _grid_sweep(tmp_path, chunk, block_n, trials, *flags):
+    """Run `dfgen tune --sampler grid` over a solve space that fixes every knob but CHUNK
+    and BLOCK_N; returns (its output, its one study)."""
     space = tmp_path / "space.yaml"
-    space.write_text("strategy: fused\nsolve.CHUNK: [16, 32]\nsolve.BLOCK_N: 16\nsolve.LOOKAHEAD: 1\n"
-                     "solve.SPLIT_SOLVE: false\nsolve.SOLVE_PRECISION: tf32\nsolve.INV_FP16: false\n"
-                     "solve.num_warps: 4\nsolve.num_stages: 1\n")
+    space.write_text(f"strategy: fused\nsolve.CHUNK: {chunk}\nsolve.BLOCK_N: {block_n}\n"
+                     "solve.LOOKAHEAD: 1\nsolve.SPLIT_SOLVE: false\nsolve.SOLVE_PRECISION: tf32\n"
+                     "solve.INV_FP16: false\nsolve.num_warps: 4\nsolve.num_stages: 1\n")
     journal = tmp_path / "sweep.journal"
-    out = run("tune", "--gpu", "h200", "--sampler", "grid", "--space", str(space), "--trials", "10",
-              "--jobs", "2", "--storage", str(journal), "--out", str(tmp_path / "s.yaml"))
-    assert "2 trials (0 already in the study), 2 at a time" in out
+    out = run("tune", "--gpu", "h200", "--sampler", "grid", "--space", str(space), "--trials",
+              str(trials), *flags, "--storage", str(journal), "--out", str(tmp_path / "s.yaml"))
     storage = tuner.open_storage(str(journal))
     (summary,) = optuna.get_all_study_summaries(storage)
     assert ":grid-space-" in summary.study_name
-    study = optuna.load_study(study_name=summary.study_name, storage=storage)
+    return out, optuna.load_study(study_name=summary.study_name, storage=storage)
+
+
+def test_grid_sweep_is_exhaustive_and_runs_jobs_in_parallel(tmp_path):
+    """An exhaustive sweep of a 2-point space, two candidates at a time: exactly the grid's
+    points are evaluated, once each, even when more trials are asked for."""
+    out, study = _grid_sweep(tmp_path, [16, 32], 16, 10, "--jobs", "2")
+    assert "2 trials (0 already in the study), 2 at a time" in out
     chunks = sorted(int(t.params["solve.CHUNK/BLOCK_N/LOOKAHEAD"].split("/")[0]) for t in study.trials)
     assert chunks == [16, 32] and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     entry = tuned_file.read(tmp_path / "s.yaml")["entries"]["fwd/bf16/d32/t40/bh2"]
@@ -206,16 +212,8 @@ def test_grid_sweep_is_exhaustive_and_runs_jobs_in_parallel(tmp_path):
 def test_a_sweep_times_only_feasible_points(tmp_path):
     """A space of CHUNK 16 with BLOCK_N 16 or 32 holds one feasible point (BLOCK_N <= CHUNK):
     the sweep times that one and nothing is spent on the other."""
-    space = tmp_path / "space.yaml"
-    space.write_text("strategy: fused\nsolve.CHUNK: 16\nsolve.BLOCK_N: [16, 32]\nsolve.LOOKAHEAD: 1\n"
-                     "solve.SPLIT_SOLVE: false\nsolve.SOLVE_PRECISION: tf32\nsolve.INV_FP16: false\n"
-                     "solve.num_warps: 4\nsolve.num_stages: 1\n")
-    journal = tmp_path / "r.journal"
-    out = run("tune", "--gpu", "h200", "--sampler", "grid", "--space", str(space), "--trials", "5",
-              "--storage", str(journal), "--out", str(tmp_path / "r.yaml"))
+    out, study = _grid_sweep(tmp_path, 16, [16, 32], 5)
     assert "1 trials (0 already in the study)" in out
-    storage = tuner.open_storage(str(journal))
-    (summary,) = optuna.get_all_study_summaries(storage)
-    (trial,) = optuna.load_study(study_name=summary.study_name, storage=storage).trials
+    (trial,) = study.trials
     assert trial.params["solve.CHUNK/BLOCK_N/LOOKAHEAD"] == "16/16/1"
     assert trial.state == optuna.trial.TrialState.COMPLETE
