@@ -238,10 +238,11 @@ def deltaformer_attn(q, k, v, beta=None, *, q_solve=None, cu_seqlens=None, max_s
     Returns o, [B, T, H, D], in q's dtype; differentiable in q, k, v, beta and q_solve.
     """
     _check_inputs(q, k, v, beta)
+    compiling = torch.compiler.is_compiling()  # asked once: this is every call's path
     if attention_mask is not None:
         if cu_seqlens is not None:
             raise InputError("give attention_mask or cu_seqlens, not both")
-        if torch.compiler.is_compiling():
+        if compiling:
             raise InputError("attention_mask is not supported under torch.compile yet")
         return _unpadded(attention_mask, q, k, v, beta, q_solve, config)
     B, T, H, D = q.shape
@@ -249,19 +250,19 @@ def deltaformer_attn(q, k, v, beta=None, *, q_solve=None, cu_seqlens=None, max_s
         t is not None and t.requires_grad for t in (q, k, v, beta, q_solve))
     seqs = None
     if cu_seqlens is not None:
-        if torch.compiler.is_compiling():
+        if compiling:
             raise InputError("cu_seqlens is not supported under torch.compile yet")
         seqs = _check_cu_seqlens(q, cu_seqlens, max_seqlen)
     if q_solve is not None:
         _check_q_solve(q, q_solve)
-        if torch.compiler.is_compiling():
+        if compiling:
             raise InputError("q_solve is not supported under torch.compile yet")
         config = _two_stage(resolve_config(config, q, needs_grad, seqs, variant="qsolve"), D,
                             q.dtype).check(D, needs_grad)
         if needs_grad:
             return _DeltaFormerAttnQSolve.apply(q, q_solve, k, v, beta, config, seqs)
         return forward_q_solve(q, q_solve, k, v, beta, config, seqs=seqs)[0]
-    if torch.compiler.is_compiling():
+    if compiling:
         # Traced as custom ops (no graph break); the config travels as a JSON constant and
         # is resolved inside the op, where tuned files may be read.
         if isinstance(config, dict):
