@@ -14,7 +14,8 @@
 #   varlen             packed variable-length throughput against an equal-length batch
 #   tune [MIN]         tune the buckets of $SHAPES (default bench/shapes-h200.yaml; MIN minutes
 #                      of search per bucket, default 0.5), merged into tuned/<gpu>.yaml (copied back)
-#   sweep              Optuna against an exhaustive sweep on two buckets (bench/sweep-*.yaml)
+#   sweep              Optuna (TPE, 3 seeds, no default first) against an exhaustive sweep on two
+#                      buckets (bench/sweep-*.yaml); bench/sweep_compare.py ranks its picks in the sweep
 #   models             with the installed tuned file: dfgen show, dfgen check, the model
 #                      tests (torch.compile, CUDA graphs), and `dfgen bench` as the runtime picks
 # Several phases may be given: bash bench/gpu-check.sh tests bench overhead
@@ -72,15 +73,21 @@ while [ $# -gt 0 ]; do
       grep -E "^[a-z+]+/.*: best|^\|" "$out/tune.txt" | tail -n 40
       [ -f "tuned/$gpu.yaml" ] && cp "tuned/$gpu.yaml" "$out/$gpu.yaml" && echo "merged into tuned/$gpu.yaml";;
     sweep)
+      # the grid times every point (candidates compile 4 at a time); then TPE with a quarter of
+      # the grid's trials, not started from the default, three seeds, one at a time
       for b in bench/sweep-*.yaml; do
         name=$(basename "$b" .yaml)
         capped "${CAP_SWEEP:-150}" python3 -m dfgen.cli tune --gpu "$gpu" --shapes "$b" --space "bench/$name.space" \
-          --sampler grid --trials 1000 --storage "$out/sweep.journal" --out "$out/sweep.yaml" > "$out/$name-grid.txt" 2>&1 || status=1
-        n=$(python3 -c "import yaml,sys; e=list(yaml.safe_load(open('$out/sweep.yaml'))['entries'].values()); print(max(1, max(x['trials'] for x in e)//4))" 2>/dev/null || echo 8)
-        capped "${CAP_SWEEP:-150}" python3 -m dfgen.cli tune --gpu "$gpu" --shapes "$b" --space "bench/$name.space" \
-          --trials "$n" --jobs 2 --storage "$out/sweep.journal" --out "$out/optuna.yaml" > "$out/$name-tpe.txt" 2>&1 || status=1
-        grep -h -E ": best" "$out/$name-grid.txt" "$out/$name-tpe.txt"
-      done;;
+          --sampler grid --trials 1000 --jobs 4 --storage "$out/sweep-grid.journal" --out "$out/sweep.yaml" > "$out/$name-grid.txt" 2>&1 || status=1
+        n=$(python3 -c "import yaml,sys; e=list(yaml.safe_load(open('$out/sweep.yaml'))['entries'].values()); print(max(1, max(x['trials'] for x in e)//4))" 2>/dev/null || echo 4)
+        for seed in 0 1 2; do
+          capped "${CAP_SWEEP_TPE:-60}" python3 -m dfgen.cli tune --gpu "$gpu" --shapes "$b" --space "bench/$name.space" \
+            --trials "$n" --jobs 1 --seed $seed --no-default-first --storage "$out/sweep-tpe-seed$seed.journal" \
+            --out "$out/optuna.yaml" > "$out/$name-tpe-seed$seed.txt" 2>&1 || status=1
+        done
+        grep -h -E ": best" "$out/$name-grid.txt" "$out/$name"-tpe-*.txt
+      done
+      python3 bench/sweep_compare.py "$out/sweep-grid.journal" "$out"/sweep-tpe-seed*.journal | tee "$out/sweep-compare.txt";;
     models)
       python3 -m dfgen.cli show 2>&1 | tee "$out/show.txt" | tail -n 4
       capped "${CAP_CHECK:-120}" python3 -m dfgen.cli check > "$out/check.txt" 2>&1 || status=1; tail -n 4 "$out/check.txt"

@@ -153,7 +153,8 @@ def cmd_tune(args) -> int:
     for bucket in buckets:
         result = tuner.tune_bucket(bucket, trials=trials, sampler=args.sampler, seed=args.seed,
                                    storage=storage, timeout_s=args.timeout, jobs=jobs,
-                                   minutes=args.minutes, limits=limits)
+                                   minutes=args.minutes, limits=limits,
+                                   default_first=not args.no_default_first)
         results.append(result)
         # written after every bucket: an interrupted tune keeps what it finished
         tuned_file.merge(out, provenance, {result.key: result.entry})
@@ -251,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "postgresql://..., mysql://...) that processes on many hosts share")
     tune.add_argument("--workers", type=int, default=1,
                       help="processes sharing the study, one per GPU (default 1)")
+    tune.add_argument("--no-default-first", action="store_true",
+                      help="do not start from the shipped default config (to measure what the "
+                      "sampler finds on its own, e.g. against a --sampler grid sweep)")
     tune.add_argument("--timeout", type=float, default=600.0,
                       help="seconds one candidate may take (compile, check, timing)")
     tune.set_defaults(func=cmd_tune)

@@ -111,6 +111,21 @@ def test_failing_candidates_are_recorded_and_the_search_goes_on(tmp_path):
     assert any("timed out" in t.user_attrs.get("failure", "") for t in study.trials)
 
 
+@pytest.mark.parametrize("default_first", [True, False])
+def test_the_default_goes_first_unless_asked_not_to(tmp_path, default_first):
+    """The shipped default is the first (enqueued) trial; with default_first=False the
+    sampler picks every point itself (how a sweep comparison measures the sampler), in a
+    study of its own. Candidates fail fast here (tiny timeout): only the order matters."""
+    db = f"sqlite:///{tmp_path / 'order.db'}"
+    with pytest.raises(DfgenError, match="no candidate"):
+        tuner.tune_bucket(tuner.CPU_BUCKETS[0], trials=1, sampler="tpe", seed=0, storage=db,
+                          timeout_s=0.05, log=lambda *a: None, default_first=default_first)
+    (summary,) = optuna.get_all_study_summaries(db)
+    assert summary.study_name.endswith(":no-default-first") != default_first
+    study = optuna.load_study(study_name=summary.study_name, storage=db)
+    assert ("fixed_params" in study.trials[0].system_attrs) == default_first
+
+
 def test_evaluate_reports_a_candidate_that_fails_to_compile():
     """Head dim 48 passes the knob constraints but Triton refuses the kernel (tl.arange
     needs a power of two): the evaluation process reports it instead of dying."""

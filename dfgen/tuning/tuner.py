@@ -130,10 +130,13 @@ def evaluate(request: dict, timeout_s: float) -> dict:
 
 def tune_bucket(bucket: dict, *, trials: int, sampler: str, seed: int, storage,
                 timeout_s: float, retime: int = 2, log=print, jobs: int = 1,
-                minutes: float | None = None, limits: dict | None = None) -> BucketResult:
+                minutes: float | None = None, limits: dict | None = None,
+                default_first: bool = True) -> BucketResult:
     """Search one bucket: `trials` in all (a resumed study counts what it has), at most
     `minutes` of search, `jobs` candidates evaluated at once (they compile in parallel and
-    take turns on the GPU), over the templates' space or the part `limits` keeps."""
+    take turns on the GPU), over the templates' space or the part `limits` keeps. The
+    shipped default is the first trial unless default_first is False (for measuring what
+    the sampler finds on its own; the default is still timed for the entry)."""
     pass_, dtype, head_dim, T, BH = (bucket[k] for k in ("pass_", "dtype", "head_dim", "T", "BH"))
     variant = bucket.get("variant", "")
     key = tuned_file.bucket_key(pass_, dtype, head_dim, T, BH, variant)
@@ -141,12 +144,13 @@ def tune_bucket(bucket: dict, *, trials: int, sampler: str, seed: int, storage,
     default = default_config(head_dim, DTYPES[dtype],
                              strategy="two_stage" if variant == "qsolve" else "fused")
     grid_space = grid(pass_, head_dim, variant, limits) if sampler == "grid" else None
-    study = optuna.create_study(study_name=study_name(key, sampler, limits),
+    name = study_name(key, sampler, limits) + ("" if default_first else ":no-default-first")
+    study = optuna.create_study(study_name=name,
                                 storage=storage, load_if_exists=True, direction="minimize",
                                 sampler=make_sampler(sampler, seed, grid_space, trials))
     default_params = params_of(default, pass_)
     space = choices(pass_, head_dim, variant, limits)
-    if not study.trials and sampler != "grid" and all(
+    if default_first and not study.trials and sampler != "grid" and all(
             value in space.get(param, [value]) for param, value in default_params.items()):
         study.enqueue_trial(default_params)  # the shipped default goes first
     request = dict(pass_=pass_, dtype=dtype, head_dim=head_dim, T=T, BH=BH, variant=variant)

@@ -1,0 +1,57 @@
+"""Optuna against an exhaustive sweep (bench/gpu-check.sh sweep): for each bucket, where the
+config each sampler study picked ranks in the sweep, and its time there (so both sides come
+from the sweep's own timings, one process, one GPU session).
+
+    python bench/sweep_compare.py GRID_JOURNAL TPE_JOURNAL [TPE_JOURNAL ...]
+
+Each journal holds the studies of one `dfgen tune` run; studies are matched by bucket key.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import optuna  # noqa: E402
+
+from dfgen.tuning.tuner import open_storage  # noqa: E402
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+DONE = (optuna.trial.TrialState.COMPLETE,)
+
+
+def studies(path):
+    """{bucket key: study} of one journal."""
+    storage = open_storage(path)
+    out = {}
+    for summary in optuna.get_all_study_summaries(storage):
+        key = summary.study_name.split(":")[1]
+        out[key] = optuna.load_study(study_name=summary.study_name, storage=storage)
+    return out
+
+
+def main(grid_path, *tpe_paths):
+    grids = studies(grid_path)
+    print("| bucket | sweep trials | sweep best ms | sampler run | trials | its pick's sweep ms | "
+          "pick / best | rank in sweep |")
+    print("|---|---|---|---|---|---|---|---|")
+    for key, grid in sorted(grids.items()):
+        timed = {tuple(sorted(t.params.items())): t.value for t in grid.get_trials(states=DONE)}
+        ranked = sorted(timed.values())
+        best = ranked[0]
+        for path in tpe_paths:
+            study = studies(path).get(key)
+            if study is None:
+                continue
+            trials = study.get_trials(states=DONE)
+            pick = min(trials, key=lambda t: t.value)
+            in_sweep = timed.get(tuple(sorted(pick.params.items())))
+            cells = ["not in the sweep", "-", "-"] if in_sweep is None else [
+                f"{in_sweep:.4f}", f"{in_sweep / best:.3f}", f"{ranked.index(in_sweep) + 1} of {len(ranked)}"]
+            print(f"| {key} | {len(timed)} | {best:.4f} | {os.path.basename(path)} | "
+                  f"{len(study.trials)} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 3:
+        sys.exit(__doc__)
+    main(*sys.argv[1:])
