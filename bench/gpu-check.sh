@@ -6,6 +6,7 @@
 # others' output.
 #   tests              GPU tests (all of tests/, GPU cases included; pytest-xdist if present)
 #   bench              forward table (candidates file) and forward+backward table
+#   benchfwd           the forward table alone, with the config the runtime picks
 #   benchbwd           the forward+backward table alone
 #   layer              the layer and dispatcher tests (fla comparison when fla is carried)
 #   overhead           per-call CPU overhead
@@ -46,6 +47,9 @@ while [ $# -gt 0 ]; do
       cat "$out/bench-fwd.txt"; grep "dfgen bench:" "$out/bench-fwd.err"
       capped "${CAP_BENCH_BWD:-150}" python3 -m dfgen.cli bench --backward > "$out/bench-fwdbwd.txt" 2> "$out/bench-fwdbwd.err" || status=1
       cat "$out/bench-fwdbwd.txt"; grep "dfgen bench:" "$out/bench-fwdbwd.err";;
+    benchfwd)
+      capped "${CAP_BENCH_FWD:-150}" python3 -m dfgen.cli bench > "$out/bench-fwd.txt" 2> "$out/bench-fwd.err" || status=1
+      cat "$out/bench-fwd.txt"; grep "dfgen bench:" "$out/bench-fwd.err";;
     benchbwd)
       capped "${CAP_BENCH_BWD:-150}" python3 -m dfgen.cli bench --backward > "$out/bench-fwdbwd.txt" 2> "$out/bench-fwdbwd.err" || status=1
       cat "$out/bench-fwdbwd.txt"; grep "dfgen bench:" "$out/bench-fwdbwd.err";;

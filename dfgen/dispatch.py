@@ -92,6 +92,19 @@ class Choice:
     source: str  # file and entry, or 'built-in default'
 
 
+def _entry_is_stale(entry) -> bool:
+    """An entry that a merge kept from other templates or another triton (its tuned_with)."""
+    tuned_with = entry.get("tuned_with")
+    if not tuned_with:
+        return False
+    import triton
+
+    from .templating import templates_hash
+
+    return str(tuned_with.get("templates", templates_hash())) != templates_hash() \
+        or str(tuned_with.get("triton", triton.__version__)) != triton.__version__
+
+
 class Dispatcher:
     """Resolves configs for one GPU identity; thread-safe; caches every lookup."""
 
@@ -178,7 +191,8 @@ class Dispatcher:
             return Choice(default, "built-in default")
         config = KernelConfig.from_dict(entry["config"], defaults=default)
         source = f"{self.path} [{entry_key}] ({self.match})"
-        must_validate = self.data.get("_stale") or os.environ.get("DFGEN_VALIDATE") == "1"
+        must_validate = self.data.get("_stale") or _entry_is_stale(entry) \
+            or os.environ.get("DFGEN_VALIDATE") == "1"
         if must_validate and not self._validate(config, entry, source):
             return Choice(default, f"built-in default ({source} failed validation)")
         log.debug("dfgen: %s/%s/d%d/T%d/BH%d -> %s", pass_, dtype, head_dim, T, BH, source)

@@ -17,6 +17,11 @@
         failures: ...
         variant: qsolve        optional: the case the entry was tuned for (qsolve: a
                                solve stage with its own queries, two-stage path)
+        tuned_with: {templates, triton, torch}
+                               optional: set on an entry kept by a merge whose provenance
+                               differs from the one it was tuned under (the provenance
+                               then describes the newer entries); such an entry is
+                               validated before first use, like a whole stale file's
 
 Read with yaml.safe_load and checked against this schema; written atomically (temporary
 file, then rename) and merged with what is already there, keys sorted for clean diffs.
@@ -38,7 +43,8 @@ from .files import atomic_write_text
 FORMAT = "dfgen-tuned/1"
 PASSES = ("fwd", "fwd+bwd")
 _ENTRY_KEYS = {"pass", "dtype", "head_dim", "T", "BH", "config", "median_ms", "default_ms",
-               "trials", "failures", "variant"}
+               "trials", "failures", "variant", "tuned_with"}
+_CARRIED = ("templates", "triton", "torch")  # provenance that can make an entry stale
 VARIANTS = ("", "qsolve")
 
 
@@ -105,14 +111,22 @@ def write(path: str | os.PathLike, data: Mapping) -> None:
 
 def merge(path: str | os.PathLike, provenance: Mapping, entries: Mapping[str, Mapping]) -> dict:
     """Add or replace `entries` in the file at `path` (created if missing), keeping every
-    other entry; the provenance becomes `provenance`. Returns what was written. Processes
-    merging into one file at once take turns (a lock file beside it)."""
+    other entry; the provenance becomes `provenance`, and a kept entry tuned under other
+    templates, triton or torch records those in its `tuned_with`. Returns what was written.
+    Processes merging into one file at once take turns (a lock file beside it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(path.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         data = read(path) if path.exists() else empty()
-        merged = dict(data["entries"])
+        old = data.get("provenance", {})
+        changed = {k: old[k] for k in _CARRIED
+                   if old.get(k) is not None and str(old[k]) != str(provenance.get(k))}
+        merged = {}
+        for key, entry in data["entries"].items():
+            if changed:  # an earlier tuned_with (the older truth) wins
+                entry = dict(entry, tuned_with=dict(changed, **entry.get("tuned_with", {})))
+            merged[key] = entry
         merged.update({key: dict(entry) for key, entry in entries.items()})
         out = {"format": FORMAT, "provenance": dict(provenance), "entries": merged}
         write(path, out)

@@ -130,6 +130,23 @@ def test_stale_file_is_validated_before_first_use(tmp_path):
     assert choice.config.solve["CHUNK"] == 32 and "[e]" in choice.source
 
 
+def test_entry_kept_from_other_templates_is_validated(tmp_path):
+    """A current file whose entry a merge kept from older templates (tuned_with): that
+    entry alone is validated at first use, and a bad one falls back to the default."""
+    key = "test-gpu" if torch.cuda.is_available() else "cpu-interpreter"
+    bad = entry(32, BH=2)
+    bad["head_dim"] = 48  # Triton refuses it: validation must fail
+    bad["tuned_with"] = {"templates": "0" * 12}
+    write(tmp_path, key, {"bad": bad})
+    ident = GpuIdentity(key, key, "none", 0, "CPU")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the file itself is current: no stale-file warning
+        disp = Dispatcher(ident, [tmp_path])
+    with pytest.warns(UserWarning, match="failed validation"):
+        choice = disp.choose("fwd", "fp32", 48, 32, 2)
+    assert choice.source.startswith("built-in default")
+
+
 def test_entry_failing_validation_falls_back(tmp_path, monkeypatch):
     """DFGEN_VALIDATE=1 checks a config at its first use; one that fails is replaced by the
     built-in default with a warning (here: head dim 48, which Triton refuses to compile)."""

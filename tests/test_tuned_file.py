@@ -26,6 +26,25 @@ def test_merge_keeps_other_entries_and_sorts(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_merge_marks_entries_kept_from_other_templates(tmp_path):
+    """A re-tune after the templates changed: the kept entries say what they were tuned
+    with (the file's provenance now describes the new ones); replaced entries do not, and
+    a third merge keeps the oldest record."""
+    path = tmp_path / "h200.yaml"
+    old, new = "a" * 12, "b" * 12
+    tuned_file.merge(path, {"gpu": "h200", "templates": old, "triton": "3.6.0"},
+                     {"fwd/bf16/d64/t1024/bh16": entry(), "fwd/bf16/d64/t2048/bh16": entry(2048)})
+    tuned_file.merge(path, {"gpu": "h200", "templates": new, "triton": "3.6.0"},
+                     {"fwd/bf16/d64/t2048/bh16": entry(2048)})
+    entries = tuned_file.read(path)["entries"]
+    assert entries["fwd/bf16/d64/t1024/bh16"]["tuned_with"] == {"templates": old}
+    assert "tuned_with" not in entries["fwd/bf16/d64/t2048/bh16"]
+    tuned_file.merge(path, {"gpu": "h200", "templates": "c" * 12, "triton": "3.7.0"},
+                     {"fwd/bf16/d64/t2048/bh16": entry(2048)})
+    entries = tuned_file.read(path)["entries"]
+    assert entries["fwd/bf16/d64/t1024/bh16"]["tuned_with"] == {"templates": old, "triton": "3.6.0"}
+
+
 def test_corrupt_and_foreign_files_name_the_problem(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("entries: [unclosed")
