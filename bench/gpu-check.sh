@@ -15,7 +15,7 @@
 #   varlen             packed variable-length throughput against an equal-length batch
 #   tune [MIN]         tune the buckets of $SHAPES (default bench/shapes-h200.yaml; MIN minutes
 #                      of search per bucket, default 0.5), merged into tuned/<gpu>.yaml (copied back)
-#   sweep              Optuna (TPE, 3 seeds, no default first) against an exhaustive sweep on two
+#   sweep              Optuna (TPE, 3 seeds, cold start) against an exhaustive sweep on two
 #                      buckets (bench/sweep-*.yaml); bench/sweep_compare.py ranks its picks in the sweep
 #   models             with the installed tuned file: dfgen show, dfgen check, the model
 #                      tests (torch.compile, CUDA graphs), and `dfgen bench` as the runtime picks
@@ -86,7 +86,7 @@ while [ $# -gt 0 ]; do
         n=$(python3 -c "import yaml,sys; e=list(yaml.safe_load(open('$out/sweep.yaml'))['entries'].values()); print(max(1, max(x['trials'] for x in e)//4))" 2>/dev/null || echo 4)
         for seed in 0 1 2; do
           capped "${CAP_SWEEP_TPE:-60}" python3 -m dfgen.cli tune --gpu "$gpu" --shapes "$b" --space "bench/$name.space" \
-            --trials "$n" --jobs 1 --seed $seed --no-default-first --storage "$out/sweep-tpe-seed$seed.journal" \
+            --trials "$n" --jobs 1 --seed $seed --cold-start --storage "$out/sweep-tpe-seed$seed.journal" \
             --out "$out/optuna.yaml" > "$out/$name-tpe-seed$seed.txt" 2>&1 || status=1
         done
         grep -h -E ": best" "$out/$name-grid.txt" "$out/$name"-tpe-*.txt

@@ -106,6 +106,19 @@ def _tune_workers(args) -> int:
     return max(codes)
 
 
+def _earlier_entries(out) -> dict:
+    """The entries of the tuned file a tune merges into (their configs are tried first);
+    none if it is missing or unreadable (the merge then reports the problem)."""
+    from . import tuned_file
+    from .errors import ConfigError
+
+    try:
+        return tuned_file.read(out)["entries"] if out.exists() else {}
+    except ConfigError as err:
+        print(f"dfgen tune: {err}; its configs are not re-tried", flush=True)
+        return {}
+
+
 def cmd_tune(args) -> int:
     if args.workers > 1:
         return _tune_workers(args)
@@ -149,12 +162,16 @@ def cmd_tune(args) -> int:
           + f", {jobs} candidate(s) at a time, sampler {args.sampler}"
           + (f", space limited by {args.space}" if args.space else "")
           + f", study storage {storage_spec} (optuna-dashboard reads it)", flush=True)
+    earlier = _earlier_entries(out)
     results = []
     for bucket in buckets:
+        key = tuned_file.bucket_key(bucket["pass_"], bucket["dtype"], bucket["head_dim"],
+                                    bucket["T"], bucket["BH"], bucket.get("variant", ""))
         result = tuner.tune_bucket(bucket, trials=trials, sampler=args.sampler, seed=args.seed,
                                    storage=storage, timeout_s=args.timeout, jobs=jobs,
                                    minutes=args.minutes, limits=limits,
-                                   default_first=not args.no_default_first)
+                                   previous=earlier.get(key, {}).get("config"),
+                                   cold_start=args.cold_start)
         results.append(result)
         # written after every bucket: an interrupted tune keeps what it finished
         tuned_file.merge(out, provenance, {result.key: result.entry})
@@ -252,9 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "postgresql://..., mysql://...) that processes on many hosts share")
     tune.add_argument("--workers", type=int, default=1,
                       help="processes sharing the study, one per GPU (default 1)")
-    tune.add_argument("--no-default-first", action="store_true",
-                      help="do not start from the shipped default config (to measure what the "
-                      "sampler finds on its own, e.g. against a --sampler grid sweep)")
+    tune.add_argument("--cold-start", action="store_true",
+                      help="do not try the shipped default and the --out file's config for the "
+                      "bucket first (to measure what the sampler finds on its own, e.g. "
+                      "against a --sampler grid sweep)")
     tune.add_argument("--timeout", type=float, default=600.0,
                       help="seconds one candidate may take (compile, check, timing)")
     tune.set_defaults(func=cmd_tune)

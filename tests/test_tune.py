@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from dfgen import tuned_file
-from dfgen.config import default_config
+from dfgen.config import KernelConfig, default_config
 from dfgen.errors import DfgenError
 from dfgen.tuning import tuner
+from dfgen.tuning.space import params_of
+from dfgen.validation import DTYPES
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU interpreter tune")
@@ -111,19 +113,28 @@ def test_failing_candidates_are_recorded_and_the_search_goes_on(tmp_path):
     assert any("timed out" in t.user_attrs.get("failure", "") for t in study.trials)
 
 
-@pytest.mark.parametrize("default_first", [True, False])
-def test_the_default_goes_first_unless_asked_not_to(tmp_path, default_first):
-    """The shipped default is the first (enqueued) trial; with default_first=False the
-    sampler picks every point itself (how a sweep comparison measures the sampler), in a
-    study of its own. Candidates fail fast here (tiny timeout): only the order matters."""
+@pytest.mark.parametrize("cold_start", [False, True])
+def test_default_and_earlier_entry_go_first_unless_cold_start(tmp_path, cold_start):
+    """A new study tries the shipped default, then the tuned file's config for the bucket
+    (a re-tune after a template change re-tries the earlier winner); a cold start lets the
+    sampler pick every point (how a sweep comparison measures it), in a study of its own.
+    Candidates fail fast here (tiny timeout): only the order matters."""
     db = f"sqlite:///{tmp_path / 'order.db'}"
+    bucket = tuner.CPU_BUCKETS[0]
+    default = default_config(bucket["head_dim"], DTYPES[bucket["dtype"]])
+    earlier = dict(default.to_dict(), solve=dict(default.solve, CHUNK=16, BLOCK_N=16))
     with pytest.raises(DfgenError, match="no candidate"):
-        tuner.tune_bucket(tuner.CPU_BUCKETS[0], trials=1, sampler="tpe", seed=0, storage=db,
-                          timeout_s=0.05, log=lambda *a: None, default_first=default_first)
+        tuner.tune_bucket(bucket, trials=3, sampler="tpe", seed=0, storage=db, timeout_s=0.05,
+                          log=lambda *a: None, previous=earlier, cold_start=cold_start)
     (summary,) = optuna.get_all_study_summaries(db)
-    assert summary.study_name.endswith(":no-default-first") != default_first
+    assert summary.study_name.endswith(":cold-start") == cold_start
     study = optuna.load_study(study_name=summary.study_name, storage=db)
-    assert ("fixed_params" in study.trials[0].system_attrs) == default_first
+    enqueued = [t.system_attrs.get("fixed_params") for t in study.trials]
+    if cold_start:
+        assert enqueued == [None] * 3
+    else:
+        assert enqueued[:2] == [params_of(default, bucket["pass_"]),
+                                params_of(KernelConfig.from_dict(earlier), bucket["pass_"])]
 
 
 def test_evaluate_reports_a_candidate_that_fails_to_compile():

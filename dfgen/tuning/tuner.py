@@ -14,14 +14,15 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import optuna
 import yaml
 
 from .. import __version__
-from ..config import default_config
+from ..config import KernelConfig, default_config
 from ..dispatch import gpu_key
-from ..errors import DfgenError
+from ..errors import ConfigError, DfgenError
 from ..templating import templates_hash
 from ..validation import DTYPES
 from .. import tuned_file
@@ -131,12 +132,14 @@ def evaluate(request: dict, timeout_s: float) -> dict:
 def tune_bucket(bucket: dict, *, trials: int, sampler: str, seed: int, storage,
                 timeout_s: float, retime: int = 2, log=print, jobs: int = 1,
                 minutes: float | None = None, limits: dict | None = None,
-                default_first: bool = True) -> BucketResult:
+                previous: Mapping | None = None, cold_start: bool = False) -> BucketResult:
     """Search one bucket: `trials` in all (a resumed study counts what it has), at most
     `minutes` of search, `jobs` candidates evaluated at once (they compile in parallel and
-    take turns on the GPU), over the templates' space or the part `limits` keeps. The
-    shipped default is the first trial unless default_first is False (for measuring what
-    the sampler finds on its own; the default is still timed for the entry)."""
+    take turns on the GPU), over the templates' space or the part `limits` keeps. A new
+    study's first trials are the shipped default and `previous` (the config the tuned file
+    holds for this bucket, so that a re-tune after a template change re-tries the earlier
+    winner); cold_start skips both (to measure what the sampler finds on its own; the
+    default is still timed for the entry)."""
     pass_, dtype, head_dim, T, BH = (bucket[k] for k in ("pass_", "dtype", "head_dim", "T", "BH"))
     variant = bucket.get("variant", "")
     key = tuned_file.bucket_key(pass_, dtype, head_dim, T, BH, variant)
@@ -144,15 +147,15 @@ def tune_bucket(bucket: dict, *, trials: int, sampler: str, seed: int, storage,
     default = default_config(head_dim, DTYPES[dtype],
                              strategy="two_stage" if variant == "qsolve" else "fused")
     grid_space = grid(pass_, head_dim, variant, limits) if sampler == "grid" else None
-    name = study_name(key, sampler, limits) + ("" if default_first else ":no-default-first")
+    name = study_name(key, sampler, limits) + (":cold-start" if cold_start else "")
     study = optuna.create_study(study_name=name,
                                 storage=storage, load_if_exists=True, direction="minimize",
                                 sampler=make_sampler(sampler, seed, grid_space, trials))
-    default_params = params_of(default, pass_)
-    space = choices(pass_, head_dim, variant, limits)
-    if default_first and not study.trials and sampler != "grid" and all(
-            value in space.get(param, [value]) for param, value in default_params.items()):
-        study.enqueue_trial(default_params)  # the shipped default goes first
+    if not study.trials and sampler != "grid" and not cold_start:
+        space = choices(pass_, head_dim, variant, limits)
+        for params in _start_points(default, previous, pass_, head_dim, backward, key, log):
+            if all(value in space.get(param, [value]) for param, value in params.items()):
+                study.enqueue_trial(params, skip_if_exists=True)
     request = dict(pass_=pass_, dtype=dtype, head_dim=head_dim, T=T, BH=BH, variant=variant)
 
     def objective(trial):
@@ -182,6 +185,20 @@ def tune_bucket(bucket: dict, *, trials: int, sampler: str, seed: int, storage,
                        show_progress_bar=sys.stderr.isatty(),
                        callbacks=[_report(log, key)])
     return _finish(study, key, request, default, pass_, seed, timeout_s, retime, log, jobs)
+
+
+def _start_points(default, previous, pass_, head_dim, backward, key, log) -> list:
+    """Trial parameters to try first: the shipped default, then the earlier entry's config
+    when it still fits the templates."""
+    points = [params_of(default, pass_)]
+    if previous is not None:
+        try:
+            config = KernelConfig.from_dict(previous, defaults=default).check(head_dim, backward)
+            points.append(params_of(config, pass_))
+        except (ConfigError, KeyError) as err:
+            log(f"{key}: the tuned file's config for this bucket no longer fits the templates "
+                f"({err}); not re-tried")
+    return points
 
 
 def _report(log, key):
