@@ -153,6 +153,10 @@ def cmd_tune(args) -> int:
     if args.passes:
         wanted = set(args.passes.split(","))
         buckets = [b for b in buckets if b["pass_"] in wanted]
+    if args.plot:
+        from .tuning import plot
+
+        plot.require_matplotlib()
     limits = tuner.load_space(args.space) if args.space else None
     jobs = args.jobs or (1 if interpreted else max(1, min(8, (os.cpu_count() or 2) // 2)))
     storage_spec = args.storage or str(cache_root() / "studies" / f"{provenance['gpu']}.journal")
@@ -175,6 +179,9 @@ def cmd_tune(args) -> int:
         results.append(result)
         # written after every bucket: an interrupted tune keeps what it finished
         tuned_file.merge(out, provenance, {result.key: result.entry})
+        if args.plot:
+            print(f"{result.key}: search plotted in "
+                  f"{plot.plot_search(result.study, result.key, result.entry, args.plot)}", flush=True)
     print(tuner.summary_table(results))
     print(f"wrote {out}")
     return 0
@@ -269,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "postgresql://..., mysql://...) that processes on many hosts share")
     tune.add_argument("--workers", type=int, default=1,
                       help="processes sharing the study, one per GPU (default 1)")
+    tune.add_argument("--plot", metavar="DIR", help="write a PNG of each bucket's search "
+                      "into DIR (needs matplotlib: pip install 'dfgen[plot]')")
     tune.add_argument("--cold-start", action="store_true",
                       help="do not try the shipped default and the --out file's config for the "
                       "bucket first (to measure what the sampler finds on its own, e.g. "

@@ -40,8 +40,11 @@ def test_interpreter_tune_writes_and_resumes(tmp_path):
     entry = tuned_file.read(out_file)["entries"]["fwd/bf16/d32/t40/bh2"]
     assert entry["trials"] == 3 and entry["median_ms"] > 0 and entry["default_ms"] > 0
     # an interrupted or shorter tune resumes: asking for 5 runs only 2 more
-    run("tune", "--gpu", "h200", "--trials", "5", "--out", str(out_file), "--storage", db)
+    out = run("tune", "--gpu", "h200", "--trials", "5", "--out", str(out_file), "--storage", db,
+              "--plot", str(tmp_path / "plots"))
     assert tuned_file.read(out_file)["entries"]["fwd/bf16/d32/t40/bh2"]["trials"] == 5
+    png = tmp_path / "plots" / "fwd_bf16_d32_t40_bh2.png"
+    assert f"search plotted in {png}" in out and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("kind", ["journal", "sqlite"])

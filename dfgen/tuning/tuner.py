@@ -65,6 +65,7 @@ class BucketResult:
     key: str
     entry: dict
     failures: int
+    study: "optuna.Study | None" = None  # for plots and reports
 
 
 SAMPLERS = ("tpe", "random", "grid")
@@ -254,7 +255,7 @@ def _finish(study, key, request, default, pass_, seed, timeout_s, retime, log, j
         del entry["default_ms"]
     log(f"{key}: best {best[1]:.4f} ms (default {default_ms if default_ms else float('nan'):.4f} ms, "
         f"noise {noise:.1%}) {best[0]}")
-    return BucketResult(key, entry, failures)
+    return BucketResult(key, entry, failures, study)
 
 
 def load_space(path) -> dict:
