@@ -208,7 +208,10 @@ def cmd_show(args) -> int:
     print(f"tuned file: {disp.path} ({disp.match})")
     for key, entry in sorted(disp.data["entries"].items()):
         choice = disp.choose(entry["pass"], entry["dtype"], entry["head_dim"], entry["T"], entry["BH"])
-        print(f"  {key} -> {choice.source}: {choice.config}")
+        older = entry.get("tuned_with")
+        note = (" [tuned with " + ", ".join(f"{k} {v}" for k, v in sorted(older.items()))
+                + ": checked against the reference at first use]") if older else ""
+        print(f"  {key} -> {choice.source}: {choice.config}{note}")
     return 0
 
 

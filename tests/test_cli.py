@@ -60,7 +60,7 @@ def test_show_and_check_with_a_user_tuned_folder(tmp_path, monkeypatch):
     key = gpu_key(torch.cuda.get_device_name()) if torch.cuda.is_available() else "cpu-interpreter"
     cfg = default_config(32, torch.float32).to_dict()
     cfg["solve"] = dict(cfg["solve"], CHUNK=16, BLOCK_N=16, LOOKAHEAD=1)
-    tuned_file.merge(tmp_path / f"{key}.yaml", {"gpu": key}, {"fwd/fp32/d32/t40/bh2": {
+    tuned_file.merge(tmp_path / f"{key}.yaml", {"gpu": key, "triton": "0.0.1"}, {"fwd/fp32/d32/t40/bh2": {
         "pass": "fwd", "dtype": "fp32", "head_dim": 32, "T": 40, "BH": 2, "config": cfg}})
     monkeypatch.setenv("DFGEN_TUNED_DIR", str(tmp_path))
     out = dfgen("show")
@@ -76,3 +76,6 @@ def test_show_and_check_with_a_user_tuned_folder(tmp_path, monkeypatch):
         "pass": "fwd", "dtype": "fp32", "head_dim": 48, "T": 40, "BH": 2, "config": bad}})
     out = dfgen("check", "--max-t", "40")
     assert out.returncode == 1 and "FAIL fwd/fp32/d48/t40/bh2" in out.stdout
+    # the merge kept the first entry from another triton: show says so
+    out = dfgen("show")
+    assert "fwd/fp32/d32/t40/bh2 ->" in out.stdout and "[tuned with triton 0.0.1: checked" in out.stdout
