@@ -14,7 +14,8 @@
 #   stages             each stage's time alone beside SDPA (bench/stages.py)
 #   varlen             packed variable-length throughput against an equal-length batch
 #   tune [MIN]         tune the buckets of $SHAPES (default bench/shapes-h200.yaml; MIN minutes
-#                      of search per bucket, default 0.5), merged into tuned/<gpu>.yaml (copied back)
+#                      of search per bucket, default 0.5; the candidates file tried first), merged
+#                      into tuned/<gpu>.yaml (copied back)
 #   sweep              Optuna (TPE, 3 seeds, cold start) against an exhaustive sweep on two
 #                      buckets (bench/sweep-*.yaml); bench/sweep_compare.py ranks its picks in the sweep
 #   models             with the installed tuned file: dfgen show, dfgen check, the model
@@ -72,7 +73,7 @@ while [ $# -gt 0 ]; do
     tune)
       minutes=0.5; [ $# -gt 1 ] && [[ "$2" =~ ^[0-9.]+$ ]] && { minutes=$2; shift; }
       capped "${CAP_TUNE:-480}" python3 -m dfgen.cli tune --gpu "$gpu" --shapes "${SHAPES:-bench/shapes-h200.yaml}" \
-        --space bench/space-h200-bf16.yaml --trials 200 --minutes "$minutes" --timeout 240 \
+        --space bench/space-h200-bf16.yaml --try bench/candidates-h200.yaml --trials 200 --minutes "$minutes" --timeout 240 \
         --storage "$out/tune.journal" --out "tuned/$gpu.yaml" > "$out/tune.txt" 2>&1 || status=1
       grep -E "^[a-z+]+/.*: best|^\|" "$out/tune.txt" | tail -n 40
       [ -f "tuned/$gpu.yaml" ] && cp "tuned/$gpu.yaml" "$out/$gpu.yaml" && echo "merged into tuned/$gpu.yaml";;

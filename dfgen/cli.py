@@ -119,6 +119,21 @@ def _earlier_entries(out) -> dict:
         return {}
 
 
+def _configs_to_try(path) -> list:
+    """--try FILE: a YAML config or list of configs (partial ones allowed: missing sections
+    come from each bucket's default)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(open(path))
+    except (OSError, yaml.YAMLError) as err:
+        raise SystemExit(f"dfgen tune: --try {path}: {err}")
+    items = data if isinstance(data, list) else [data]
+    if not all(isinstance(item, dict) for item in items):
+        raise SystemExit(f"dfgen tune: --try {path} must hold a config mapping or a list of them")
+    return items
+
+
 def cmd_tune(args) -> int:
     if args.workers > 1:
         return _tune_workers(args)
@@ -167,6 +182,7 @@ def cmd_tune(args) -> int:
           + (f", space limited by {args.space}" if args.space else "")
           + f", study storage {storage_spec} (optuna-dashboard reads it)", flush=True)
     earlier = _earlier_entries(out)
+    tried_first = _configs_to_try(args.try_configs) if args.try_configs else []
     results = []
     for bucket in buckets:
         key = tuned_file.bucket_key(bucket["pass_"], bucket["dtype"], bucket["head_dim"],
@@ -174,7 +190,7 @@ def cmd_tune(args) -> int:
         result = tuner.tune_bucket(bucket, trials=trials, sampler=args.sampler, seed=args.seed,
                                    storage=storage, timeout_s=args.timeout, jobs=jobs,
                                    minutes=args.minutes, limits=limits,
-                                   previous=earlier.get(key, {}).get("config"),
+                                   starts=[earlier[key]["config"]] * (key in earlier) + tried_first,
                                    cold_start=args.cold_start)
         results.append(result)
         # written after every bucket: an interrupted tune keeps what it finished
@@ -281,10 +297,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="processes sharing the study, one per GPU (default 1)")
     tune.add_argument("--plot", metavar="DIR", help="write a PNG of each bucket's search "
                       "into DIR (needs matplotlib: pip install 'dfgen[plot]')")
+    tune.add_argument("--try", dest="try_configs", metavar="FILE",
+                      help="YAML config or list of configs to try first in every bucket, after "
+                      "the default and the --out file's entry (e.g. bench/candidates-h200.yaml)")
     tune.add_argument("--cold-start", action="store_true",
-                      help="do not try the shipped default and the --out file's config for the "
-                      "bucket first (to measure what the sampler finds on its own, e.g. "
-                      "against a --sampler grid sweep)")
+                      help="try neither the shipped default, the --out file's config for the "
+                      "bucket nor --try configs first (to measure what the sampler finds on "
+                      "its own, e.g. against a --sampler grid sweep)")
     tune.add_argument("--timeout", type=float, default=600.0,
                       help="seconds one candidate may take (compile, check, timing)")
     tune.set_defaults(func=cmd_tune)

@@ -50,6 +50,18 @@ def test_bench_runs_the_pipeline():
     assert "| 1, 20, 1, 32 |" in out.stdout
 
 
+def test_tune_refuses_a_bad_try_file(tmp_path):
+    bad = tmp_path / "try.yaml"
+    bad.write_text("[1, 2]\n")
+    from dfgen.dispatch import gpu_key
+
+    here = gpu_key(torch.cuda.get_device_name()) if torch.cuda.is_available() else "h200"
+    out = dfgen("tune", "--gpu", here, "--try", str(bad), "--out", str(tmp_path / "t.yaml"),
+                "--storage", str(tmp_path / "s.journal"))
+    assert out.returncode != 0 and "must hold a config mapping or a list of them" in out.stderr
+    assert not (tmp_path / "t.yaml").exists()
+
+
 def test_show_and_check_with_a_user_tuned_folder(tmp_path, monkeypatch):
     """A tuned file in DFGEN_TUNED_DIR for the device here (the interpreter on a CPU
     machine): `dfgen show` resolves its entries to it, `dfgen check` validates them."""

@@ -118,17 +118,20 @@ def test_failing_candidates_are_recorded_and_the_search_goes_on(tmp_path):
 
 @pytest.mark.parametrize("cold_start", [False, True])
 def test_default_and_earlier_entry_go_first_unless_cold_start(tmp_path, cold_start):
-    """A new study tries the shipped default, then the tuned file's config for the bucket
-    (a re-tune after a template change re-tries the earlier winner); a cold start lets the
-    sampler pick every point (how a sweep comparison measures it), in a study of its own.
-    Candidates fail fast here (tiny timeout): only the order matters."""
+    """A new study tries the shipped default, then the start configs (the tuned file's
+    entry for the bucket, --try configs) that fit: here an earlier winner, and a broken
+    config that is skipped; a cold start lets the sampler pick every point (how a sweep
+    comparison measures it), in a study of its own. Candidates fail fast here (tiny
+    timeout): only the order matters."""
     db = f"sqlite:///{tmp_path / 'order.db'}"
     bucket = tuner.CPU_BUCKETS[0]
     default = default_config(bucket["head_dim"], DTYPES[bucket["dtype"]])
     earlier = dict(default.to_dict(), solve=dict(default.solve, CHUNK=16, BLOCK_N=16))
+    logs = []
     with pytest.raises(DfgenError, match="no candidate"):
         tuner.tune_bucket(bucket, trials=3, sampler="tpe", seed=0, storage=db, timeout_s=0.05,
-                          log=lambda *a: None, previous=earlier, cold_start=cold_start)
+                          log=logs.append, starts=[earlier, {"solve": {"CHUNK": 7}}],
+                          cold_start=cold_start)
     (summary,) = optuna.get_all_study_summaries(db)
     assert summary.study_name.endswith(":cold-start") == cold_start
     study = optuna.load_study(study_name=summary.study_name, storage=db)
@@ -136,8 +139,9 @@ def test_default_and_earlier_entry_go_first_unless_cold_start(tmp_path, cold_sta
     if cold_start:
         assert enqueued == [None] * 3
     else:
-        assert enqueued[:2] == [params_of(default, bucket["pass_"]),
-                                params_of(KernelConfig.from_dict(earlier), bucket["pass_"])]
+        assert enqueued == [params_of(default, bucket["pass_"]),
+                            params_of(KernelConfig.from_dict(earlier), bucket["pass_"]), None]
+        assert any("start config 2 does not fit" in line for line in logs)
 
 
 def test_evaluate_reports_a_candidate_that_fails_to_compile():

@@ -14,7 +14,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import optuna
 import yaml
@@ -133,14 +133,15 @@ def evaluate(request: dict, timeout_s: float) -> dict:
 def tune_bucket(bucket: dict, *, trials: int, sampler: str, seed: int, storage,
                 timeout_s: float, retime: int = 2, log=print, jobs: int = 1,
                 minutes: float | None = None, limits: dict | None = None,
-                previous: Mapping | None = None, cold_start: bool = False) -> BucketResult:
+                starts: Sequence[Mapping] = (), cold_start: bool = False) -> BucketResult:
     """Search one bucket: `trials` in all (a resumed study counts what it has), at most
     `minutes` of search, `jobs` candidates evaluated at once (they compile in parallel and
     take turns on the GPU), over the templates' space or the part `limits` keeps. A new
-    study's first trials are the shipped default and `previous` (the config the tuned file
-    holds for this bucket, so that a re-tune after a template change re-tries the earlier
-    winner); cold_start skips both (to measure what the sampler finds on its own; the
-    default is still timed for the entry)."""
+    study's first trials are the shipped default, then `starts` (configs such as the one
+    the tuned file holds for this bucket, so that a re-tune after a template change
+    re-tries the earlier winner; sections they lack come from the default); cold_start
+    skips them all (to measure what the sampler finds on its own; the default is still
+    timed for the entry)."""
     pass_, dtype, head_dim, T, BH = (bucket[k] for k in ("pass_", "dtype", "head_dim", "T", "BH"))
     variant = bucket.get("variant", "")
     key = tuned_file.bucket_key(pass_, dtype, head_dim, T, BH, variant)
@@ -154,7 +155,7 @@ def tune_bucket(bucket: dict, *, trials: int, sampler: str, seed: int, storage,
                                 sampler=make_sampler(sampler, seed, grid_space, trials))
     if not study.trials and sampler != "grid" and not cold_start:
         space = choices(pass_, head_dim, variant, limits)
-        for params in _start_points(default, previous, pass_, head_dim, backward, key, log):
+        for params in _start_points(default, starts, pass_, head_dim, backward, key, log):
             if all(value in space.get(param, [value]) for param, value in params.items()):
                 study.enqueue_trial(params, skip_if_exists=True)
     request = dict(pass_=pass_, dtype=dtype, head_dim=head_dim, T=T, BH=BH, variant=variant)
@@ -188,17 +189,17 @@ def tune_bucket(bucket: dict, *, trials: int, sampler: str, seed: int, storage,
     return _finish(study, key, request, default, pass_, seed, timeout_s, retime, log, jobs)
 
 
-def _start_points(default, previous, pass_, head_dim, backward, key, log) -> list:
-    """Trial parameters to try first: the shipped default, then the earlier entry's config
-    when it still fits the templates."""
+def _start_points(default, starts, pass_, head_dim, backward, key, log) -> list:
+    """Trial parameters to try first: the shipped default, then each of `starts` that
+    fits this bucket (sections it lacks taken from the default)."""
     points = [params_of(default, pass_)]
-    if previous is not None:
+    for i, start in enumerate(starts):
         try:
-            config = KernelConfig.from_dict(previous, defaults=default).check(head_dim, backward)
+            config = KernelConfig.from_dict(start, defaults=default).check(head_dim, backward)
             points.append(params_of(config, pass_))
         except (ConfigError, KeyError) as err:
-            log(f"{key}: the tuned file's config for this bucket no longer fits the templates "
-                f"({err}); not re-tried")
+            log(f"{key}: start config {i + 1} does not fit this bucket or the templates "
+                f"({err}); not tried")
     return points
 
 
