@@ -122,10 +122,12 @@ def _earlier_entries(out) -> dict:
 def _configs_to_try(path) -> list:
     """--try FILE: a YAML config or list of configs (partial ones allowed: missing sections
     come from each bucket's default)."""
+    from pathlib import Path
+
     import yaml
 
     try:
-        data = yaml.safe_load(open(path))
+        data = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as err:
         raise SystemExit(f"dfgen tune: --try {path}: {err}")
     items = data if isinstance(data, list) else [data]
@@ -173,6 +175,7 @@ def cmd_tune(args) -> int:
 
         plot.require_matplotlib()
     limits = tuner.load_space(args.space) if args.space else None
+    tried_first = _configs_to_try(args.try_configs) if args.try_configs else []
     jobs = args.jobs or (1 if interpreted else max(1, min(8, (os.cpu_count() or 2) // 2)))
     storage_spec = args.storage or str(cache_root() / "studies" / f"{provenance['gpu']}.journal")
     storage = tuner.open_storage(storage_spec)
@@ -182,7 +185,6 @@ def cmd_tune(args) -> int:
           + (f", space limited by {args.space}" if args.space else "")
           + f", study storage {storage_spec} (optuna-dashboard reads it)", flush=True)
     earlier = _earlier_entries(out)
-    tried_first = _configs_to_try(args.try_configs) if args.try_configs else []
     results = []
     for bucket in buckets:
         key = tuned_file.bucket_key(bucket["pass_"], bucket["dtype"], bucket["head_dim"],

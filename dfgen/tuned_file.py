@@ -20,8 +20,9 @@
         tuned_with: {templates, triton, torch}
                                optional: set on an entry kept by a merge whose provenance
                                differs from the one it was tuned under (the provenance
-                               then describes the newer entries); such an entry is
-                               validated before first use, like a whole stale file's
+                               then describes the newer entries); when its templates
+                               or triton differ from the running ones it is validated
+                               before first use, like a whole stale file's entries
 
 Read with yaml.safe_load and checked against this schema; written atomically (temporary
 file, then rename) and merged with what is already there, keys sorted for clean diffs.

@@ -155,9 +155,12 @@ def tune_bucket(bucket: dict, *, trials: int, sampler: str, seed: int, storage,
                                 sampler=make_sampler(sampler, seed, grid_space, trials))
     if not study.trials and sampler != "grid" and not cold_start:
         space = choices(pass_, head_dim, variant, limits)
-        for params in _start_points(default, starts, pass_, head_dim, backward, key, log):
+        for i, params in enumerate(_start_points(default, starts, pass_, head_dim, backward, key, log)):
             if all(value in space.get(param, [value]) for param, value in params.items()):
                 study.enqueue_trial(params, skip_if_exists=True)
+            else:
+                log(f"{key}: {'the default' if i == 0 else 'a start config'} lies outside "
+                    "the searched space; not tried first")
     request = dict(pass_=pass_, dtype=dtype, head_dim=head_dim, T=T, BH=BH, variant=variant)
 
     def objective(trial):
