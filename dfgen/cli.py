@@ -192,7 +192,8 @@ def cmd_tune(args) -> int:
         result = tuner.tune_bucket(bucket, trials=trials, sampler=args.sampler, seed=args.seed,
                                    storage=storage, timeout_s=args.timeout, jobs=jobs,
                                    minutes=args.minutes, limits=limits,
-                                   starts=[earlier[key]["config"]] * (key in earlier) + tried_first,
+                                   starts=([earlier[key]["config"]] if key in earlier else [])
+                                   + tried_first,
                                    cold_start=args.cold_start)
         results.append(result)
         # written after every bucket: an interrupted tune keeps what it finished
