@@ -23,12 +23,16 @@ CPU_CASES = [
     (1, 83, 2, 64, solve(16, 16, L=3, split=True)),
     (2, 77, 1, 32, solve(32, 32, L=2, split=True, precision="tf32")),
     (1, 20, 1, 64, solve(64, 32)),
+    # key blocks of two chunks: odd and even prefix lengths, so some blocks are half masked
+    (1, 70, 1, 32, solve(16, 32)),
+    (2, 83, 2, 32, solve(16, 32, L=2, fp16_inverse=True)),
 ]
 GPU_CASES = [
     (2, 1000, 3, 64, solve(64, 64, precision="tf32")),
     (1, 4097, 2, 128, solve(64, 64, L=2, fp16_inverse=True, precision="tf32", split=True)),
     (1, 8192, 2, 128, solve(32, 32, L=3, fp16_inverse=True, precision="tf32")),
     (2, 2049, 2, 64, solve(128, 64, fp16_inverse=True, precision="tf32", warps=8)),
+    (2, 3001, 4, 64, solve(64, 128, L=2, fp16_inverse=True, precision="tf32", stages=3)),
 ]
 
 

@@ -58,8 +58,11 @@ def test_infeasible_and_unknown_knobs_are_rejected_by_name():
     knobs = dict(default_config(64).solve)
     with pytest.raises(ConfigError, match="CHUNK=48"):
         spec("solve_fwd").check({**knobs, "CHUNK": 48}, 64)
-    with pytest.raises(ConfigError, match="BLOCK_N <= CHUNK"):
-        spec("solve_fwd").check({**knobs, "CHUNK": 32, "BLOCK_N": 64, "LOOKAHEAD": 1}, 64)
+    with pytest.raises(ConfigError, match="CHUNK % BLOCK_N == 0 or BLOCK_N == 2 \\* CHUNK"):
+        spec("solve_fwd").check({**knobs, "CHUNK": 16, "BLOCK_N": 64, "LOOKAHEAD": 1}, 64)
+    spec("solve_fwd").check({**knobs, "CHUNK": 64, "BLOCK_N": 128}, 64)  # two chunks a block
+    with pytest.raises(ConfigError, match="BLOCK_N <= CHUNK or BLOCK_N \\* HEAD_DIM <= 8192"):
+        spec("solve_fwd").check({**knobs, "CHUNK": 64, "BLOCK_N": 128}, 128)
     with pytest.raises(ConfigError, match="unknown \\['BOGUS'\\]"):
         spec("solve_fwd").check({**knobs, "BOGUS": 1}, 64)
     with pytest.raises(ConfigError, match="missing \\['CHUNK'\\]"):

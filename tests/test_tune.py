@@ -182,8 +182,8 @@ def test_space_limits_are_checked():
         choices("fwd", 32, limits={"solve.CHUNKS": [32]})
     with pytest.raises(DfgenError, match=r"solve.CHUNK: \[48\] not among"):
         choices("fwd", 32, limits={"solve.CHUNK": [48]})
-    with pytest.raises(DfgenError, match="no combination of solve"):  # BLOCK_N > CHUNK only
-        choices("fwd", 32, limits={"solve.CHUNK": 16, "solve.BLOCK_N": 32})
+    with pytest.raises(DfgenError, match="no combination of solve"):  # BLOCK_N = 4 * CHUNK only
+        choices("fwd", 32, limits={"solve.CHUNK": 16, "solve.BLOCK_N": 64})
     with pytest.raises(DfgenError, match="one strategy"):
         grid("fwd", 32)
     # a backward limit is accepted (and unused) for a forward-only bucket
@@ -201,7 +201,8 @@ def test_space_holds_only_feasible_points_and_round_trips():
         space = choices(pass_, head_dim, limits={"strategy": "two_stage"})
         assert "solve.CHUNK/BLOCK_N/LOOKAHEAD" in space and "solve.CHUNK" not in space
         assert "128/16/1" in space["solve.CHUNK/BLOCK_N/LOOKAHEAD"]  # 128 * 128 <= 16384
-        assert "16/32/1" not in space["solve.CHUNK/BLOCK_N/LOOKAHEAD"]  # BLOCK_N > CHUNK
+        assert "16/64/1" not in space["solve.CHUNK/BLOCK_N/LOOKAHEAD"]  # BLOCK_N = 4 * CHUNK
+        assert ("64/128/1" in space["solve.CHUNK/BLOCK_N/LOOKAHEAD"]) == (head_dim == 64)  # two chunks
         assert "128/64/3" not in space["solve.CHUNK/BLOCK_N/LOOKAHEAD"]  # LOOKAHEAD * CHUNK > 256
         if pass_ == "fwd+bwd":
             assert 128 not in space["attn_bwd.BLOCK_M"]  # 128 * 128 > 8192
@@ -243,9 +244,10 @@ def test_grid_sweep_is_exhaustive_and_runs_jobs_in_parallel(tmp_path):
 
 
 def test_a_sweep_times_only_feasible_points(tmp_path):
-    """A space of CHUNK 16 with BLOCK_N 16 or 32 holds one feasible point (BLOCK_N <= CHUNK):
-    the sweep times that one and nothing is spent on the other."""
-    out, study = _grid_sweep(tmp_path, 16, [16, 32], 5)
+    """A space of CHUNK 16 with BLOCK_N 16 or 64 holds one feasible point (a key block
+    divides the chunk or is two chunks): the sweep times that one and nothing is spent on
+    the other."""
+    out, study = _grid_sweep(tmp_path, 16, [16, 64], 5)
     assert "1 trials (0 already in the study)" in out
     (trial,) = study.trials
     assert trial.params["solve.CHUNK/BLOCK_N/LOOKAHEAD"] == "16/16/1"
