@@ -2,9 +2,15 @@
 torch SDPA's causal forward and forward+backward, in one process (GPU; bf16; fresh random
 inputs; triton.testing.do_bench medians). Tells where the time of one training step goes.
 
+"solve_fwd, no waits" runs the forward solve with every chunk's flag already set and u
+already solved (from a first run): the same work without the wavefront's chain, so the
+gap to "solve_fwd (o)" is what the sequential dependency costs (it includes one small
+copy that sets the flags).
+
     python bench/stages.py [--shapes "1,4096,16,128;8,1024,32,64"] [--config cfg.yaml]
 """
 import argparse
+import math
 import os
 import sys
 
@@ -12,7 +18,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from dfgen import backward, forward  # noqa: E402
+from dfgen import backward, codegen, forward  # noqa: E402
 from dfgen.bench import GPU_SHAPES, load_configs, parse_shapes, sdpa_causal  # noqa: E402
 from dfgen.config import default_config  # noqa: E402
 from dfgen.validation import random_inputs  # noqa: E402
@@ -20,6 +26,28 @@ from dfgen.validation import random_inputs  # noqa: E402
 
 def median_ms(fn):
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def _without_waits(q, k, v, beta, knobs):
+    """A launch of the forward solve whose flags are all set and whose u is already the
+    solution: every wait passes at once and each program rewrites the same u."""
+    B, T, H, D = q.shape
+    module = codegen.load("solve_fwd", q.dtype, D, knobs)
+    u, o = torch.empty_like(q), torch.empty_like(q)
+    lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
+    n_flags = B * H * -(-T // module.CHUNK_ROWS)
+    sync = torch.zeros(1 + n_flags, dtype=torch.int32, device=q.device)
+    module.launch(q, k, v, beta, u, o, None, lse, sync, 1.0 / math.sqrt(D))  # solves u
+    expected = o.clone()
+    ready = torch.ones_like(sync)
+    ready[0] = 0  # the ticket counter starts at zero
+
+    def run():
+        sync.copy_(ready)
+        module.launch(q, k, v, beta, u, o, None, lse, sync, 1.0 / math.sqrt(D))
+    run()
+    assert torch.equal(o, expected), "a run without waits must give the same output"
+    return run
 
 
 def stage_times(shape, dtype, config):
@@ -31,6 +59,7 @@ def stage_times(shape, dtype, config):
     dv, e, dbeta, delta, dsd = backward.reverse_sweep(q, k, do, u, a, beta, lse, cfg.solve_bwd)
     times = {
         "solve_fwd (o)": median_ms(lambda: forward.solve_stage(q, k, v, beta, cfg.solve, write_o=True)),
+        "solve_fwd, no waits": median_ms(_without_waits(q, k, v, beta, cfg.solve)),
         "solve_fwd (o, a)": median_ms(lambda: forward.forward(q, k, v, beta, cfg, for_backward=True)),
         "solve_bwd": median_ms(lambda: backward.reverse_sweep(q, k, do, u, a, beta, lse, cfg.solve_bwd)),
         "attn_bwd": median_ms(lambda: backward.query_key_grads(q, k, u, e, lse, delta, dsd, cfg.attn_bwd)),
