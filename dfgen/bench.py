@@ -228,10 +228,9 @@ def run(shapes=None, dtype=torch.bfloat16, configs=None, with_fla=True, verbose=
 def runtime_choice(shape, dtype, device, backward: bool):
     """The dispatcher's Choice for a [B, T, H, D] call (tuned entry or built-in default)."""
     from .dispatch import dispatcher_for
-
-    B, T, H, D = shape
     from .templating import dtype_name
 
+    B, T, H, D = shape
     return dispatcher_for(device).choose("fwd+bwd" if backward else "fwd", dtype_name(dtype), D, T, B * H)
 
 
@@ -241,10 +240,15 @@ def parse_shapes(text: str) -> list[tuple]:
 
 
 def load_configs(path) -> list[KernelConfig]:
-    """A YAML file holding one forward config or a list of them."""
+    """A YAML file holding one config or a list of them (sections a config lacks stay
+    empty; callers fill them from a default)."""
     import yaml
+
+    from .errors import ConfigError
 
     with open(path) as handle:
         data = yaml.safe_load(handle)
     items = data if isinstance(data, list) else [data]
+    if not items or not all(isinstance(item, dict) for item in items):
+        raise ConfigError(f"{path} must hold a config mapping or a list of them")
     return [KernelConfig.from_dict(item) for item in items]

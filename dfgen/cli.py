@@ -120,20 +120,17 @@ def _earlier_entries(out) -> dict:
 
 
 def _configs_to_try(path) -> list:
-    """--try FILE: a YAML config or list of configs (partial ones allowed: missing sections
-    come from each bucket's default)."""
-    from pathlib import Path
-
+    """--try FILE (a config or a list, as `dfgen bench --configs` reads): their dict forms;
+    sections a config lacks come from each bucket's default."""
     import yaml
 
+    from .bench import load_configs
+    from .errors import ConfigError
+
     try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as err:
+        return [config.to_dict() for config in load_configs(path)]
+    except (OSError, yaml.YAMLError, ConfigError) as err:
         raise SystemExit(f"dfgen tune: --try {path}: {err}")
-    items = data if isinstance(data, list) else [data]
-    if not all(isinstance(item, dict) for item in items):
-        raise SystemExit(f"dfgen tune: --try {path} must hold a config mapping or a list of them")
-    return items
 
 
 def cmd_tune(args) -> int:

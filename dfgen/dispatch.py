@@ -92,17 +92,18 @@ class Choice:
     source: str  # file and entry, or 'built-in default'
 
 
-def _entry_is_stale(entry) -> bool:
-    """An entry that a merge kept from other templates or another triton (its tuned_with)."""
-    tuned_with = entry.get("tuned_with")
-    if not tuned_with:
-        return False
+def _tuned_with_other_versions(record) -> list[str]:
+    """What of a file's provenance, or of an entry's tuned_with, differs from the running
+    triton and templates ("triton 3.5.0 (now 3.6.0)", ...); empty when nothing does."""
     import triton
 
     from .templating import templates_hash
 
-    return str(tuned_with.get("templates", templates_hash())) != templates_hash() \
-        or str(tuned_with.get("triton", triton.__version__)) != triton.__version__
+    stale = []
+    for name, now in (("triton", triton.__version__), ("templates", templates_hash())):
+        if record.get(name) and str(record[name]) != now:
+            stale.append(f"{name} {record[name]} (now {now})")
+    return stale
 
 
 class Dispatcher:
@@ -152,16 +153,7 @@ class Dispatcher:
         return None, None, "none"
 
     def _check_versions(self, path: Path, data: dict) -> dict:
-        import triton
-
-        from .templating import templates_hash
-
-        prov = data.get("provenance", {})
-        stale = []
-        if prov.get("triton") and str(prov["triton"]) != triton.__version__:
-            stale.append(f"triton {prov['triton']} (now {triton.__version__})")
-        if prov.get("templates") and str(prov["templates"]) != templates_hash():
-            stale.append(f"templates {prov['templates']} (now {templates_hash()})")
+        stale = _tuned_with_other_versions(data.get("provenance", {}))
         data["_stale"] = bool(stale)
         if stale:
             warnings.warn(f"dfgen: {path} was tuned with {', '.join(stale)}; its entries are "
@@ -191,8 +183,8 @@ class Dispatcher:
             return Choice(default, "built-in default")
         config = KernelConfig.from_dict(entry["config"], defaults=default)
         source = f"{self.path} [{entry_key}] ({self.match})"
-        must_validate = self.data.get("_stale") or _entry_is_stale(entry) \
-            or os.environ.get("DFGEN_VALIDATE") == "1"
+        must_validate = self.data.get("_stale") or os.environ.get("DFGEN_VALIDATE") == "1" \
+            or bool(_tuned_with_other_versions(entry.get("tuned_with", {})))
         if must_validate and not self._validate(config, entry, source):
             return Choice(default, f"built-in default ({source} failed validation)")
         log.debug("dfgen: %s/%s/d%d/T%d/BH%d -> %s", pass_, dtype, head_dim, T, BH, source)

@@ -119,10 +119,9 @@ def _stage(section: str) -> str:
     return next(stage for name, stage, _ in SECTIONS if name == section)
 
 
-def suggest(trial, pass_: str, head_dim: int, variant: str = "",
-            limits: dict | None = None) -> KernelConfig:
-    """Sample a config with an Optuna trial (parameters as in `choices`)."""
-    space = choices(pass_, head_dim, variant, limits)
+def suggest(trial, pass_: str, space: dict) -> KernelConfig:
+    """Sample a config with an Optuna trial from `space` (what `choices` returns, computed
+    once per bucket)."""
     strategy = trial.suggest_categorical("strategy", space["strategy"])
     params = {"strategy": strategy}
     for param, values in space.items():

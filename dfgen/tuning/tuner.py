@@ -148,13 +148,13 @@ def tune_bucket(bucket: dict, *, trials: int, sampler: str, seed: int, storage,
     backward = pass_ == "fwd+bwd"
     default = default_config(head_dim, DTYPES[dtype],
                              strategy="two_stage" if variant == "qsolve" else "fused")
+    space = choices(pass_, head_dim, variant, limits)
     grid_space = grid(pass_, head_dim, variant, limits) if sampler == "grid" else None
     name = study_name(key, sampler, limits) + (":cold-start" if cold_start else "")
     study = optuna.create_study(study_name=name,
                                 storage=storage, load_if_exists=True, direction="minimize",
                                 sampler=make_sampler(sampler, seed, grid_space, trials))
     if not study.trials and sampler != "grid" and not cold_start:
-        space = choices(pass_, head_dim, variant, limits)
         for i, params in enumerate(_start_points(default, starts, pass_, head_dim, backward, key, log)):
             if all(value in space.get(param, [value]) for param, value in params.items()):
                 study.enqueue_trial(params, skip_if_exists=True)
@@ -164,7 +164,7 @@ def tune_bucket(bucket: dict, *, trials: int, sampler: str, seed: int, storage,
     request = dict(pass_=pass_, dtype=dtype, head_dim=head_dim, T=T, BH=BH, variant=variant)
 
     def objective(trial):
-        config = suggest(trial, pass_, head_dim, variant, limits)  # feasible by construction
+        config = suggest(trial, pass_, space)  # feasible by construction
         config.check(head_dim, backward=backward)
         for old in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
             if old.params == trial.params:  # a duplicate point is not timed twice
