@@ -37,25 +37,23 @@ gpu=$(python3 -c "import torch; from dfgen.dispatch import gpu_key; print(gpu_ke
 xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
 status=0
 capped() { local cap=$1; shift; timeout -k 10 "$cap" "$@"; local rc=$?; [ $rc -eq 124 ] && echo "(stopped at the ${cap} s cap)"; return $rc; }
+bench_table() {  # bench_table NAME CAP [dfgen bench args...]: the table, then each row's line
+  local name=$1 cap=$2; shift 2
+  capped "$cap" python3 -m dfgen.cli bench "$@" > "$out/bench-$name.txt" 2> "$out/bench-$name.err" || status=1
+  cat "$out/bench-$name.txt"; grep "dfgen bench:" "$out/bench-$name.err"
+}
 while [ $# -gt 0 ]; do
   start=$SECONDS; phase=$1
   case "$1" in
     tests)
       capped "${CAP_TESTS:-300}" python3 -m pytest -q -p no:cacheprovider $xdist tests > "$out/pytest.txt" 2>&1 || status=1
       grep -E "^(FAILED|ERROR)" "$out/pytest.txt" | head -20; tail -n 2 "$out/pytest.txt";;
-    bench)
-      capped "${CAP_BENCH_FWD:-150}" python3 -m dfgen.cli bench --configs bench/candidates-h200.yaml > "$out/bench-fwd.txt" 2> "$out/bench-fwd.err" || status=1
-      cat "$out/bench-fwd.txt"; grep "dfgen bench:" "$out/bench-fwd.err"
-      capped "${CAP_BENCH_BWD:-150}" python3 -m dfgen.cli bench --backward > "$out/bench-fwdbwd.txt" 2> "$out/bench-fwdbwd.err" || status=1
-      cat "$out/bench-fwdbwd.txt"; grep "dfgen bench:" "$out/bench-fwdbwd.err";;
-    benchfwd)
-      capped "${CAP_BENCH_FWD:-150}" python3 -m dfgen.cli bench > "$out/bench-fwd.txt" 2> "$out/bench-fwd.err" || status=1
-      cat "$out/bench-fwd.txt"; grep "dfgen bench:" "$out/bench-fwd.err";;
-    benchbwd)
-      capped "${CAP_BENCH_BWD:-150}" python3 -m dfgen.cli bench --backward > "$out/bench-fwdbwd.txt" 2> "$out/bench-fwdbwd.err" || status=1
-      cat "$out/bench-fwdbwd.txt"; grep "dfgen bench:" "$out/bench-fwdbwd.err";;
-    bwdrow)
-      capped "${CAP_BWDROW:-90}" python3 -m dfgen.cli bench --backward --shapes "${ROW:-1,4096,16,128}" > "$out/bench-bwdrow.txt" 2>&1 || status=1; grep -v "^dfgen bench:" "$out/bench-bwdrow.txt";;
+    bench)  # forward over the candidates file, then forward+backward as the runtime picks
+      bench_table fwd "${CAP_BENCH_FWD:-150}" --configs bench/candidates-h200.yaml
+      bench_table fwdbwd "${CAP_BENCH_BWD:-150}" --backward;;
+    benchfwd) bench_table fwd "${CAP_BENCH_FWD:-150}";;
+    benchbwd) bench_table fwdbwd "${CAP_BENCH_BWD:-150}" --backward;;
+    bwdrow) bench_table bwdrow "${CAP_BWDROW:-90}" --backward --shapes "${ROW:-1,4096,16,128}";;
     fla)
       capped "${CAP_FLA:-60}" python3 -m pytest -q -s -p no:cacheprovider tests/test_layer.py -k fla > "$out/fla.txt" 2>&1 || status=1
       grep -E "^E |passed|failed|relative errors" "$out/fla.txt" | head;;
