@@ -20,6 +20,7 @@ from .templating import spec
 
 STRATEGIES = ("fused", "two_stage")
 _SECTIONS = ("solve", "attn", "solve_bwd", "attn_bwd")
+_STAGE_OF = {"solve": "solve_fwd", "attn": "attn_fwd", "solve_bwd": "solve_bwd", "attn_bwd": "attn_bwd"}
 _checked: set = set()  # (config key, head dim, backward) already validated: checks are pure
 _filled: dict = {}  # (config key, defaults key) -> the config with empty sections filled
 
@@ -34,8 +35,13 @@ class KernelConfig:
 
     def __post_init__(self):
         # read-only sections: a config may be shared (cached defaults, tuned entries)
+        # knobs a section leaves out that have a default (knobs added after it was written)
+        # are filled in, so that equal configs compare, hash and serialize equal
         for name in _SECTIONS:
-            object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
+            knobs = getattr(self, name)
+            if knobs:
+                knobs = spec(_STAGE_OF[name]).complete(knobs)
+            object.__setattr__(self, name, MappingProxyType(dict(knobs)))
         object.__setattr__(self, "json", json.dumps(self.to_dict(), sort_keys=True))
         object.__setattr__(self, "_key", tuple(
             (name, tuple(sorted(getattr(self, name).items()))) for name in _SECTIONS)

@@ -38,12 +38,16 @@ def templates_dir() -> Path:
     raise FileNotFoundError(f"dfgen templates not found next to {here}")
 
 
+NO_DEFAULT = object()  # a knob every config must set
+
+
 @dataclass(frozen=True)
 class Knob:
     name: str
     values: tuple
     doc: str
     abbr: str
+    default: Any = NO_DEFAULT  # filled in when a config leaves the knob out (a knob added later)
 
 
 @dataclass(frozen=True)
@@ -57,12 +61,13 @@ class TemplateSpec:
     def check(self, knobs: Mapping[str, Any], head_dim: int) -> None:
         """Raise ConfigError unless `knobs` names every knob with an allowed value and
         satisfies every constraint at this head dim."""
-        missing = sorted(set(self.knobs) - set(knobs))
+        missing = sorted(n for n, k in self.knobs.items() if n not in knobs and k.default is NO_DEFAULT)
         unknown = sorted(set(knobs) - set(self.knobs))
         if missing or unknown:
             raise ConfigError(
-                f"{self.stage}: config must set exactly {sorted(self.knobs)}; "
-                f"missing {missing}, unknown {unknown}")
+                f"{self.stage}: config must set exactly {sorted(self.knobs)} "
+                f"(optional: {self.optional()}); missing {missing}, unknown {unknown}")
+        knobs = self.complete(knobs)
         for name, knob in self.knobs.items():
             if knobs[name] not in knob.values:
                 raise ConfigError(
@@ -73,6 +78,17 @@ class TemplateSpec:
                 raise ConfigError(
                     f"{self.stage}: constraint `{expr}` fails for "
                     f"{dict(sorted(knobs.items()))} at HEAD_DIM={head_dim}")
+
+    def optional(self) -> list[str]:
+        """The knobs with a default, which a config may leave out."""
+        return sorted(n for n, k in self.knobs.items() if k.default is not NO_DEFAULT)
+
+    def complete(self, knobs: Mapping[str, Any]) -> dict[str, Any]:
+        """`knobs` with every knob it leaves out that has a default set to that default."""
+        if all(name in knobs for name in self.knobs):
+            return dict(knobs)
+        return {**{n: k.default for n, k in self.knobs.items()
+                   if n not in knobs and k.default is not NO_DEFAULT}, **knobs}
 
     def knob_groups(self) -> list[tuple[str, ...]]:
         """The knobs in groups that the constraints tie together (each in declaration order;
@@ -135,8 +151,13 @@ def parse_header(text: str, path: Path) -> TemplateSpec:
     if not match:
         raise ConfigError(f"{path}: no `{{#- dfgen-knobs ... -#}}` header")
     meta = yaml.safe_load(match.group(1))
-    knobs = {name: Knob(name, tuple(spec["values"]), spec.get("doc", ""), spec["abbr"])
+    knobs = {name: Knob(name, tuple(spec["values"]), spec.get("doc", ""), spec["abbr"],
+                        spec.get("default", NO_DEFAULT))
              for name, spec in meta["knobs"].items()}
+    for knob in knobs.values():
+        if knob.default is not NO_DEFAULT and knob.default not in knob.values:
+            raise ConfigError(f"{path}: the default of {knob.name}, {knob.default!r}, "
+                              f"is not one of its values {list(knob.values)}")
     return TemplateSpec(stage=meta["stage"], path=path, doc=meta.get("doc", ""), knobs=knobs,
                         constraints=tuple(meta.get("constraints", ())))
 
@@ -186,8 +207,10 @@ def dtype_name(dtype) -> str:
 
 def specialization_name(stage: str, dtype, head_dim: int, knobs: Mapping[str, Any]) -> str:
     """Readable, unique name of one specialization; also its cache key and file stem."""
-    declared = spec(stage).knobs
-    parts = [f"{declared[k].abbr}{v}" if k in declared else f"{k}{v}" for k, v in sorted(knobs.items())]
+    tspec = spec(stage)
+    declared = tspec.knobs
+    parts = [f"{declared[k].abbr}{v}" if k in declared else f"{k}{v}"
+             for k, v in sorted(tspec.complete(knobs).items())]
     return f"{stage}__{dtype_name(dtype)}_d{head_dim}__" + "_".join(parts)
 
 
@@ -195,6 +218,7 @@ def render(stage: str, dtype, head_dim: int, knobs: Mapping[str, Any]) -> str:
     """Triton source of `stage` for this dtype, head dim and knob values."""
     tspec = spec(stage)
     tspec.check(knobs, head_dim)
+    knobs = tspec.complete(knobs)
     dt = dtype_name(dtype)
     context = dict(
         name=specialization_name(stage, dtype, head_dim, knobs),
