@@ -27,7 +27,7 @@ from dfgen.config import default_config  # noqa: E402
 
 FP32_POINTERS = {"LSE", "DELTA", "DSD", "DBETA", "BETA", "DU"}
 INT_POINTERS = {"SYNC", "CU"}
-FIXED = {"TRACE": False}  # constexprs compiled at one value (TRACE: a GPU-only timing aid)
+FIXED = {"TRACE": False, "PTX_WAIT": True}  # constexprs compiled at one value (TRACE: a GPU-only timing aid; PTX_WAIT: what a GPU runs)
 UNALIGNED = {"T", "H", "GROUP", "n_bh", "n_chunks", "sm_scale"}
 
 

@@ -69,3 +69,15 @@ def test_two_processes_render_at_once(tmp_path):
     files = list(Path(outs[0][0].strip()).parent.iterdir())
     assert len([f for f in files if f.suffix == ".py"]) == 1
     assert not [f for f in files if f.suffix == ".tmp"]
+
+
+def test_waits_use_inline_ptx_only_on_nvidia_gpus():
+    """The wavefront kernels poll flags with ld.acquire.gpu (inline PTX) on an NVIDIA GPU and
+    take the portable atomic path elsewhere (Triton's interpreter runs no inline asm)."""
+    for stage, knobs in (("solve_fwd", default_config(32).solve), ("solve_bwd", default_config(32).solve_bwd)):
+        source = render(stage, "bf16", 32, knobs)
+        assert "ld.acquire.gpu.global.b32" in source and "PTX_WAIT=_ptx_wait(q)" in source
+        module = codegen.load(stage, torch.bfloat16, 32, knobs)
+        assert module._ptx_wait(torch.zeros(1)) is False
+        if torch.cuda.is_available() and torch.version.hip is None:
+            assert module._ptx_wait(torch.zeros(1, device="cuda")) is (os.environ.get("TRITON_INTERPRET") != "1")

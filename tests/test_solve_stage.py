@@ -9,9 +9,12 @@ from dfgen.naive import (naive_deltaformer_attn, naive_deltaformer_u, naive_stri
                          naive_strict_lse)
 
 
-def solve(C, N, L=1, fp16_inverse=False, precision="tf32x3", warps=4, stages=2, split=False):
-    return dict(CHUNK=C, BLOCK_N=N, LOOKAHEAD=L, INV_FP16=fp16_inverse, SPLIT_SOLVE=split,
-                SOLVE_PRECISION=precision, num_warps=warps, num_stages=stages)
+def solve(C, N, L=1, fp16_inverse=False, precision="tf32x3", warps=4, stages=2, split=False, maxnreg=None):
+    knobs = dict(CHUNK=C, BLOCK_N=N, LOOKAHEAD=L, INV_FP16=fp16_inverse, SPLIT_SOLVE=split,
+                 SOLVE_PRECISION=precision, num_warps=warps, num_stages=stages)
+    if maxnreg is not None:  # left out otherwise: the knob's default fills it
+        knobs["maxnreg"] = maxnreg
+    return knobs
 
 
 # (B, T, H, D, solve knobs): chunk and key blocks that do not divide T, T = 1, T < C,
@@ -26,6 +29,10 @@ CPU_CASES = [
     # key blocks of two chunks: odd and even prefix lengths, so some blocks are half masked
     (1, 70, 1, 32, solve(16, 32)),
     (2, 83, 2, 32, solve(16, 32, L=2, fp16_inverse=True)),
+    # the solve's products in 16-bit types (split too: every product goes through them), and
+    # a register cap (a launch option; the interpreter ignores it, the GPU cases run it)
+    (1, 70, 2, 32, solve(16, 16, L=2, fp16_inverse=True, precision="fp16", maxnreg=168)),
+    (2, 50, 1, 32, solve(16, 16, L=3, fp16_inverse=True, precision="bf16", split=True)),
 ]
 GPU_CASES = [
     (2, 1000, 3, 64, solve(64, 64, precision="tf32")),
@@ -33,13 +40,18 @@ GPU_CASES = [
     (1, 8192, 2, 128, solve(32, 32, L=3, fp16_inverse=True, precision="tf32")),
     (2, 2049, 2, 64, solve(128, 64, fp16_inverse=True, precision="tf32", warps=8)),
     (2, 3001, 4, 64, solve(64, 128, L=2, fp16_inverse=True, precision="tf32", stages=3)),
+    (2, 2500, 3, 64, solve(64, 64, L=1, fp16_inverse=True, precision="fp16", stages=4, maxnreg=168)),
+    (1, 4100, 2, 128, solve(64, 64, L=2, fp16_inverse=True, precision="bf16", maxnreg=168)),
+    (2, 4000, 2, 64, solve(64, 128, L=2, fp16_inverse=True, precision="fp16", maxnreg=128)),
 ]
 
 
 def case_id(case, dtype):
     B, T, H, D, k = case
     split = "-split" if k["SPLIT_SOLVE"] else ""
-    return f"B{B}-T{T}-H{H}-D{D}-C{k['CHUNK']}-N{k['BLOCK_N']}-L{k['LOOKAHEAD']}{split}-{dtype}"
+    extra = "".join(f"-{v}" for v in (k["SOLVE_PRECISION"],) if v in ("fp16", "bf16"))
+    extra += f"-r{k['maxnreg']}" if k.get("maxnreg") else ""
+    return f"B{B}-T{T}-H{H}-D{D}-C{k['CHUNK']}-N{k['BLOCK_N']}-L{k['LOOKAHEAD']}{split}{extra}-{dtype}"
 
 
 def _params(cases, dtypes, marks=()):

@@ -48,9 +48,13 @@ def test_rendered_sources_parse(stage, dtype, head_dim):
         assert "launch" in names
         assert any(n.startswith(stage) and n.endswith("_kernel") for n in names)
         for name, value in knobs.items():
-            if name not in ("num_warps", "num_stages"):
+            if name not in ("num_warps", "num_stages", "maxnreg"):  # launch options
                 assert f"{name}: tl.constexpr = " in source
         assert f"num_warps={knobs['num_warps']}, num_stages={knobs['num_stages']}" in source
+        if knobs.get("maxnreg"):
+            assert f"maxnreg={knobs['maxnreg']})" in source
+        elif "maxnreg" in knobs:
+            assert "maxnreg" not in source.split("LAUNCH = ")[1].splitlines()[0]
         assert "{{" not in source and "{%" not in source
 
 
@@ -69,6 +73,33 @@ def test_infeasible_and_unknown_knobs_are_rejected_by_name():
         spec("solve_fwd").check({k: v for k, v in knobs.items() if k != "CHUNK"}, 64)
     with pytest.raises(ConfigError, match="HEAD_DIM=256"):
         spec("solve_fwd").check({**knobs, "CHUNK": 128, "LOOKAHEAD": 1}, 256)
+
+
+def test_a_knob_with_a_default_may_be_left_out():
+    """A knob added after configs were written (maxnreg) has a default: a config that leaves
+    it out is valid, and equal to the same config with the default set (same key, name and
+    file form), so tuned files written before it keep working."""
+    tspec = spec("solve_fwd")
+    assert tspec.optional() == ["maxnreg"] and tspec.knobs["maxnreg"].default == 0
+    full = dict(default_config(64).solve)
+    old = {k: v for k, v in full.items() if k != "maxnreg"}
+    tspec.check(old, 64)
+    assert tspec.complete(old) == full
+    assert specialization_name("solve_fwd", "bf16", 64, old) == specialization_name("solve_fwd", "bf16", 64, full)
+    assert render("solve_fwd", "bf16", 64, old) == render("solve_fwd", "bf16", 64, full)
+    parsed = KernelConfig.from_dict({"strategy": "fused", "solve": old})
+    assert parsed.solve["maxnreg"] == 0 and parsed.to_dict()["solve"] == dict(sorted(full.items()))
+    assert parsed.key() == KernelConfig.from_dict({"strategy": "fused", "solve": full}).key()
+    with pytest.raises(ConfigError, match="maxnreg=100"):
+        tspec.check({**full, "maxnreg": 100}, 64)
+
+
+def test_a_header_default_must_be_one_of_the_values(tmp_path):
+    from dfgen.templating import parse_header
+    text = ("{#- dfgen-knobs\nstage: solve_fwd\nknobs:\n  A:\n    abbr: a\n    values: [1, 2]\n"
+            "    default: 3\nconstraints: []\n-#}\n")
+    with pytest.raises(ConfigError, match="default of A, 3, is not one of its values"):
+        parse_header(text, tmp_path / "x.py.jinja")
 
 
 def test_forward_config_round_trip_and_errors():
