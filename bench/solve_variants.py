@@ -1,0 +1,124 @@
+"""Time the forward solve (fused output) under knob and launch-option variants at the
+benchmark shapes, beside torch SDPA's causal forward, in one process (GPU; bf16; fresh
+random inputs; triton.testing.do_bench medians). Each variant's output is compared with
+the first variant's (same inputs) before its time is reported.
+
+A variant is `name: knob=value,...` over the built-in default's solve knobs (maxnreg too,
+which caps the registers per thread). `--module d128=FILE` adds a rendered solve_fwd source
+(`dfgen emit` output, e.g. from an older checkout of the templates) as a last column for
+the shapes of that head dim, run at its own knobs: an A/B of template versions in one
+process.
+
+    python bench/solve_variants.py [--shapes "1,4096,16,128;..."] [--variants "a: ;b: maxnreg=168"] \
+        [--module d128=old_d128.py]
+"""
+import argparse
+import importlib.util
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from dfgen import codegen  # noqa: E402
+from dfgen.bench import GPU_SHAPES, parse_shapes, sdpa_causal  # noqa: E402
+from dfgen.config import default_config  # noqa: E402
+from dfgen.validation import random_inputs  # noqa: E402
+
+
+def median_ms(fn):
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def parse_variant(text):
+    name, _, body = text.partition(":")
+    knobs = {}
+    for item in filter(None, (s.strip() for s in body.split(","))):
+        key, _, value = item.partition("=")
+        knobs[key.strip()] = {"true": True, "false": False}.get(value.strip().lower(), value.strip())
+        if isinstance(knobs[key.strip()], str) and knobs[key.strip()].lstrip("-").isdigit():
+            knobs[key.strip()] = int(knobs[key.strip()])
+    return name.strip(), knobs
+
+
+def load_file(path):
+    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def runner(module, launch, q, k, v, beta):
+    B, T, H, D = q.shape
+    u, o = torch.empty_like(q), torch.empty_like(q)
+    lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
+    sync = torch.zeros(1 + B * H * -(-T // module.CHUNK_ROWS), dtype=torch.int32, device=q.device)
+    saved = dict(module.LAUNCH)
+
+    def run():
+        sync.zero_()
+        module.LAUNCH.clear()
+        module.LAUNCH.update(launch)
+        try:
+            module.launch(q, k, v, beta, u, o, None, lse, sync, 1.0 / math.sqrt(D))
+        finally:
+            module.LAUNCH.clear()
+            module.LAUNCH.update(saved)
+    return run, o
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default=None)
+    ap.add_argument("--variants", default="default:", help="';'-separated 'name: knob=value,...'")
+    ap.add_argument("--module", action="append", default=[], help="rendered solve_fwd file(s), by head dim: d128=path")
+    args = ap.parse_args()
+    shapes = parse_shapes(args.shapes) if args.shapes else GPU_SHAPES
+    variants = [parse_variant(v) for v in args.variants.split(";") if v.strip()]
+    files = dict(m.split("=", 1) for m in args.module)
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+          f"bf16, median ms of the forward solve (fused output); ratio to SDPA's causal forward")
+    names = [n for n, _ in variants] + (["file"] if files else [])
+    print("| B, T, H, D | SDPA | " + " | ".join(names) + " |")
+    print("|" + "---|" * (len(names) + 2))
+    for shape in shapes:
+        B, T, H, D = shape
+        q, k, v, beta = random_inputs(shape, torch.bfloat16, "cuda")
+        qs, ks, vs = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+        sdpa = median_ms(lambda: sdpa_causal(qs, ks, vs))
+        cells, ref = [], None
+        todo = [(n, kv) for n, kv in variants] + ([("file", None)] if files else [])
+        for name, over in todo:
+            try:
+                if over is None:
+                    if f"d{D}" not in files:
+                        cells.append("-")
+                        continue
+                    module, launch = load_file(files[f"d{D}"]), None
+                else:
+                    over = dict(over)
+                    maxnreg = over.pop("maxnreg", None)
+                    knobs = dict(default_config(D, torch.bfloat16).solve, **over)
+                    module = codegen.load("solve_fwd", torch.bfloat16, D, knobs)
+                    launch = dict(module.LAUNCH, **({"maxnreg": maxnreg} if maxnreg else {}))
+                run, o = runner(module, launch or dict(module.LAUNCH), q, k, v, beta)
+                run()
+                torch.cuda.synchronize()
+                if ref is None:
+                    ref = o.float().clone()
+                err = ((o.float() - ref).norm() / ref.norm()).item()
+                if not err < 2e-2:
+                    cells.append(f"WRONG {err:.1e}")
+                    continue
+                ms = median_ms(run)
+                cells.append(f"{ms:.3f} ({ms / sdpa:.2f}x)")
+            except Exception as exc:  # report and go on
+                cells.append(f"{type(exc).__name__}")
+                print(f"  {name} at {shape}: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr)
+        print(f"| {', '.join(map(str, shape))} | {sdpa:.3f} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
