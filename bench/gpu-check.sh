@@ -12,6 +12,8 @@
 #   overhead           per-call CPU overhead
 #   trace              where a forward wavefront step goes (bench/step_trace.py, in-kernel timer)
 #   stages             each stage's time alone beside SDPA (bench/stages.py)
+#   variants           the forward solve under knob variants, per head dim, side by side
+#                      (bench/solve_variants.py; VARIANTS_128, VARIANTS_64 override the lists)
 #   varlen             packed variable-length throughput against an equal-length batch
 #   tune [MIN]         tune the buckets of $SHAPES (default bench/shapes-h200.yaml; MIN minutes
 #                      of search per bucket, default 0.5; the candidates file tried first), merged
@@ -64,6 +66,13 @@ while [ $# -gt 0 ]; do
       capped "${CAP_TRACE:-90}" python3 bench/step_trace.py > "$out/trace.txt" 2>&1 || status=1; tail -n 6 "$out/trace.txt";;
     stages)
       capped "${CAP_STAGES:-90}" python3 bench/stages.py > "$out/stages.txt" 2>&1 || status=1; tail -n 8 "$out/stages.txt";;
+    variants)
+      v128=${VARIANTS_128:-"default: ;fp16: SOLVE_PRECISION=fp16;s3: num_stages=3;L1s3: LOOKAHEAD=1,num_stages=3"}
+      v64=${VARIANTS_64:-"default: ;fp16: SOLVE_PRECISION=fp16;L1s4: LOOKAHEAD=1,num_stages=4;n128r168: BLOCK_N=128,num_stages=2,maxnreg=168,SOLVE_PRECISION=fp16"}
+      capped "${CAP_VARIANTS:-100}" python3 bench/solve_variants.py --shapes "1,4096,16,128;1,8192,16,128;1,16384,8,128" \
+        --variants "$v128" > "$out/variants-d128.txt" 2>&1 || status=1; grep "^|" "$out/variants-d128.txt"
+      capped "${CAP_VARIANTS:-100}" python3 bench/solve_variants.py --shapes "8,1024,32,64;4,2048,16,64;2,8192,16,64" \
+        --variants "$v64" > "$out/variants-d64.txt" 2>&1 || status=1; grep "^|" "$out/variants-d64.txt";;
     overhead)
       capped "${CAP_OVERHEAD:-60}" python3 bench/overhead.py > "$out/overhead.txt" 2>&1 || status=1; tail -n 8 "$out/overhead.txt";;
     varlen)
