@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from dfgen import codegen  # noqa: E402
+from dfgen import codegen, forward  # noqa: E402
 from dfgen.bench import GPU_SHAPES, parse_shapes, sdpa_causal  # noqa: E402
 from dfgen.config import default_config  # noqa: E402
 from dfgen.validation import random_inputs  # noqa: E402
@@ -51,10 +51,8 @@ def load_file(path):
 
 
 def runner(module, launch, q, k, v, beta):
-    B, T, H, D = q.shape
-    u, o = torch.empty_like(q), torch.empty_like(q)
-    lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
-    sync = torch.zeros(1 + B * H * -(-T // module.CHUNK_ROWS), dtype=torch.int32, device=q.device)
+    D = q.shape[3]
+    u, o, _, lse, sync = forward.solve_buffers(q, module.CHUNK_ROWS, write_o=True)
     saved = dict(module.LAUNCH)
 
     def run():

@@ -18,17 +18,26 @@ def solve_stage(q, k, v, beta, knobs, *, write_o: bool, write_a: bool = False, s
     """Run the solve stage alone. Returns (u, o or None, lse [B, H, T] float32, a or None),
     a_i = sum_{j<i} P_ij u_j being what the backward needs. seqs: None for a padded batch,
     or (cu_seqlens, longest length) for packed sequences in [1, total, H, D] tensors."""
-    B, T, H, D = q.shape
+    D = q.shape[3]
     module = codegen.load("solve_fwd", q.dtype, D, knobs)
+    u, o, a, lse, sync = solve_buffers(q, module.CHUNK_ROWS, write_o=write_o, write_a=write_a, seqs=seqs)
+    module.launch(q, k, v, beta, u, o, a, lse, sync, 1.0 / math.sqrt(D), *_packing(seqs))
+    return u, o, lse, a
+
+
+def solve_buffers(q, chunk_rows: int, *, write_o: bool, write_a: bool = False, seqs=None):
+    """What one launch of a solve_fwd module with CHUNK_ROWS = chunk_rows writes: (u, o or
+    None, a or None, lse [B, H, T] float32, sync: the ticket counter and one flag per chunk,
+    zeroed)."""
+    B, T, H, D = q.shape
     n_seqs, longest = (B, T) if seqs is None else (seqs[0].numel() - 1, seqs[1])
     u = torch.empty(B, T, H, D, dtype=q.dtype, device=q.device)
     o = torch.empty_like(u) if write_o else None
     a = torch.empty_like(u) if write_a else None
     lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
-    n_chunks = -(-longest // module.CHUNK_ROWS)
+    n_chunks = -(-longest // chunk_rows)
     sync = torch.zeros(1 + n_seqs * H * n_chunks, dtype=torch.int32, device=q.device)
-    module.launch(q, k, v, beta, u, o, a, lse, sync, 1.0 / math.sqrt(D), *_packing(seqs))
-    return u, o, lse, a
+    return u, o, a, lse, sync
 
 
 def _packing(seqs):
