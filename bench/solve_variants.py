@@ -1,13 +1,12 @@
-"""Time the forward solve (fused output) under knob and launch-option variants at the
+"""Time the forward solve (fused output) under knob variants at the
 benchmark shapes, beside torch SDPA's causal forward, in one process (GPU; bf16; fresh
 random inputs; triton.testing.do_bench medians). Each variant's output is compared with
 the first variant's (same inputs) before its time is reported.
 
-A variant is `name: knob=value,...` over the built-in default's solve knobs (maxnreg too,
-which caps the registers per thread). `--module d128=FILE` adds a rendered solve_fwd source
-(`dfgen emit` output, e.g. from an older checkout of the templates) as a last column for
-the shapes of that head dim, run at its own knobs: an A/B of template versions in one
-process.
+A variant is `name: knob=value,...` over the built-in default's solve knobs.
+`--module d128=FILE` adds a rendered solve_fwd source (`dfgen emit` output, e.g. from an
+older checkout of the templates) as a last column for the shapes of that head dim, run
+at its own knobs: an A/B of template versions in one process.
 
     python bench/solve_variants.py [--shapes "1,4096,16,128;..."] [--variants "a: ;b: maxnreg=168"] \
         [--module d128=old_d128.py]
@@ -21,6 +20,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
 import triton  # noqa: E402
 from dfgen import codegen, forward  # noqa: E402
 from dfgen.bench import GPU_SHAPES, parse_shapes, sdpa_causal  # noqa: E402
@@ -33,14 +33,10 @@ def median_ms(fn):
 
 
 def parse_variant(text):
+    """'name: KNOB=value,...' -> (name, {KNOB: value}), values read as YAML scalars."""
     name, _, body = text.partition(":")
-    knobs = {}
-    for item in filter(None, (s.strip() for s in body.split(","))):
-        key, _, value = item.partition("=")
-        knobs[key.strip()] = {"true": True, "false": False}.get(value.strip().lower(), value.strip())
-        if isinstance(knobs[key.strip()], str) and knobs[key.strip()].lstrip("-").isdigit():
-            knobs[key.strip()] = int(knobs[key.strip()])
-    return name.strip(), knobs
+    pairs = (item.split("=", 1) for item in body.split(",") if item.strip())
+    return name.strip(), {key.strip(): yaml.safe_load(value) for key, value in pairs}
 
 
 def load_file(path):
@@ -50,20 +46,13 @@ def load_file(path):
     return module
 
 
-def runner(module, launch, q, k, v, beta):
-    D = q.shape[3]
+def runner(module, q, k, v, beta):
+    """(run, o): run() is one launch of the module's forward solve (flags zeroed first)."""
     u, o, _, lse, sync = forward.solve_buffers(q, module.CHUNK_ROWS, write_o=True)
-    saved = dict(module.LAUNCH)
 
     def run():
         sync.zero_()
-        module.LAUNCH.clear()
-        module.LAUNCH.update(launch)
-        try:
-            module.launch(q, k, v, beta, u, o, None, lse, sync, 1.0 / math.sqrt(D))
-        finally:
-            module.LAUNCH.clear()
-            module.LAUNCH.update(saved)
+        module.launch(q, k, v, beta, u, o, None, lse, sync, 1.0 / math.sqrt(q.shape[3]))
     return run, o
 
 
@@ -94,14 +83,11 @@ def main():
                     if f"d{D}" not in files:
                         cells.append("-")
                         continue
-                    module, launch = load_file(files[f"d{D}"]), None
+                    module = load_file(files[f"d{D}"])
                 else:
-                    over = dict(over)
-                    maxnreg = over.pop("maxnreg", None)
                     knobs = dict(default_config(D, torch.bfloat16).solve, **over)
                     module = codegen.load("solve_fwd", torch.bfloat16, D, knobs)
-                    launch = dict(module.LAUNCH, **({"maxnreg": maxnreg} if maxnreg else {}))
-                run, o = runner(module, launch or dict(module.LAUNCH), q, k, v, beta)
+                run, o = runner(module, q, k, v, beta)
                 run()
                 torch.cuda.synchronize()
                 if ref is None:
