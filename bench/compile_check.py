@@ -25,10 +25,12 @@ from triton.compiler import ASTSource  # noqa: E402
 from dfgen import codegen  # noqa: E402
 from dfgen.config import default_config  # noqa: E402
 
-FP32_POINTERS = {"LSE", "DELTA", "DSD", "DBETA", "BETA", "DU"}
+FP32_POINTERS = {"LSE", "DELTA", "DSD", "DBETA", "BETA", "DU", "PART"}
 INT_POINTERS = {"SYNC", "CU"}
 FIXED = {"TRACE": False, "PTX_WAIT": True}  # constexprs compiled at one value (TRACE: a GPU-only timing aid; PTX_WAIT: what a GPU runs)
 UNALIGNED = {"T", "H", "GROUP", "n_bh", "n_chunks", "sm_scale"}
+# knob settings that take other code paths, compiled besides each stage's default
+VARIANTS = {"solve_fwd": ({}, {"SPLIT_PREFIX": True}, {"SPLIT_SOLVE": True}, {"BLOCK_N": 128, "SOLVE_PRECISION": "fp16"})}
 
 
 def signature(fn, dtype, constexprs):
@@ -94,10 +96,14 @@ def main():
         switches = {"solve_fwd": ("HAS_BETA", "WRITE_O", "WRITE_A", "VARLEN"),
                     "attn_fwd": ("WRITE_LSE", "VARLEN"), "solve_bwd": ("HAS_BETA", "GATED", "VARLEN"),
                     "attn_bwd": ("WRITE_DU", "VARLEN")}
-        for stage, knobs in stages.items():
-            if stage not in wanted:
+        variants = [(stage, {**knobs, **extra}) for stage, knobs in stages.items() if stage in wanted
+                    for extra in VARIANTS.get(stage, ({},))]
+        for stage, knobs in variants:
+            try:
+                module = codegen.load(stage, torch.bfloat16, head_dim, knobs)
+            except Exception as exc:  # a variant the templates' constraints reject at this head dim
+                print(f"skip {stage} d{head_dim} {knobs}: {str(exc).splitlines()[0][:160]}")
                 continue
-            module = codegen.load(stage, torch.bfloat16, head_dim, knobs)
             kernels = [getattr(module, n) for n in dir(module) if n.endswith("_kernel")]
             for fn in kernels:
                 present = [s for s in switches[stage] if s in fn.arg_names]
@@ -109,7 +115,7 @@ def main():
                     sig, attrs = signature(fn, dtype, consts)
                     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v
                                                          for k, v in consts.items()}, attrs=attrs)
-                    label = f"{fn.__name__} d{head_dim} " + " ".join(f"{k}={int(v)}" for k, v in consts.items())
+                    label = f"{module.__name__.rsplit('.', 1)[-1]} " + " ".join(f"{k}={int(v)}" for k, v in consts.items())
                     try:
                         compiled = triton.compile(src, target=target, options=dict(
                             num_warps=module.LAUNCH["num_warps"], num_stages=module.LAUNCH["num_stages"]))

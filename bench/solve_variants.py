@@ -48,7 +48,7 @@ def load_file(path):
 
 def runner(module, q, k, v, beta):
     """(run, o): run() is one launch of the module's forward solve (flags zeroed first)."""
-    u, o, _, lse, sync = forward.solve_buffers(q, module.CHUNK_ROWS, write_o=True)
+    u, o, _, lse, sync = forward.solve_buffers(q, module, write_o=True)
 
     def run():
         sync.zero_()

@@ -33,7 +33,7 @@ def _without_waits(q, k, v, beta, knobs):
     solution: every wait passes at once and each program rewrites the same u."""
     D = q.shape[3]
     module = codegen.load("solve_fwd", q.dtype, D, knobs)
-    u, o, _, lse, sync = forward.solve_buffers(q, module.CHUNK_ROWS, write_o=True)
+    u, o, _, lse, sync = forward.solve_buffers(q, module, write_o=True)
     module.launch(q, k, v, beta, u, o, None, lse, sync, 1.0 / math.sqrt(D))  # solves u
     expected = o.clone()
     ready = torch.ones_like(sync)

@@ -20,23 +20,24 @@ def solve_stage(q, k, v, beta, knobs, *, write_o: bool, write_a: bool = False, s
     or (cu_seqlens, longest length) for packed sequences in [1, total, H, D] tensors."""
     D = q.shape[3]
     module = codegen.load("solve_fwd", q.dtype, D, knobs)
-    u, o, a, lse, sync = solve_buffers(q, module.CHUNK_ROWS, write_o=write_o, write_a=write_a, seqs=seqs)
+    u, o, a, lse, sync = solve_buffers(q, module, write_o=write_o, write_a=write_a, seqs=seqs)
     module.launch(q, k, v, beta, u, o, a, lse, sync, 1.0 / math.sqrt(D), *_packing(seqs))
     return u, o, lse, a
 
 
-def solve_buffers(q, chunk_rows: int, *, write_o: bool, write_a: bool = False, seqs=None):
-    """What one launch of a solve_fwd module with CHUNK_ROWS = chunk_rows writes: (u, o or
-    None, a or None, lse [B, H, T] float32, sync: the ticket counter and one flag per chunk,
-    zeroed)."""
+def solve_buffers(q, module, *, write_o: bool, write_a: bool = False, seqs=None):
+    """What one launch of the solve_fwd `module` writes: (u, o or None, a or None, lse
+    [B, H, T] float32, sync: the ticket counter and the module's FLAGS_PER_CHUNK flags per
+    chunk, zeroed)."""
     B, T, H, D = q.shape
     n_seqs, longest = (B, T) if seqs is None else (seqs[0].numel() - 1, seqs[1])
     u = torch.empty(B, T, H, D, dtype=q.dtype, device=q.device)
     o = torch.empty_like(u) if write_o else None
     a = torch.empty_like(u) if write_a else None
     lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
-    n_chunks = -(-longest // chunk_rows)
-    sync = torch.zeros(1 + n_seqs * H * n_chunks, dtype=torch.int32, device=q.device)
+    n_chunks = -(-longest // module.CHUNK_ROWS)
+    n_flags = getattr(module, "FLAGS_PER_CHUNK", 1) * n_seqs * H * n_chunks  # (older modules: 1)
+    sync = torch.zeros(1 + n_flags, dtype=torch.int32, device=q.device)
     return u, o, a, lse, sync
 
 

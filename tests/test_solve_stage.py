@@ -9,11 +9,15 @@ from dfgen.naive import (naive_deltaformer_attn, naive_deltaformer_u, naive_stri
                          naive_strict_lse)
 
 
-def solve(C, N, L=1, fp16_inverse=False, precision="tf32x3", warps=4, stages=2, split=False, maxnreg=None):
+def solve(C, N, L=1, fp16_inverse=False, precision="tf32x3", warps=4, stages=2, split=False, maxnreg=None,
+          helpers=None):
     knobs = dict(CHUNK=C, BLOCK_N=N, LOOKAHEAD=L, INV_FP16=fp16_inverse, SPLIT_SOLVE=split,
                  SOLVE_PRECISION=precision, num_warps=warps, num_stages=stages)
-    if maxnreg is not None:  # left out otherwise: the knob's default fills it
+    # left out when None: the knobs' defaults fill them
+    if maxnreg is not None:
         knobs["maxnreg"] = maxnreg
+    if helpers is not None:
+        knobs["SPLIT_PREFIX"] = helpers
     return knobs
 
 
@@ -33,6 +37,12 @@ CPU_CASES = [
     # a register cap (a launch option; the interpreter ignores it, the GPU cases run it)
     (1, 70, 2, 32, solve(16, 16, L=2, fp16_inverse=True, precision="fp16", maxnreg=168)),
     (2, 50, 1, 32, solve(16, 16, L=3, fp16_inverse=True, precision="bf16", split=True)),
+    # helper programs take the first part of the prefix (chunks 4 on): even and odd chunk
+    # counts (an odd count leaves the last step's second helper without a chunk), every
+    # lookahead, key blocks of one and of two chunks
+    (1, 150, 2, 32, solve(16, 16, L=2, helpers=True)),
+    (2, 130, 1, 32, solve(16, 32, L=1, fp16_inverse=True, precision="fp16", helpers=True)),
+    (1, 100, 2, 64, solve(16, 16, L=3, split=True, helpers=True)),
 ]
 GPU_CASES = [
     (2, 1000, 3, 64, solve(64, 64, precision="tf32")),
@@ -43,6 +53,9 @@ GPU_CASES = [
     (2, 2500, 3, 64, solve(64, 64, L=1, fp16_inverse=True, precision="fp16", stages=4, maxnreg=168)),
     (1, 4100, 2, 128, solve(64, 64, L=2, fp16_inverse=True, precision="bf16", maxnreg=168)),
     (2, 4000, 2, 64, solve(64, 128, L=2, fp16_inverse=True, precision="fp16", maxnreg=128)),
+    (1, 4097, 3, 128, solve(64, 64, L=2, fp16_inverse=True, precision="fp16", helpers=True)),
+    (2, 3001, 4, 64, solve(64, 128, L=1, fp16_inverse=True, precision="fp16", stages=3, helpers=True)),
+    (1, 8192, 2, 128, solve(32, 32, L=3, fp16_inverse=True, precision="tf32", helpers=True)),
 ]
 
 
@@ -51,6 +64,7 @@ def case_id(case, dtype):
     split = "-split" if k["SPLIT_SOLVE"] else ""
     extra = "".join(f"-{v}" for v in (k["SOLVE_PRECISION"],) if v in ("fp16", "bf16"))
     extra += f"-r{k['maxnreg']}" if k.get("maxnreg") else ""
+    extra += "-helpers" if k.get("SPLIT_PREFIX") else ""
     return f"B{B}-T{T}-H{H}-D{D}-C{k['CHUNK']}-N{k['BLOCK_N']}-L{k['LOOKAHEAD']}{split}{extra}-{dtype}"
 
 

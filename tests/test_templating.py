@@ -76,19 +76,20 @@ def test_infeasible_and_unknown_knobs_are_rejected_by_name():
 
 
 def test_a_knob_with_a_default_may_be_left_out():
-    """A knob added after configs were written (maxnreg) has a default: a config that leaves
-    it out is valid, and equal to the same config with the default set (same key, name and
-    file form), so tuned files written before it keep working."""
+    """Knobs added after configs were written (maxnreg, SPLIT_PREFIX) have a default: a
+    config that leaves them out is valid, and equal to the same config with the defaults set
+    (same key, name and file form), so tuned files written before them keep working."""
     tspec = spec("solve_fwd")
-    assert tspec.optional() == ["maxnreg"] and tspec.knobs["maxnreg"].default == 0
+    assert tspec.optional() == ["SPLIT_PREFIX", "maxnreg"]
+    assert tspec.knobs["maxnreg"].default == 0 and tspec.knobs["SPLIT_PREFIX"].default is False
     full = dict(default_config(64).solve)
-    old = {k: v for k, v in full.items() if k != "maxnreg"}
+    old = {k: v for k, v in full.items() if k not in ("maxnreg", "SPLIT_PREFIX")}
     tspec.check(old, 64)
     assert tspec.complete(old) == full
     assert specialization_name("solve_fwd", "bf16", 64, old) == specialization_name("solve_fwd", "bf16", 64, full)
     assert render("solve_fwd", "bf16", 64, old) == render("solve_fwd", "bf16", 64, full)
     parsed = KernelConfig.from_dict({"strategy": "fused", "solve": old})
-    assert parsed.solve["maxnreg"] == 0 and parsed.to_dict()["solve"] == dict(sorted(full.items()))
+    assert parsed.solve["maxnreg"] == 0 and parsed.solve["SPLIT_PREFIX"] is False and parsed.to_dict()["solve"] == dict(sorted(full.items()))
     assert parsed.key() == KernelConfig.from_dict({"strategy": "fused", "solve": full}).key()
     with pytest.raises(ConfigError, match="maxnreg=100"):
         tspec.check({**full, "maxnreg": 100}, 64)

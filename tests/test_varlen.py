@@ -74,7 +74,7 @@ def test_varlen_forward_and_gradients(variant, lengths_name, dtype_name):
 
 
 @gpu_only
-@pytest.mark.parametrize("variant", ["fused", "gqa"])
+@pytest.mark.parametrize("variant", ["fused", "gqa", "helpers"])
 def test_many_chunks_in_flight(variant):
     """Wavefront ordering under real concurrency: hundreds of 16-row chunk programs of
     several heads and sequences at once, so that every wait (prefix, far and near tail in
@@ -84,7 +84,10 @@ def test_many_chunks_in_flight(variant):
     H, H_kv = (8, 2) if variant == "gqa" else (4, 4)
     q, k, v, beta, cu, _ = _packed(lengths, H, H_kv, 32, torch.float32, seed=7)
     leaves = [t.requires_grad_() for t in (q, k, v, beta)]
-    o = deltaformer_attn(q, k, v, beta, cu_seqlens=cu, config=CONFIGS["fused"])
+    config = CONFIGS["fused"]
+    if variant == "helpers":
+        config = KernelConfig("fused", dict(SOLVE, SPLIT_PREFIX=True), **BWD)
+    o = deltaformer_attn(q, k, v, beta, cu_seqlens=cu, config=config)
     do = torch.randn(o.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
     grads = torch.autograd.grad(o, leaves, do)
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
@@ -94,6 +97,20 @@ def test_many_chunks_in_flight(variant):
     assert_close(o, ref_o, torch.float32, "o", 1e-3)
     for name, got, want in zip(("dq", "dk", "dv", "dbeta"), grads, ref_grads):
         assert_close(got, want, torch.float32, name, 1e-3)
+
+
+@pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])
+def test_varlen_with_prefix_helpers(dtype_name):
+    """SPLIT_PREFIX's helper programs in packed sequences: a helper exists only for chunks
+    its sequence has; sequences of 1 to 7 chunks of 16 rows."""
+    dtype = DTYPES[dtype_name]
+    lengths = [100, 17, 70, 1, 64]
+    q, k, v, beta, cu, _ = _packed(lengths, 2, 2, 32, dtype, seed=11)
+    config = KernelConfig("fused", dict(SOLVE, SPLIT_PREFIX=True), **BWD)
+    with torch.no_grad():
+        o = deltaformer_attn(q, k, v, beta, cu_seqlens=cu, config=config)
+    ref = _reference([t.double() for t in (q, k, v, beta)], lengths, 1, False)
+    assert_close(o, ref, dtype, "o", 1e-4 if dtype == torch.float32 else 2e-2)
 
 
 def test_max_seqlen_skips_the_host_read():
