@@ -85,12 +85,12 @@ while [ $# -gt 0 ]; do
       grep -E "^[a-z+]+/.*: best|^\|" "$out/tune.txt" | tail -n 40
       [ -f "tuned/$gpu.yaml" ] && cp "tuned/$gpu.yaml" "$out/$gpu.yaml" && echo "merged into tuned/$gpu.yaml";;
     sweep)
-      # the grid times every point (candidates compile 4 at a time); then TPE with a quarter of
+      # the grid times every point (candidates compile SWEEP_JOBS, default 4, at a time); then TPE with a quarter of
       # the grid's trials, not started from the default, three seeds, one at a time
       for b in bench/sweep-*.yaml; do
         name=$(basename "$b" .yaml)
         capped "${CAP_SWEEP:-150}" python3 -m dfgen.cli tune --gpu "$gpu" --shapes "$b" --space "bench/$name.space" \
-          --sampler grid --trials 1000 --jobs 4 --storage "$out/sweep-grid.journal" --out "$out/sweep.yaml" > "$out/$name-grid.txt" 2>&1 || status=1
+          --sampler grid --trials 1000 --jobs "${SWEEP_JOBS:-4}" --storage "$out/sweep-grid.journal" --out "$out/sweep.yaml" > "$out/$name-grid.txt" 2>&1 || status=1
         n=$(python3 -c "import yaml,sys; e=list(yaml.safe_load(open('$out/sweep.yaml'))['entries'].values()); print(max(1, max(x['trials'] for x in e)//4))" 2>/dev/null || echo 4)
         for seed in 0 1 2; do
           capped "${CAP_SWEEP_TPE:-60}" python3 -m dfgen.cli tune --gpu "$gpu" --shapes "$b" --space "bench/$name.space" \
