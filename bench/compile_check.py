@@ -30,7 +30,7 @@ INT_POINTERS = {"SYNC", "CU"}
 FIXED = {"TRACE": False, "PTX_WAIT": True}  # constexprs compiled at one value (TRACE: a GPU-only timing aid; PTX_WAIT: what a GPU runs)
 UNALIGNED = {"T", "H", "GROUP", "n_bh", "n_chunks", "sm_scale"}
 # knob settings that take other code paths, compiled besides each stage's default
-VARIANTS = {"solve_fwd": ({}, {"SPLIT_PREFIX": True}, {"SPLIT_SOLVE": True}, {"BLOCK_N": 128, "SOLVE_PRECISION": "fp16"})}
+VARIANTS = {"solve_fwd": ({}, {"SPLIT_PREFIX": True}, {"POLL": "relaxed"}, {"SPLIT_SOLVE": True}, {"BLOCK_N": 128, "SOLVE_PRECISION": "fp16"})}
 
 
 def signature(fn, dtype, constexprs):

@@ -77,6 +77,7 @@ def test_waits_use_inline_ptx_only_on_nvidia_gpus():
     for stage, knobs in (("solve_fwd", default_config(32).solve), ("solve_bwd", default_config(32).solve_bwd)):
         source = render(stage, "bf16", 32, knobs)
         assert "ld.acquire.gpu.global.b32" in source and "PTX_WAIT=_ptx_wait(q)" in source
+        assert "ld.relaxed.gpu.global.b32" in source and "fence.acq_rel.gpu" in source
         module = codegen.load(stage, torch.bfloat16, 32, knobs)
         assert module._ptx_wait(torch.zeros(1)) is False
         if torch.cuda.is_available() and torch.version.hip is None:

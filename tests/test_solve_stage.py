@@ -10,7 +10,7 @@ from dfgen.naive import (naive_deltaformer_attn, naive_deltaformer_u, naive_stri
 
 
 def solve(C, N, L=1, fp16_inverse=False, precision="tf32x3", warps=4, stages=2, split=False, maxnreg=None,
-          helpers=None):
+          helpers=None, poll=None):
     knobs = dict(CHUNK=C, BLOCK_N=N, LOOKAHEAD=L, INV_FP16=fp16_inverse, SPLIT_SOLVE=split,
                  SOLVE_PRECISION=precision, num_warps=warps, num_stages=stages)
     # left out when None: the knobs' defaults fill them
@@ -18,6 +18,8 @@ def solve(C, N, L=1, fp16_inverse=False, precision="tf32x3", warps=4, stages=2, 
         knobs["maxnreg"] = maxnreg
     if helpers is not None:
         knobs["SPLIT_PREFIX"] = helpers
+    if poll is not None:
+        knobs["POLL"] = poll
     return knobs
 
 
@@ -43,6 +45,8 @@ CPU_CASES = [
     (1, 150, 2, 32, solve(16, 16, L=2, helpers=True)),
     (2, 130, 1, 32, solve(16, 32, L=1, fp16_inverse=True, precision="fp16", helpers=True)),
     (1, 100, 2, 64, solve(16, 16, L=3, split=True, helpers=True)),
+    # relaxed polls with one fence per wait (NVIDIA only: the interpreter's waits are portable)
+    (1, 90, 2, 32, solve(16, 16, L=2, helpers=True, poll="relaxed")),
 ]
 GPU_CASES = [
     (2, 1000, 3, 64, solve(64, 64, precision="tf32")),
@@ -56,6 +60,9 @@ GPU_CASES = [
     (1, 4097, 3, 128, solve(64, 64, L=2, fp16_inverse=True, precision="fp16", helpers=True)),
     (2, 3001, 4, 64, solve(64, 128, L=1, fp16_inverse=True, precision="fp16", stages=3, helpers=True)),
     (1, 8192, 2, 128, solve(32, 32, L=3, fp16_inverse=True, precision="tf32", helpers=True)),
+    (4, 1024, 32, 64, solve(64, 64, L=1, fp16_inverse=True, precision="fp16", stages=4, maxnreg=168, poll="relaxed")),
+    (2, 3001, 3, 64, solve(64, 128, L=2, fp16_inverse=True, precision="fp16", helpers=True, poll="relaxed")),
+    (1, 8192, 2, 128, solve(32, 32, L=3, fp16_inverse=True, precision="tf32", poll="relaxed")),
 ]
 
 
@@ -65,6 +72,7 @@ def case_id(case, dtype):
     extra = "".join(f"-{v}" for v in (k["SOLVE_PRECISION"],) if v in ("fp16", "bf16"))
     extra += f"-r{k['maxnreg']}" if k.get("maxnreg") else ""
     extra += "-helpers" if k.get("SPLIT_PREFIX") else ""
+    extra += f"-{k['POLL']}" if k.get("POLL") else ""
     return f"B{B}-T{T}-H{H}-D{D}-C{k['CHUNK']}-N{k['BLOCK_N']}-L{k['LOOKAHEAD']}{split}{extra}-{dtype}"
 
 
