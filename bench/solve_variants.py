@@ -23,13 +23,12 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 import triton  # noqa: E402
 from dfgen import codegen, forward  # noqa: E402
-from dfgen.bench import GPU_SHAPES, parse_shapes, sdpa_causal  # noqa: E402
+from dfgen.bench import GPU_SHAPES, timer, parse_shapes, sdpa_causal  # noqa: E402
 from dfgen.config import default_config  # noqa: E402
 from dfgen.validation import random_inputs  # noqa: E402
 
 
-def median_ms(fn):
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+median_ms = timer(on_gpu=True)  # do_bench medians, as `dfgen bench` times
 
 
 def parse_variant(text):

@@ -19,13 +19,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import torch  # noqa: E402
 import triton  # noqa: E402
 from dfgen import backward, codegen, forward  # noqa: E402
-from dfgen.bench import GPU_SHAPES, load_configs, parse_shapes, sdpa_causal  # noqa: E402
+from dfgen.bench import GPU_SHAPES, timer, load_configs, parse_shapes, sdpa_causal  # noqa: E402
 from dfgen.config import default_config  # noqa: E402
 from dfgen.validation import random_inputs  # noqa: E402
 
 
-def median_ms(fn):
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+median_ms = timer(on_gpu=True)  # do_bench medians, as `dfgen bench` times
 
 
 def _without_waits(q, k, v, beta, knobs):

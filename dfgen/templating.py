@@ -83,10 +83,11 @@ class TemplateSpec:
         """The knobs with a default, which a config may leave out."""
         return sorted(n for n, k in self.knobs.items() if k.default is not NO_DEFAULT)
 
-    def complete(self, knobs: Mapping[str, Any]) -> dict[str, Any]:
-        """`knobs` with every knob it leaves out that has a default set to that default."""
+    def complete(self, knobs: Mapping[str, Any]) -> Mapping[str, Any]:
+        """`knobs` with every knob it leaves out that has a default set to that default
+        (`knobs` itself, not a copy, when it leaves none out: the per-call path)."""
         if all(name in knobs for name in self.knobs):
-            return dict(knobs)
+            return knobs
         return {**{n: k.default for n, k in self.knobs.items()
                    if n not in knobs and k.default is not NO_DEFAULT}, **knobs}
 
