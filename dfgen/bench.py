@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import KernelConfig
-from .validation import check, passes, random_inputs, reference
+from .validation import check, passes, random_pass_inputs, reference
 
 GPU_SHAPES = [(1, 4096, 16, 128), (1, 8192, 16, 128), (4, 2048, 16, 64), (8, 1024, 32, 64),
               (2, 8192, 16, 64), (1, 16384, 8, 128)]
@@ -98,8 +98,7 @@ def bench_shape(shape, dtype, device, configs, with_fla=True, log=None, backward
     forward+backward, all on the same fresh inputs."""
     on_gpu = device.type == "cuda"
     time_ms = timer(on_gpu)
-    q, k, v, beta = random_inputs(shape, dtype, device)
-    do = torch.randn_like(q)
+    q, k, v, beta, do, _ = random_pass_inputs(shape, dtype, device)
     ref = reference(q, k, v, beta, do, backward, torch.float32 if on_gpu else torch.float64)
     best = None
     tried = []

@@ -21,13 +21,24 @@ def relative_error(out, ref) -> float:
 
 def random_inputs(shape, dtype, device, seed=None):
     """q, k, v ~ N(0, 1) and beta = sigmoid(N(0, 1)), fresh unless a seed is given."""
+    return random_pass_inputs(shape, dtype, device, seed)[:4]
+
+
+def random_pass_inputs(shape, dtype, device, seed=None, with_q_solve: bool = False):
+    """(q, k, v, beta, do, q_solve or None): random_inputs, then the output gradient do and
+    (with_q_solve) the solve stage's own queries, N(0, 1), all from one generator, so that
+    a seed fixes every input of a pass (a check that fails once fails again)."""
     B, T, H, D = shape
     gen = torch.Generator(device=device)
     gen.manual_seed(seed if seed is not None else torch.seed() % (2**31))
-    q, k, v = (torch.randn(B, T, H, D, generator=gen, device=device, dtype=torch.float32).to(dtype)
-               for _ in range(3))
+
+    def normal():
+        return torch.randn(B, T, H, D, generator=gen, device=device, dtype=torch.float32).to(dtype)
+
+    q, k, v = normal(), normal(), normal()
     beta = torch.sigmoid(torch.randn(B, T, H, generator=gen, device=device))
-    return q, k, v, beta
+    do = normal()
+    return q, k, v, beta, do, normal() if with_q_solve else None
 
 
 def runner(q, k, v, beta, config, backward: bool, do, q_solve=None):
@@ -96,9 +107,8 @@ def validate_config(config, entry: dict, device, max_T: int | None = None) -> tu
     dtype = DTYPES[entry["dtype"]]
     cap = max_T or (1024 if device.type == "cuda" else 48)
     shape = (1, min(entry["T"], cap), min(entry["BH"], 4), entry["head_dim"])
-    q, k, v, beta = random_inputs(shape, dtype, device)
-    do = torch.randn_like(q)
-    q_solve = torch.randn_like(q) if entry.get("variant") == "qsolve" else None
+    q, k, v, beta, do, q_solve = random_pass_inputs(shape, dtype, device,
+                                                    with_q_solve=entry.get("variant") == "qsolve")
     try:
         err, _ = check(config, backward, q, k, v, beta, do, q_solve=q_solve)
     except Exception as exc:  # noqa: BLE001 - any failure fails the check, with its reason

@@ -3,7 +3,8 @@ so that a crash, a hang or an out-of-resources error costs only this process.
 
 Reads a JSON request on stdin: {config, pass, dtype, head_dim, T, BH, seed, variant}; prints one
 JSON line: {"ok": true, "median_ms", "error"} or {"ok": false, "reason"}. Inputs are fresh
-random tensors; the output (and with fwd+bwd every gradient) must match the naive
+random tensors, every one of them fixed by the request's seed (a failed check can be
+rerun as it was); the output (and with fwd+bwd every gradient) must match the naive
 reference within the dtype's tolerance before any time is taken.
 
 On a GPU, several evaluations run at once (`dfgen tune --jobs`): each first compiles its
@@ -37,16 +38,6 @@ def gpu_lock():
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _inputs(shape, dtype, device, seed: int, with_q_solve: bool):
-    """q, k, v, beta (validation.random_inputs, seeded) and fresh do and q_solve (or None)."""
-    import torch
-
-    from ..validation import random_inputs
-
-    q, k, v, beta = random_inputs(shape, dtype, device, seed)
-    return q, k, v, beta, torch.randn_like(q), torch.randn_like(q) if with_q_solve else None
-
-
 def main() -> int:
     request = json.loads(sys.stdin.read())
     import torch
@@ -55,7 +46,7 @@ def main() -> int:
         os.environ["TRITON_INTERPRET"] = "1"
     from ..bench import timer
     from ..config import KernelConfig
-    from ..validation import DTYPES, check, passes, runner
+    from ..validation import DTYPES, check, passes, random_pass_inputs, runner
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[request["dtype"]]
@@ -66,13 +57,14 @@ def main() -> int:
     on_gpu = device.type == "cuda"
     try:
         if on_gpu:  # compile outside the lock: other candidates may be timed meanwhile
-            warm = _inputs(WARM_SHAPE + (request["head_dim"],), dtype, device, request["seed"] + 1,
-                           with_q_solve)
+            warm = random_pass_inputs(WARM_SHAPE + (request["head_dim"],), dtype, device,
+                                      request["seed"] + 1, with_q_solve)
             runner(*warm[:4], config, backward, warm[4], warm[5])[1]()
             torch.cuda.synchronize()
             del warm
         with gpu_lock() if on_gpu else contextlib.nullcontext():
-            q, k, v, beta, do, q_solve = _inputs(shape, dtype, device, request["seed"], with_q_solve)
+            q, k, v, beta, do, q_solve = random_pass_inputs(shape, dtype, device, request["seed"],
+                                                            with_q_solve)
             err, run = check(config, backward, q, k, v, beta, do, q_solve=q_solve)
             if not passes(err, dtype, backward):  # NaN fails too
                 print(json.dumps({"ok": False, "reason": f"wrong: relative error {err:.3e}"}))
