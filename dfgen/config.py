@@ -135,6 +135,21 @@ class KernelConfig:
         return " ".join(parts)
 
 
+# The solve stages' precision knob values that keep float32 inputs' accuracy (the float32
+# tolerance, 1e-4): the default's choice for float32 (the first) and all that a float32
+# bucket's search tries. 16-bit inverses and products (INV_FP16, SOLVE_PRECISION fp16 or
+# bf16) and plain tf32 products round to 10 or fewer mantissa bits: fine for 16-bit
+# inputs, a candidate that fails or passes the float32 check by the luck of its inputs.
+FLOAT32_ACCURATE = {"SOLVE_PRECISION": ("tf32x3", "ieee"), "INV_FP16": (False,)}
+FLOAT32_SECTIONS = ("solve", "solve_bwd")
+
+
+def float32_limits() -> dict:
+    """FLOAT32_ACCURATE as search space limits ({"solve.INV_FP16": [False], ...})."""
+    return {f"{section}.{knob}": list(values) for section in FLOAT32_SECTIONS
+            for knob, values in FLOAT32_ACCURATE.items()}
+
+
 def default_config(head_dim: int, dtype=None, strategy: str = "fused") -> KernelConfig:
     """Built-in config (cached; sections are read-only)"""
     return _default_config(head_dim, str(dtype), strategy)
@@ -148,9 +163,8 @@ def _default_config(head_dim: int, dtype: str, strategy: str) -> KernelConfig:
     the first half of each prefix (SPLIT_PREFIX: 3 to 17 % faster at T = 4096 to 16384
     on the H200); at head dim 64 they win only at long T, where a tuned entry picks them."""
     fp32 = dtype.endswith("float32")
-    precision = dict(
-        # float32 inputs keep float32 accuracy in the solve; fp16/bf16 need only tf32's
-        SOLVE_PRECISION="tf32x3" if fp32 else "tf32", INV_FP16=not fp32)
+    precision = dict(  # float32 inputs keep float32 accuracy in the solve; fp16/bf16 need only tf32's
+        SOLVE_PRECISION=FLOAT32_ACCURATE["SOLVE_PRECISION"][0] if fp32 else "tf32", INV_FP16=not fp32)
     solve = dict(CHUNK=64, BLOCK_N=64, LOOKAHEAD=2, SPLIT_SOLVE=False, **precision,
                  num_warps=4, num_stages=2 if head_dim > 64 else 3, SPLIT_PREFIX=head_dim > 64)
     attn = dict(BLOCK_M=64, BLOCK_N=32 if head_dim > 64 else 64, num_warps=4, num_stages=2)

@@ -158,11 +158,44 @@ def test_tune_a_q_solve_bucket(tmp_path):
     shapes = tmp_path / "shapes.yaml"
     shapes.write_text("- {pass: fwd+bwd, dtype: fp32, head_dim: 32, T: 24, BH: 1, variant: qsolve}\n")
     out_file = tmp_path / "q.yaml"
-    run("tune", "--gpu", "h200", "--trials", "2", "--shapes", str(shapes), "--out", str(out_file),
-        "--storage", str(tmp_path / "q.journal"))
+    out = run("tune", "--gpu", "h200", "--trials", "2", "--shapes", str(shapes), "--out", str(out_file),
+              "--storage", str(tmp_path / "q.journal"))
     entry = tuned_file.read(out_file)["entries"]["fwd+bwd/fp32/d32/t24/bh1/qsolve"]
     assert entry["variant"] == "qsolve" and entry["config"]["strategy"] == "two_stage"
-    assert entry["failures"] == 0
+    assert entry["failures"] == 0, out  # the log names each failed trial's reason
+
+
+def test_a_float32_bucket_searches_float32_accurate_precisions_only():
+    """16-bit inverses and products cannot keep float32 accuracy; a float32 bucket does
+    not spend trials on them (a user's limits may still ask for them)."""
+    from dfgen.config import FLOAT32_ACCURATE, float32_limits
+    from dfgen.tuning.space import choices, config_of
+
+    space = choices("fwd+bwd", 32, "qsolve", float32_limits())
+    params = {p: values[-1] for p, values in space.items()}
+    for precision in space["solve.INV_FP16/SOLVE_PRECISION"]:
+        config = config_of(dict(params, **{"solve.INV_FP16/SOLVE_PRECISION": precision}))
+        assert config.solve["SOLVE_PRECISION"] in FLOAT32_ACCURATE["SOLVE_PRECISION"]
+        assert config.solve["INV_FP16"] is False
+    assert set(space["solve_bwd.SOLVE_PRECISION"]) == set(FLOAT32_ACCURATE["SOLVE_PRECISION"])
+    assert space["solve_bwd.INV_FP16"] == [False]
+    default = default_config(32, torch.float32)
+    assert params_of(default, "fwd+bwd")["solve.INV_FP16/SOLVE_PRECISION"] in \
+        space["solve.INV_FP16/SOLVE_PRECISION"]
+    wider = choices("fwd", 32, "", dict(float32_limits(), **{"solve.INV_FP16": [False, True]}))
+    assert any(p.startswith("True/") for p in wider["solve.INV_FP16/SOLVE_PRECISION"])
+
+
+def test_a_seed_fixes_every_input_of_a_checked_pass():
+    """The tuner's check reruns as it ran: q, k, v, beta, do and q_solve all follow the seed."""
+    from dfgen.validation import random_pass_inputs
+
+    first, again = (random_pass_inputs((1, 5, 2, 8), torch.float32, torch.device("cpu"), seed=3,
+                                       with_q_solve=True) for _ in range(2))
+    other = random_pass_inputs((1, 5, 2, 8), torch.float32, torch.device("cpu"), seed=4,
+                               with_q_solve=True)
+    for a, b, c in zip(first, again, other):
+        assert torch.equal(a, b) and not torch.equal(a, c)
 
 
 def test_gpu_keys():

@@ -20,7 +20,7 @@ import optuna
 import yaml
 
 from .. import __version__
-from ..config import KernelConfig, default_config
+from ..config import KernelConfig, default_config, float32_limits
 from ..dispatch import gpu_key
 from ..errors import ConfigError, DfgenError
 from ..templating import templates_hash
@@ -141,13 +141,16 @@ def tune_bucket(bucket: dict, *, trials: int, sampler: str, seed: int, storage,
     the tuned file holds for this bucket, so that a re-tune after a template change
     re-tries the earlier winner; sections they lack come from the default); cold_start
     skips them all (to measure what the sampler finds on its own; the default is still
-    timed for the entry)."""
+    timed for the entry). A float32 bucket searches only the solve precisions that keep
+    float32 accuracy (config.FLOAT32_ACCURATE) unless `limits` names the knobs."""
     pass_, dtype, head_dim, T, BH = (bucket[k] for k in ("pass_", "dtype", "head_dim", "T", "BH"))
     variant = bucket.get("variant", "")
     key = tuned_file.bucket_key(pass_, dtype, head_dim, T, BH, variant)
     backward = pass_ == "fwd+bwd"
     default = default_config(head_dim, DTYPES[dtype],
                              strategy="two_stage" if variant == "qsolve" else "fused")
+    if dtype == "fp32":  # float32-accurate precisions only, unless the limits name others
+        limits = dict(float32_limits(), **(limits or {}))
     space = choices(pass_, head_dim, variant, limits)
     grid_space = grid(pass_, head_dim, variant, limits) if sampler == "grid" else None
     name = study_name(key, sampler, limits) + (":cold-start" if cold_start else "")
