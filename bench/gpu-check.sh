@@ -21,7 +21,8 @@
 #   sweep              Optuna (TPE, 3 seeds, cold start) against an exhaustive sweep on two
 #                      buckets (bench/sweep-*.yaml); bench/sweep_compare.py ranks its picks in the sweep.
 #                      The 48-point grids need a device call of their own: 8 compiles at a time timed
-#                      20 to 31 points in 100 s (run 26); the caps default to 240 s per grid, 60 s per seed
+#                      20 to 31 points in 100 s (run 26); the caps default to 240 s per grid, 90 s per seed;
+#                      SWEEP=d128 (or d64) runs that bucket's files alone
 #   models             with the installed tuned file: dfgen show, dfgen check, the model
 #                      tests (torch.compile, CUDA graphs), and `dfgen bench` as the runtime picks
 # Several phases may be given: bash bench/gpu-check.sh tests bench overhead
@@ -89,13 +90,14 @@ while [ $# -gt 0 ]; do
     sweep)
       # the grid times every point (candidates compile SWEEP_JOBS, default 8, at a time); then TPE with a quarter of
       # the grid's trials, not started from the default, three seeds, one at a time
-      for b in bench/sweep-*.yaml; do
+      for b in bench/sweep-${SWEEP:-*}.yaml; do
         name=$(basename "$b" .yaml)
         capped "${CAP_SWEEP:-240}" python3 -m dfgen.cli tune --gpu "$gpu" --shapes "$b" --space "bench/$name.space" \
           --sampler grid --trials 1000 --jobs "${SWEEP_JOBS:-8}" --storage "$out/sweep-grid.journal" --out "$out/sweep.yaml" > "$out/$name-grid.txt" 2>&1 || status=1
-        n=$(python3 -c "import yaml,sys; e=list(yaml.safe_load(open('$out/sweep.yaml'))['entries'].values()); print(max(1, max(x['trials'] for x in e)//4))" 2>/dev/null || echo 4)
+        n=$(python3 -c "from dfgen.tuning.tuner import load_buckets, load_space; from dfgen.tuning.space import grid, grid_size
+b = load_buckets('$b')[0]; print(max(1, grid_size(grid(b['pass_'], b['head_dim'], b['variant'], load_space('bench/$name.space'))) // 4))")
         for seed in 0 1 2; do
-          capped "${CAP_SWEEP_TPE:-60}" python3 -m dfgen.cli tune --gpu "$gpu" --shapes "$b" --space "bench/$name.space" \
+          capped "${CAP_SWEEP_TPE:-90}" python3 -m dfgen.cli tune --gpu "$gpu" --shapes "$b" --space "bench/$name.space" \
             --trials "$n" --jobs 1 --seed $seed --cold-start --storage "$out/sweep-tpe-seed$seed.journal" \
             --out "$out/optuna.yaml" > "$out/$name-tpe-seed$seed.txt" 2>&1 || status=1
         done
