@@ -94,8 +94,9 @@ while [ $# -gt 0 ]; do
         name=$(basename "$b" .yaml)
         capped "${CAP_SWEEP:-240}" python3 -m dfgen.cli tune --gpu "$gpu" --shapes "$b" --space "bench/$name.space" \
           --sampler grid --trials 1000 --jobs "${SWEEP_JOBS:-8}" --storage "$out/sweep-grid.journal" --out "$out/sweep.yaml" > "$out/$name-grid.txt" 2>&1 || status=1
-        n=$(python3 -c "from dfgen.tuning.tuner import load_buckets, load_space; from dfgen.tuning.space import grid, grid_size
-b = load_buckets('$b')[0]; print(max(1, grid_size(grid(b['pass_'], b['head_dim'], b['variant'], load_space('bench/$name.space'))) // 4))")
+        n=$(python3 -c "from dfgen.tuning.tuner import load_buckets, load_space; from dfgen.tuning.space import bucket_limits, grid, grid_size
+b = load_buckets('$b')[0]; limits = bucket_limits(b['dtype'], load_space('bench/$name.space'))
+print(max(1, grid_size(grid(b['pass_'], b['head_dim'], b['variant'], limits)) // 4))")
         for seed in 0 1 2; do
           capped "${CAP_SWEEP_TPE:-90}" python3 -m dfgen.cli tune --gpu "$gpu" --shapes "$b" --space "bench/$name.space" \
             --trials "$n" --jobs 1 --seed $seed --cold-start --storage "$out/sweep-tpe-seed$seed.journal" \

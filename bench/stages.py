@@ -21,7 +21,7 @@ import triton  # noqa: E402
 from dfgen import backward, codegen, forward  # noqa: E402
 from dfgen.bench import GPU_SHAPES, timer, load_configs, parse_shapes, sdpa_causal  # noqa: E402
 from dfgen.config import default_config  # noqa: E402
-from dfgen.validation import random_inputs  # noqa: E402
+from dfgen.validation import random_pass_inputs  # noqa: E402
 
 
 median_ms = timer(on_gpu=True)  # do_bench medians, as `dfgen bench` times
@@ -48,8 +48,7 @@ def _without_waits(q, k, v, beta, knobs):
 
 def stage_times(shape, dtype, config):
     B, T, H, D = shape
-    q, k, v, beta = random_inputs(shape, dtype, "cuda", seed=0)
-    do = torch.randn_like(q)
+    q, k, v, beta, do, _ = random_pass_inputs(shape, dtype, "cuda", seed=0)
     cfg = (config or default_config(D, dtype)).with_defaults(default_config(D, dtype))
     o, u, lse, a = forward.forward(q, k, v, beta, cfg, for_backward=True)
     dv, e, dbeta, delta, dsd = backward.reverse_sweep(q, k, do, u, a, beta, lse, cfg.solve_bwd)

@@ -21,13 +21,19 @@ def relative_error(out, ref) -> float:
 
 def random_inputs(shape, dtype, device, seed=None):
     """q, k, v ~ N(0, 1) and beta = sigmoid(N(0, 1)), fresh unless a seed is given."""
-    return random_pass_inputs(shape, dtype, device, seed)[:4]
+    return _draw(shape, dtype, device, seed, extra=0)
 
 
 def random_pass_inputs(shape, dtype, device, seed=None, with_q_solve: bool = False):
     """(q, k, v, beta, do, q_solve or None): random_inputs, then the output gradient do and
     (with_q_solve) the solve stage's own queries, N(0, 1), all from one generator, so that
     a seed fixes every input of a pass (a check that fails once fails again)."""
+    drawn = _draw(shape, dtype, device, seed, extra=2 if with_q_solve else 1)
+    return drawn if with_q_solve else (*drawn, None)
+
+
+def _draw(shape, dtype, device, seed, extra: int) -> tuple:
+    """q, k, v, beta and `extra` more N(0, 1) tensors of q's shape, from one generator."""
     B, T, H, D = shape
     gen = torch.Generator(device=device)
     gen.manual_seed(seed if seed is not None else torch.seed() % (2**31))
@@ -37,8 +43,7 @@ def random_pass_inputs(shape, dtype, device, seed=None, with_q_solve: bool = Fal
 
     q, k, v = normal(), normal(), normal()
     beta = torch.sigmoid(torch.randn(B, T, H, generator=gen, device=device))
-    do = normal()
-    return q, k, v, beta, do, normal() if with_q_solve else None
+    return (q, k, v, beta, *(normal() for _ in range(extra)))
 
 
 def runner(q, k, v, beta, config, backward: bool, do, q_solve=None):

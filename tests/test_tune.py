@@ -168,10 +168,11 @@ def test_tune_a_q_solve_bucket(tmp_path):
 def test_a_float32_bucket_searches_float32_accurate_precisions_only():
     """16-bit inverses and products cannot keep float32 accuracy; a float32 bucket does
     not spend trials on them (a user's limits may still ask for them)."""
-    from dfgen.config import FLOAT32_ACCURATE, float32_limits
-    from dfgen.tuning.space import choices, config_of
+    from dfgen.config import FLOAT32_ACCURATE
+    from dfgen.tuning.space import bucket_limits, choices, config_of
 
-    space = choices("fwd+bwd", 32, "qsolve", float32_limits())
+    assert bucket_limits("bf16") is None
+    space = choices("fwd+bwd", 32, "qsolve", bucket_limits("fp32"))
     params = {p: values[-1] for p, values in space.items()}
     for precision in space["solve.INV_FP16/SOLVE_PRECISION"]:
         config = config_of(dict(params, **{"solve.INV_FP16/SOLVE_PRECISION": precision}))
@@ -182,8 +183,30 @@ def test_a_float32_bucket_searches_float32_accurate_precisions_only():
     default = default_config(32, torch.float32)
     assert params_of(default, "fwd+bwd")["solve.INV_FP16/SOLVE_PRECISION"] in \
         space["solve.INV_FP16/SOLVE_PRECISION"]
-    wider = choices("fwd", 32, "", dict(float32_limits(), **{"solve.INV_FP16": [False, True]}))
+    wider = choices("fwd", 32, "", bucket_limits("fp32", {"solve.INV_FP16": [False, True]}))
     assert any(p.startswith("True/") for p in wider["solve.INV_FP16/SOLVE_PRECISION"])
+
+
+def test_a_float32_tune_evaluates_float32_accurate_candidates_only(tmp_path, monkeypatch):
+    """What tune_bucket sends to be checked for a float32 bucket (evaluation stubbed: only
+    the configs the search picks matter here)."""
+    from dfgen.config import FLOAT32_ACCURATE
+
+    seen = []
+
+    def fake_evaluate(request, timeout_s):
+        seen.append(request["config"])
+        return {"ok": True, "median_ms": 1.0 + len(seen) % 5, "error": 0.0}
+
+    monkeypatch.setattr(tuner, "evaluate", fake_evaluate)
+    bucket = dict(pass_="fwd+bwd", dtype="fp32", head_dim=32, T=24, BH=1)
+    tuner.tune_bucket(bucket, trials=12, sampler="random", seed=0,
+                      storage=f"sqlite:///{tmp_path / 'f32.db'}", timeout_s=1, log=lambda *a: None)
+    assert len(seen) >= 12
+    for config in seen:
+        for section in ("solve", "solve_bwd"):
+            assert config[section]["SOLVE_PRECISION"] in FLOAT32_ACCURATE["SOLVE_PRECISION"]
+            assert config[section]["INV_FP16"] is False
 
 
 def test_a_seed_fixes_every_input_of_a_checked_pass():

@@ -9,7 +9,7 @@ can run, so no trial is spent on a config the templates forbid.
 
 from __future__ import annotations
 
-from ..config import STRATEGIES, KernelConfig
+from ..config import STRATEGIES, KernelConfig, float32_limits
 from ..errors import DfgenError
 from ..templating import spec
 
@@ -80,6 +80,15 @@ def choices(pass_: str, head_dim: int, variant: str = "", limits: dict | None = 
         raise DfgenError(f"search space limits name unknown parameters {unknown}; "
                          f"known: strategy, {', '.join(sorted(known))}")
     return out
+
+
+def bucket_limits(dtype: str, limits: dict | None = None) -> dict | None:
+    """The limits a bucket of this dtype ("bf16", "fp32", ...) searches under: a float32
+    bucket's space holds only the solve precisions that keep float32 accuracy
+    (config.FLOAT32_ACCURATE), unless `limits` names those knobs itself."""
+    if dtype == "fp32":
+        return dict(float32_limits(), **(limits or {}))
+    return limits
 
 
 def _limit(param: str, values: list, limits: dict) -> list:

@@ -20,13 +20,13 @@ import optuna
 import yaml
 
 from .. import __version__
-from ..config import KernelConfig, default_config, float32_limits
+from ..config import KernelConfig, default_config
 from ..dispatch import gpu_key
 from ..errors import ConfigError, DfgenError
 from ..templating import templates_hash
 from ..validation import DTYPES
 from .. import tuned_file
-from .space import choices, config_of, grid, grid_size, params_of, suggest
+from .space import bucket_limits, choices, config_of, grid, grid_size, params_of, suggest
 
 GPU_BUCKETS = [dict(pass_=p, dtype="bf16", head_dim=d, T=t, BH=bh)
                for p in ("fwd", "fwd+bwd") for d in (64, 128)
@@ -149,8 +149,7 @@ def tune_bucket(bucket: dict, *, trials: int, sampler: str, seed: int, storage,
     backward = pass_ == "fwd+bwd"
     default = default_config(head_dim, DTYPES[dtype],
                              strategy="two_stage" if variant == "qsolve" else "fused")
-    if dtype == "fp32":  # float32-accurate precisions only, unless the limits name others
-        limits = dict(float32_limits(), **(limits or {}))
+    limits = bucket_limits(dtype, limits)  # float32: float32-accurate precisions only
     space = choices(pass_, head_dim, variant, limits)
     grid_space = grid(pass_, head_dim, variant, limits) if sampler == "grid" else None
     name = study_name(key, sampler, limits) + (":cold-start" if cold_start else "")
