@@ -14,16 +14,15 @@ import subprocess
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
-from dfgen import codegen  # noqa: E402
-from dfgen.config import default_config  # noqa: E402
+from dfgen import codegen
+from dfgen.config import default_config
 
 FP32_POINTERS = {"LSE", "DELTA", "DSD", "DBETA", "BETA", "DU", "PART"}
 INT_POINTERS = {"SYNC", "CU"}

@@ -15,17 +15,15 @@ stall the timed calls.
 """
 import os
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-from dfgen import runtime  # noqa: E402
-from dfgen.validation import random_inputs  # noqa: E402
+from dfgen import runtime
+from dfgen.validation import random_inputs
 
 
 def cpu_us(fn, n=2000, sync=None):

@@ -17,15 +17,14 @@ import math
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-import torch  # noqa: E402
-import yaml  # noqa: E402
-import triton  # noqa: E402
-from dfgen import codegen, forward  # noqa: E402
-from dfgen.bench import GPU_SHAPES, timer, parse_shapes, sdpa_causal  # noqa: E402
-from dfgen.config import default_config  # noqa: E402
-from dfgen.validation import random_inputs  # noqa: E402
+import torch
+import yaml
+import triton
+from dfgen import codegen, forward
+from dfgen.bench import GPU_SHAPES, timer, parse_shapes, sdpa_causal
+from dfgen.config import default_config
+from dfgen.validation import random_inputs
 
 
 median_ms = timer(on_gpu=True)  # do_bench medians, as `dfgen bench` times

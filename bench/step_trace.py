@@ -13,17 +13,15 @@ reports, per step of one head's chain, medians over the heads and chunks:
 """
 import argparse
 import math
-import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-import torch  # noqa: E402
+import torch
 
-from dfgen import codegen, forward  # noqa: E402
-from dfgen.bench import load_configs, parse_shapes  # noqa: E402
-from dfgen.config import default_config  # noqa: E402
-from dfgen.validation import random_inputs  # noqa: E402
+from dfgen import codegen, forward
+from dfgen.bench import load_configs, parse_shapes
+from dfgen.config import default_config
+from dfgen.validation import random_inputs
 
 START, PREFIX, INVERSE, READY, WOKE, RELEASED, DONE, SM = range(8)
 

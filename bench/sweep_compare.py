@@ -9,11 +9,10 @@ Each journal holds the studies of one `dfgen tune` run; studies are matched by b
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-import optuna  # noqa: E402
+import optuna
 
-from dfgen.tuning.tuner import open_storage  # noqa: E402
+from dfgen.tuning.tuner import open_storage
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 DONE = (optuna.trial.TrialState.COMPLETE,)

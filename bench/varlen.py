@@ -9,15 +9,12 @@ ratio is (sum L^2 / t_packed) / (8 * 2048^2 / t_batch). Forward and forward+back
 do_bench medians, fresh random inputs, both in this one process. The packed output is
 also checked against dfgen run on each sequence alone.
 """
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from dfgen.bench import timer  # noqa: E402
-from dfgen.runtime import deltaformer_attn  # noqa: E402
-from dfgen.validation import random_pass_inputs, relative_error  # noqa: E402
+from dfgen.bench import timer
+from dfgen.runtime import deltaformer_attn
+from dfgen.validation import random_pass_inputs, relative_error
 
 LENGTHS = [512, 1024, 4096, 2048, 3072, 1536, 2560, 1536]  # sum 16384
 H, D, DTYPE = 16, 128, torch.bfloat16

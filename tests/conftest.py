@@ -1,17 +1,48 @@
 """Test setup. Without a CUDA device the kernels run in Triton's interpreter (slow: tiny
-sizes); with one, the GPU cases run too. Generated sources go to a fresh cache folder."""
+sizes); with one, the GPU cases run too. Generated sources go to a fresh cache folder, and
+the user's own tuned files (~/.config/dfgen/tuned) are out of reach.
+
+The tests run against the installed package: with DFGEN_TEST_INSTALLED=1 (CI) they refuse
+to start if `import dfgen` finds anything but an installed copy."""
 
 import os
+import shutil
+import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
+
+import dfgen
 
 ON_GPU = torch.cuda.is_available()
 if not ON_GPU:
     os.environ["TRITON_INTERPRET"] = "1"  # before any generated kernel module is imported
 os.environ.setdefault("DFGEN_CACHE_DIR", tempfile.mkdtemp(prefix="dfgen-test-cache-"))
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+# a user's tuned files must not change what the tests run
+os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="dfgen-test-config-")
+os.environ.pop("DFGEN_TUNED_DIR", None)
+
+DFGEN_PACKAGE = Path(dfgen.__file__).resolve().parent
+CHECKOUT = Path(__file__).resolve().parent.parent
+if os.environ.get("DFGEN_TEST_INSTALLED") == "1" and DFGEN_PACKAGE.is_relative_to(CHECKOUT):
+    raise pytest.UsageError(
+        f"dfgen was imported from the checkout ({DFGEN_PACKAGE}), not from the installed "
+        "package: run pytest from a folder outside the checkout")
+
+
+def pytest_report_header(config):
+    return f"dfgen {dfgen.__version__} from {DFGEN_PACKAGE}"
+
+
+def dfgen_command() -> list[str]:
+    """The installed `dfgen` console script of this Python's environment."""
+    beside = Path(sys.executable).parent / "dfgen"
+    found = str(beside) if beside.is_file() else shutil.which("dfgen")
+    assert found, "the `dfgen` command is not installed (pip install the package first)"
+    return [found]
 
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -1,20 +1,22 @@
 """The dfgen command, run as a user runs it (a subprocess), without a GPU in the interpreter."""
 
 import ast
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import torch
+from conftest import dfgen_command
 
-ROOT = Path(__file__).resolve().parent.parent
+
+def dfgen(*args, timeout=300, cwd=None):
+    """The installed command, run from a folder of its own (not the checkout)."""
+    return subprocess.run(dfgen_command() + list(args), capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd or _scratch())
 
 
-def dfgen(*args, timeout=300):
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "dfgen.cli", *args], capture_output=True, text=True,
-                          env=env, timeout=timeout, cwd=ROOT)
+def _scratch():
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="dfgen-cli-")
 
 
 def test_emit_prints_the_source():

@@ -47,9 +47,8 @@ def test_load_caches_the_module(tmp_path, monkeypatch):
 
 def test_two_processes_render_at_once(tmp_path):
     """Both processes write and import the same file; neither sees a partial one."""
-    script = textwrap.dedent(f"""
-        import sys, torch
-        sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+    script = textwrap.dedent("""
+        import torch
         from dfgen import codegen
         from dfgen.config import default_config
         for _ in range(20):

@@ -4,7 +4,6 @@ runtime has no side effects."""
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -85,6 +84,6 @@ def test_import_has_no_side_effects(tmp_path):
             "print(bad)")
     env = dict(os.environ, DFGEN_CACHE_DIR=str(cache))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parent.parent, check=True)
+                         cwd=tmp_path, check=True)
     assert out.stdout.strip() == "[]"
     assert not cache.exists()

@@ -2,8 +2,6 @@
 
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import optuna
 import pytest
@@ -15,14 +13,16 @@ from dfgen.errors import DfgenError
 from dfgen.tuning import tuner
 from dfgen.tuning.space import params_of
 from dfgen.validation import DTYPES
+from conftest import dfgen_command
 
-ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU interpreter tune")
 
 
-def dfgen(*args, cwd=ROOT):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.Popen([sys.executable, "-m", "dfgen.cli", *args], cwd=cwd, env=env,
+def dfgen(*args, cwd=None):
+    """The installed command, run from a scratch folder (never the checkout)."""
+    import tempfile
+
+    return subprocess.Popen(dfgen_command() + list(args), cwd=cwd or tempfile.mkdtemp(prefix="dfgen-tune-"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
