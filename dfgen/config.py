@@ -19,6 +19,8 @@ from .errors import ConfigError
 from .templating import spec
 
 STRATEGIES = ("fused", "two_stage")
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)  # what the kernels take (the runtime's and tuned files' check)
+_SCALARS = (bool, int, float, str)  # knob values: anything else is rejected when a config is built
 _SECTIONS = ("solve", "attn", "solve_bwd", "attn_bwd")
 _STAGE_OF = {"solve": "solve_fwd", "attn": "attn_fwd", "solve_bwd": "solve_bwd", "attn_bwd": "attn_bwd"}
 _checked: set = set()  # (config key, head dim, backward) already validated: checks are pure
@@ -37,15 +39,22 @@ class KernelConfig:
         # read-only sections: a config may be shared (cached defaults, tuned entries)
         # knobs a section leaves out that have a default (knobs added after it was written)
         # are filled in, so that equal configs compare, hash and serialize equal
+        # malformed sections are ConfigErrors here, before sorting, hashing or JSON (a
+        # non-string knob name or a list value would raise TypeError there)
+        if not isinstance(self.strategy, str):
+            raise ConfigError(f"strategy must be one of {list(STRATEGIES)}, got {self.strategy!r}")
         for name in _SECTIONS:
             knobs = getattr(self, name)
+            _check_section(name, knobs)
             if knobs:
                 knobs = spec(_STAGE_OF[name]).complete(knobs)
             object.__setattr__(self, name, MappingProxyType(dict(knobs)))
         object.__setattr__(self, "json", json.dumps(self.to_dict(), sort_keys=True))
+        # the key tells 64 from 64.0 and 1 from True (equal, with equal hashes): a memo of a
+        # checked config must never vouch for a config of other types
         object.__setattr__(self, "_key", tuple(
-            (name, tuple(sorted(getattr(self, name).items()))) for name in _SECTIONS)
-            + (self.strategy,))
+            (name, tuple(sorted((k, type(v).__name__, v) for k, v in getattr(self, name).items())))
+            for name in _SECTIONS) + (self.strategy,))
 
     def forward_stages(self) -> dict[str, Mapping[str, Any]]:
         """{stage name: knobs} of the stages the forward runs."""
@@ -86,22 +95,26 @@ class KernelConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], defaults: "KernelConfig | None" = None) -> "KernelConfig":
-        """Parse the dict form. Sections missing from `data` come from `defaults` (the
-        knobs inside a given section are never mixed)."""
+        """Parse the dict form. With `defaults`, sections missing from `data` come from
+        `defaults`, and so do the knobs a given section leaves out; without, a given
+        section is taken as it is (check() then wants every knob)."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"a kernel config must be a mapping, got {type(data).__name__}")
         unknown = set(data) - {"strategy", *_SECTIONS}
         if unknown:
-            raise ConfigError(f"unknown kernel config keys {sorted(unknown)}; "
+            raise ConfigError(f"unknown kernel config keys {sorted(unknown, key=repr)}; "
                               f"expected strategy and {list(_SECTIONS)}")
         strategy = data.get("strategy", "fused")
+        if not isinstance(strategy, str) or strategy not in STRATEGIES:
+            raise ConfigError(f"strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
         sections = {}
         for name in _SECTIONS:
             value = data.get(name)
-            if value is None and defaults is not None:
-                value = getattr(defaults, name)
             if value is not None and not isinstance(value, Mapping):
-                raise ConfigError(f"config section {name!r} must be a mapping of knobs")
+                raise ConfigError(f"config section {name!r} must be a mapping of knobs, "
+                                  f"got {type(value).__name__}")
+            if defaults is not None:
+                value = {**getattr(defaults, name), **(value or {})}
             sections[name] = dict(value or {})
         if strategy == "two_stage" and not sections["attn"]:
             raise ConfigError("a two_stage config needs an `attn` section")
@@ -133,6 +146,20 @@ class KernelConfig:
         if self.strategy == "two_stage":
             parts += [f"attn.{k}={v}" for k, v in sorted(self.attn.items())]
         return " ".join(parts)
+
+
+def _check_section(name: str, knobs) -> None:
+    """ConfigError unless `knobs` is a mapping of knob names (strings) to scalar values."""
+    if not isinstance(knobs, Mapping):
+        raise ConfigError(f"config section {name!r} must be a mapping of knobs, "
+                          f"got {type(knobs).__name__}")
+    for knob, value in knobs.items():
+        if not isinstance(knob, str):
+            raise ConfigError(f"config section {name!r}: knob names must be strings, got {knob!r}")
+        if not isinstance(value, _SCALARS):
+            declared = spec(_STAGE_OF[name]).knobs.get(knob)
+            expected = f"one of {list(declared.values)}" if declared else "a bool, int, float or string"
+            raise ConfigError(f"config section {name!r}: {knob}={value!r} is not {expected}")
 
 
 # The solve stages' precision knob values that keep float32 inputs' accuracy (the float32
