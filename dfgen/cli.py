@@ -218,6 +218,8 @@ def cmd_show(args) -> int:
     print(f"GPU: {ident.name} (key {ident.key}, family {ident.family}, compute capability "
           f"{ident.compute_capability}, {ident.sm_count} SMs)")
     print("tuned folders searched: " + ", ".join(str(d) for d in disp.dirs))
+    for message in disp.skipped:
+        print(f"skipped (unusable): {message}")
     if disp.path is None:
         print("no tuned file serves this GPU: every call uses the built-in defaults")
         return 0
@@ -237,16 +239,19 @@ def cmd_check(args) -> int:
     from .validation import validate_config
 
     disp = _this_dispatcher()
+    for message in disp.skipped:
+        print(f"FAIL {message}")
     if disp.path is None:
-        print(f"dfgen check: no tuned file for {disp.identity.key}; nothing to check")
-        return 0
-    failed = 0
+        print(f"dfgen check: no usable tuned file for {disp.identity.key}; nothing to check")
+        return 1 if disp.skipped else 0
+    failed = len(disp.skipped)
     for key, entry in sorted(disp.data["entries"].items()):
         config = KernelConfig.from_dict(entry["config"])
         ok, message = validate_config(config, entry, disp._device(), max_T=args.max_t)
         failed += not ok
         print(f"{'PASS' if ok else 'FAIL'} {key}: {message}", flush=True)
-    print(f"{len(disp.data['entries']) - failed} passed, {failed} failed ({disp.path})")
+    passed = len(disp.data["entries"]) + len(disp.skipped) - failed
+    print(f"{passed} passed, {failed} failed ({disp.path})")
     return 1 if failed else 0
 
 

@@ -115,16 +115,27 @@ class Dispatcher:
         self._lock = threading.Lock()
         self._cache: dict[tuple, Choice] = {}
         self._validated: dict[tuple, bool] = {}
+        self.skipped: list[str] = []  # why each unusable file that would serve this GPU was skipped
         self.path, self.data, self.match = self._find_file()
 
     # -- files ---------------------------------------------------------------------------
-    def _read(self, path: Path):
+    def _read(self, path: Path, ours: bool = True):
+        """The file's validated data, or None if it is unusable in any way. `ours`: it
+        would serve this GPU (its exact file, or one named for its family), so a defect
+        warns (DFGEN_STRICT=1: raises); another GPU's broken file, met while scanning for
+        a family or compute-capability match, is skipped with a debug message only."""
         try:
             return tuned_file.read(path)
-        except (ConfigError, OSError) as err:
+        except Exception as err:  # noqa: BLE001 - a bad file must never break a call
+            if not isinstance(err, ConfigError):  # read() converts all it knows of
+                err = ConfigError(f"{path}: unreadable ({type(err).__name__}: {err})")
+            if not ours:
+                log.debug("dfgen: skipping another GPU's tuned file %s: %s", path, err)
+                return None
             if os.environ.get("DFGEN_STRICT") == "1":
-                raise
+                raise err from None
             warnings.warn(f"dfgen: ignoring tuned file {path}: {err}", stacklevel=3)
+            self.skipped.append(str(err))
             return None
 
     def _find_file(self):
@@ -140,7 +151,7 @@ class Dispatcher:
             for path in sorted(directory.glob("*.yaml")) if directory.is_dir() else ():
                 if path.stem == ident.key:
                     continue
-                data = self._read(path)
+                data = self._read(path, ours=gpu_family(path.stem) == ident.family)
                 if data is None:
                     continue
                 prov = data.get("provenance", {})

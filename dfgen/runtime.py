@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .backward import backward, backward_q_solve
-from .config import KernelConfig, default_config
+from .config import SUPPORTED_HEAD_DIMS, KernelConfig, default_config
 from .dispatch import dispatcher_for
 from .errors import ConfigError, InputError
 from .forward import forward, forward_q_solve
@@ -21,7 +21,6 @@ __all__ = ["deltaformer_attn", "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 
 
 _CONFIG_TYPE = "config must be a KernelConfig, a dict or None, got {}"

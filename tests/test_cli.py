@@ -84,12 +84,42 @@ def test_show_and_check_with_a_user_tuned_folder(tmp_path, monkeypatch):
     out = dfgen("check", "--max-t", "40")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "PASS fwd/fp32/d32/t40/bh2" in out.stdout and "1 passed, 0 failed" in out.stdout
-    # a broken entry fails the check with a non-zero exit code
-    bad = dict(cfg, solve=dict(cfg["solve"]))
-    tuned_file.merge(tmp_path / f"{key}.yaml", {"gpu": key}, {"fwd/fp32/d48/t40/bh2": {
-        "pass": "fwd", "dtype": "fp32", "head_dim": 48, "T": 40, "BH": 2, "config": bad}})
+    # an inaccurate entry (a bfloat16 solve of float32 inputs) fails the check: exit code 1
+    bad = dict(cfg, solve=dict(cfg["solve"], SOLVE_PRECISION="bf16", INV_FP16=True))
+    tuned_file.merge(tmp_path / f"{key}.yaml", {"gpu": key}, {"fwd/fp32/d32/t40/bh8": {
+        "pass": "fwd", "dtype": "fp32", "head_dim": 32, "T": 40, "BH": 8, "config": bad}})
     out = dfgen("check", "--max-t", "40")
-    assert out.returncode == 1 and "FAIL fwd/fp32/d48/t40/bh2" in out.stdout
+    assert out.returncode == 1 and "FAIL fwd/fp32/d32/t40/bh8: relative error" in out.stdout
     # the merge kept the first entry from another triton: show says so
     out = dfgen("show")
     assert "fwd/fp32/d32/t40/bh2 ->" in out.stdout and "[tuned with triton 0.0.1: checked" in out.stdout
+
+
+def _no_traceback(out):
+    assert "Traceback" not in out.stderr + out.stdout, out.stderr[-2000:]
+
+
+def test_show_and_check_survive_an_unreadable_tuned_file(tmp_path):
+    """This device's tuned file nested 10000 lists deep (RecursionError in the loader):
+    show and check report it in one line; DFGEN_STRICT=1 makes it an error, exit 2."""
+    import os
+
+    from dfgen.dispatch import gpu_key
+
+    key = gpu_key(torch.cuda.get_device_name()) if torch.cuda.is_available() else "cpu-interpreter"
+    (tmp_path / f"{key}.yaml").write_text("entries: " + "[" * 10000 + "]" * 10000 + "\n")
+    env = dict(os.environ, DFGEN_TUNED_DIR=str(tmp_path))
+    out = subprocess.run(dfgen_command() + ["show"], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    _no_traceback(out)
+    assert "skipped (unusable):" in out.stdout and "nested too deeply" in out.stdout
+    assert "built-in defaults" in out.stdout
+    out = subprocess.run(dfgen_command() + ["check"], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 1 and "FAIL" in out.stdout and "nested too deeply" in out.stdout
+    _no_traceback(out)
+    env["DFGEN_STRICT"] = "1"
+    for command in ("show", "check"):
+        out = subprocess.run(dfgen_command() + [command], capture_output=True, text=True, env=env, timeout=300)
+        assert out.returncode == 2, out.stderr[-2000:]
+        _no_traceback(out)
+        assert out.stderr.strip().count("\n") == 0 and "nested too deeply" in out.stderr
