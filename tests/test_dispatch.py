@@ -259,3 +259,48 @@ def test_deltaformer_attn_survives_an_unreadable_tuned_file(tmp_path, monkeypatc
         assert torch.equal(out, deltaformer_attn(q, k, v, config=default_config(32, torch.float32)))
     finally:
         dispatch.reset()
+
+
+def _fwd_entry_with_broken_backward(T=1024, BH=16, head_dim=64):
+    fwd = entry(T, BH=BH)
+    fwd["head_dim"] = head_dim
+    fwd["config"] = dict(default_config(head_dim, torch.float32).to_dict(),
+                         solve=fwd["config"]["solve"])
+    fwd["config"]["solve_bwd"] = {"CHUNK": 7}  # not checked for a fwd entry
+    fwd["config"]["attn_bwd"] = {**fwd["config"]["attn_bwd"], "BOGUS": 1}
+    return fwd
+
+
+def test_a_forward_entry_serves_training_calls_with_valid_backward_sections(tmp_path):
+    """A fwd entry may serve a fwd+bwd call (no fwd+bwd entry near): its backward sections
+    were never validated, so broken ones are replaced by the default's, never a
+    ConfigError out of the call."""
+    write(tmp_path, "h200", {"e": _fwd_entry_with_broken_backward()})
+    disp = Dispatcher(H200, [tmp_path])
+    default = default_config(64, torch.float32)
+    train = disp.choose("fwd+bwd", "fp32", 64, 1024, 16)
+    assert train.config.check(64, backward=True) is train.config
+    assert train.config.solve["CHUNK"] == 32  # the entry's forward knobs still serve
+    assert train.config.solve_bwd == default.solve_bwd and train.config.attn_bwd == default.attn_bwd
+    assert "backward sections from the built-in default" in train.source
+    assert disp.choose("fwd", "fp32", 64, 1024, 16).config.solve["CHUNK"] == 32
+
+
+def test_a_training_call_served_by_a_forward_entry_runs(tmp_path, monkeypatch):
+    from conftest import DEVICE
+    from dfgen import dispatch
+    from dfgen.dispatch import identify
+    from dfgen.runtime import deltaformer_attn
+
+    fwd = _fwd_entry_with_broken_backward(T=8, BH=2, head_dim=32)
+    fwd["config"]["solve"] = dict(default_config(32, torch.float32).solve, CHUNK=16, BLOCK_N=16,
+                                  LOOKAHEAD=1)
+    write(tmp_path, identify(DEVICE).key, {"e": fwd})
+    monkeypatch.setenv("DFGEN_TUNED_DIR", str(tmp_path))
+    dispatch.reset()
+    try:
+        q, k, v = (torch.randn(1, 8, 2, 32, device=DEVICE, requires_grad=True) for _ in range(3))
+        deltaformer_attn(q, k, v).sum().backward()
+        assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    finally:
+        dispatch.reset()
