@@ -25,6 +25,8 @@ _SECTIONS = ("solve", "attn", "solve_bwd", "attn_bwd")
 _STAGE_OF = {"solve": "solve_fwd", "attn": "attn_fwd", "solve_bwd": "solve_bwd", "attn_bwd": "attn_bwd"}
 _checked: set = set()  # (config key, head dim, backward) already validated: checks are pure
 _filled: dict = {}  # (config key, defaults key) -> the config with empty sections filled
+_parsed: dict = {}  # (id(defaults), dict form with value types) -> (defaults, config): from_dict
+_PARSED_LIMIT = 1024
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,9 @@ class KernelConfig:
         object.__setattr__(self, "_key", tuple(
             (name, tuple(sorted((k, type(v).__name__, v) for k, v in getattr(self, name).items())))
             for name in _SECTIONS) + (self.strategy,))
+        # per-instance memos: a hit costs a small tuple's hash, not the key's
+        object.__setattr__(self, "_checked_for", set())
+        object.__setattr__(self, "_with", {})
 
     def forward_stages(self) -> dict[str, Mapping[str, Any]]:
         """{stage name: knobs} of the stages the forward runs."""
@@ -68,8 +73,11 @@ class KernelConfig:
 
     def check(self, head_dim: int, backward: bool = False) -> "KernelConfig":
         """Raise ConfigError unless every stage that runs has a valid, feasible config."""
+        if (head_dim, backward) in self._checked_for:
+            return self
         memo = (self.key(), head_dim, backward)
         if memo in _checked:
+            self._checked_for.add((head_dim, backward))
             return self
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"strategy must be one of {list(STRATEGIES)}, got {self.strategy!r}")
@@ -79,6 +87,7 @@ class KernelConfig:
         for stage, knobs in stages.items():
             spec(stage).check(knobs, head_dim)
         _checked.add(memo)
+        self._checked_for.add((head_dim, backward))
         return self
 
     def key(self) -> tuple:
@@ -100,6 +109,19 @@ class KernelConfig:
         section is taken as it is (check() then wants every knob)."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"a kernel config must be a mapping, got {type(data).__name__}")
+        memo = _parse_memo(data, defaults)  # a dict config passed on every call parses once
+        hit = _parsed.get(memo) if memo is not None else None
+        if hit is not None and hit[0] is defaults:
+            return hit[1]
+        config = cls._parse(data, defaults)
+        if memo is not None:
+            if len(_parsed) >= _PARSED_LIMIT:
+                _parsed.clear()
+            _parsed[memo] = (defaults, config)
+        return config
+
+    @classmethod
+    def _parse(cls, data: Mapping[str, Any], defaults: "KernelConfig | None") -> "KernelConfig":
         unknown = set(data) - {"strategy", *_SECTIONS}
         if unknown:
             raise ConfigError(f"unknown kernel config keys {sorted(unknown, key=repr)}; "
@@ -125,9 +147,13 @@ class KernelConfig:
     def with_defaults(self, defaults: "KernelConfig") -> "KernelConfig":
         """This config with its empty sections taken from `defaults` (itself when none is
         empty; memoized, as the runtime asks on every call)."""
+        hit = self._with.get(id(defaults))
+        if hit is not None and hit[0] is defaults:
+            return hit[1]
         memo = (self._key, defaults._key)
         found = _filled.get(memo)
         if found is not None:
+            self._with[id(defaults)] = (defaults, found)
             return found
         missing = [name for name in _SECTIONS if not getattr(self, name)
                    and (name != "attn" or self.strategy == "two_stage")]
@@ -139,6 +165,7 @@ class KernelConfig:
                 filled["attn"] = {}
             found = KernelConfig(strategy=self.strategy, **filled)
         _filled[memo] = found
+        self._with[id(defaults)] = (defaults, found)
         return found
 
     def __str__(self) -> str:
@@ -146,6 +173,19 @@ class KernelConfig:
         if self.strategy == "two_stage":
             parts += [f"attn.{k}={v}" for k, v in sorted(self.attn.items())]
         return " ".join(parts)
+
+
+def _parse_memo(data: Mapping, defaults) -> tuple | None:
+    """from_dict's memo key: the dict form with every value's type (64 and 64.0 differ),
+    and the defaults' identity; None when it cannot be hashed (from_dict then reports)."""
+    try:
+        key = (id(defaults),) + tuple(sorted(
+            (name, type(value), tuple(sorted((k, type(v), v) for k, v in value.items()))
+             if isinstance(value, Mapping) else value) for name, value in data.items()))
+        hash(key)
+        return key
+    except TypeError:  # unhashable values or unsortable (non-string) names
+        return None
 
 
 def _check_section(name: str, knobs) -> None:

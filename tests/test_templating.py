@@ -207,3 +207,18 @@ def test_a_section_may_leave_out_knobs_when_defaults_are_given():
     assert parsed.solve_bwd == default.solve_bwd
     with pytest.raises(ConfigError, match="missing \\['BLOCK_N'"):
         KernelConfig.from_dict({"solve": {"CHUNK": 32}}).check(64)
+
+
+def test_from_dict_parses_an_equal_dict_once_but_tells_types_apart():
+    """A dict config passed on every call is parsed once (the per-call path stays a memo
+    hit); a dict equal to it but for 64.0 is parsed again, and rejected."""
+    default = default_config(64)
+    data = {"solve": {"CHUNK": 32, "BLOCK_N": 32, "LOOKAHEAD": 1}}
+    first = KernelConfig.from_dict(data, defaults=default)
+    assert KernelConfig.from_dict({"solve": dict(data["solve"])}, defaults=default) is first
+    assert KernelConfig.from_dict(data) is not first  # other defaults: another config
+    floats = KernelConfig.from_dict({"solve": {**data["solve"], "CHUNK": 32.0}}, defaults=default)
+    assert floats is not first and floats.key() != first.key()
+    with pytest.raises(ConfigError, match="CHUNK=32.0"):
+        floats.check(64)
+    assert first.check(64) is first
