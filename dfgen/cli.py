@@ -9,6 +9,8 @@ import sys
 
 
 def _parse_value(text: str):
+    if text.lower() in ("true", "false"):  # bool knobs (INV_FP16=true)
+        return text.lower() == "true"
     for cast in (int, float):
         try:
             return cast(text)
@@ -18,13 +20,29 @@ def _parse_value(text: str):
 
 
 def _parse_sets(pairs) -> dict:
+    from .errors import InputError
+
     out = {}
     for pair in pairs or ():
         if "=" not in pair:
-            raise SystemExit(f"dfgen: --set expects NAME=VALUE, got {pair!r}")
+            raise InputError(f"--set expects NAME=VALUE, got {pair!r}")
         name, value = pair.split("=", 1)
         out[name.strip()] = _parse_value(value.strip())
     return out
+
+
+_TORCH_DTYPES = {"bf16": "torch.bfloat16", "fp16": "torch.float16", "fp32": "torch.float32"}
+
+
+def _default_for(head_dim: int, dtype: str, strategy: str = "fused"):
+    """The built-in default config at this head dim and dtype, after checking the head dim."""
+    from .config import SUPPORTED_HEAD_DIMS, default_config
+    from .errors import InputError
+
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise InputError(f"--head-dim {head_dim} is not supported; expected one of "
+                         f"{', '.join(map(str, SUPPORTED_HEAD_DIMS))}")
+    return default_config(head_dim, _TORCH_DTYPES[dtype], strategy)
 
 
 def _use_interpreter_without_gpu() -> bool:
@@ -37,35 +55,55 @@ def _use_interpreter_without_gpu() -> bool:
     return True
 
 
+_STAGE_SECTIONS = {"solve_fwd": "solve", "attn_fwd": "attn", "solve_bwd": "solve_bwd",
+                   "attn_bwd": "attn_bwd"}
+
+
 def cmd_emit(args) -> int:
     from .codegen import emit
-    from .config import default_config
-    from .templating import spec
+    from .errors import InputError
+    from .templating import STAGES, spec
 
     head_dim = args.head_dim
-    defaults = default_config(head_dim)
-    base = dict(defaults.solve if args.stage == "solve_fwd" else defaults.attn)
-    knobs = {**base, **_parse_sets(args.set)}
-    spec(args.stage).check(knobs, head_dim)
-    path, text = emit(args.stage, args.dtype, head_dim, knobs)
+    defaults = _default_for(head_dim, args.dtype)
+    sets = _parse_sets(args.set)
+    if sets and not args.stage:
+        raise InputError("--set needs --stage (each knob belongs to one stage)")
+    stages = [args.stage] if args.stage else list(STAGES)
+    parts = []
+    for stage in stages:
+        knobs = {**getattr(defaults, _STAGE_SECTIONS[stage]), **sets}
+        spec(stage).check(knobs, head_dim)
+        path, text = emit(stage, args.dtype, head_dim, knobs)
+        if not args.stage:  # all four, one after another: say which is which
+            text = (f"# dfgen emit: {stage}, {args.dtype}, head dim {head_dim}, knobs "
+                    + " ".join(f"{k}={v}" for k, v in sorted(knobs.items())) + "\n" + text)
+        parts.append(text)
+        print(f"# {stage} cached as {path}", file=sys.stderr)
+    text = "\n".join(parts)
     if args.out:
         with open(args.out, "w") as handle:
             handle.write(text)
-        print(f"wrote {args.out} (cached as {path})", file=sys.stderr)
+        print(f"wrote {args.out}", file=sys.stderr)
     else:
         sys.stdout.write(text)
-        print(f"# cached as {path}", file=sys.stderr)
     return 0
 
 
 def cmd_bench(args) -> int:
     interpreted = _use_interpreter_without_gpu()
-    from .bench import load_configs, parse_shapes, run
+    from .bench import check_cpu_sizes, load_configs, parse_shapes, run
+    from .errors import ConfigError
     from .validation import DTYPES
 
     dtype = DTYPES[args.dtype]
-    shapes = parse_shapes(args.shapes) if args.shapes else None
-    configs = load_configs(args.configs) if args.configs else None
+    shapes = parse_shapes(args.shapes) if args.shapes is not None else None
+    try:
+        configs = load_configs(args.configs) if args.configs else None
+    except ConfigError as err:
+        raise ConfigError(f"--configs {err}") from None
+    if interpreted and shapes and not args.force:
+        check_cpu_sizes(shapes)
     if interpreted:
         print("dfgen bench: no CUDA device; running in Triton's interpreter at a tiny size "
               "(timings are NOT GPU timings)", flush=True)
@@ -213,11 +251,21 @@ def _this_dispatcher():
 
 
 def cmd_show(args) -> int:
+    if args.default:
+        import yaml
+
+        config = _default_for(args.head_dim, args.dtype, args.strategy)
+        print(f"# dfgen's built-in default config: head dim {args.head_dim}, {args.dtype}, "
+              f"{args.strategy} (a config may leave out any section or knob: these fill it)")
+        sys.stdout.write(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        return 0
     disp = _this_dispatcher()
     ident = disp.identity
     print(f"GPU: {ident.name} (key {ident.key}, family {ident.family}, compute capability "
           f"{ident.compute_capability}, {ident.sm_count} SMs)")
     print("tuned folders searched: " + ", ".join(str(d) for d in disp.dirs))
+    for message in disp.skipped:
+        print(f"skipped (unusable): {message}")
     if disp.path is None:
         print("no tuned file serves this GPU: every call uses the built-in defaults")
         return 0
@@ -237,16 +285,19 @@ def cmd_check(args) -> int:
     from .validation import validate_config
 
     disp = _this_dispatcher()
+    for message in disp.skipped:
+        print(f"FAIL {message}")
     if disp.path is None:
-        print(f"dfgen check: no tuned file for {disp.identity.key}; nothing to check")
-        return 0
-    failed = 0
+        print(f"dfgen check: no usable tuned file for {disp.identity.key}; nothing to check")
+        return 1 if disp.skipped else 0
+    failed = len(disp.skipped)
     for key, entry in sorted(disp.data["entries"].items()):
         config = KernelConfig.from_dict(entry["config"])
         ok, message = validate_config(config, entry, disp._device(), max_T=args.max_t)
         failed += not ok
         print(f"{'PASS' if ok else 'FAIL'} {key}: {message}", flush=True)
-    print(f"{len(disp.data['entries']) - failed} passed, {failed} failed ({disp.path})")
+    passed = len(disp.data["entries"]) + len(disp.skipped) - failed
+    print(f"{passed} passed, {failed} failed ({disp.path})")
     return 1 if failed else 0
 
 
@@ -255,11 +306,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     emit = sub.add_parser("emit", help="print (or write) the generated Triton source of a stage")
-    emit.add_argument("--stage", choices=["solve_fwd", "attn_fwd"], default="solve_fwd")
+    emit.add_argument("--stage", choices=["solve_fwd", "attn_fwd", "solve_bwd", "attn_bwd"],
+                      help="the stage to print (default: all four, each headed by a comment "
+                      "naming it and its knobs)")
     emit.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     emit.add_argument("--head-dim", type=int, default=128)
     emit.add_argument("--set", action="append", metavar="KNOB=VALUE",
-                      help="override a knob of the default config (repeatable)")
+                      help="override a knob of --stage's section of the default config "
+                      "(repeatable)")
     emit.add_argument("--out", help="write the source to this file instead of stdout")
     emit.set_defaults(func=cmd_emit)
 
@@ -273,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--backward", action="store_true",
                        help="time forward+backward (and report peak memory) instead of forward")
     bench.add_argument("--no-fla", action="store_true", help="skip fla's column")
+    bench.add_argument("--force", action="store_true", help="without a GPU, run shapes larger "
+                       "than the interpreter's limit anyway (slow: minutes to hours)")
     bench.set_defaults(func=cmd_bench)
     tune = sub.add_parser("tune", help="search kernel configs on this GPU; write tuned/<gpu>.yaml")
     tune.add_argument("--gpu", required=True, help="file key of the GPU present, e.g. h200")
@@ -308,7 +364,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="seconds one candidate may take (compile, check, timing)")
     tune.set_defaults(func=cmd_tune)
 
-    show = sub.add_parser("show", help="which tuned file, entry and config serve each bucket here")
+    show = sub.add_parser("show", help="which tuned file, entry and config serve each bucket "
+                          "here; --default: the built-in default config")
+    show.add_argument("--default", action="store_true",
+                      help="print the built-in default config (YAML) instead")
+    show.add_argument("--head-dim", type=int, default=128, help="with --default (default 128)")
+    show.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16",
+                      help="with --default (default bf16)")
+    show.add_argument("--strategy", choices=["fused", "two_stage"], default="fused",
+                      help="with --default (default fused)")
     show.set_defaults(func=cmd_show)
 
     check = sub.add_parser("check", help="re-validate every entry of this GPU's tuned file "
@@ -323,12 +387,18 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
+    import yaml
+
     from .errors import DfgenError
 
     try:
         return args.func(args)
-    except DfgenError as err:
-        print(f"dfgen {args.command}: error: {err}", file=sys.stderr)
+    except (DfgenError, OSError, yaml.YAMLError, UnicodeDecodeError) as err:
+        # a user's mistake (an argument, a missing or malformed file): one line, exit 2
+        message = " ".join(str(err).split())
+        if not isinstance(err, DfgenError):
+            message = f"{type(err).__name__}: {message}"
+        print(f"dfgen {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

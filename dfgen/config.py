@@ -19,10 +19,14 @@ from .errors import ConfigError
 from .templating import spec
 
 STRATEGIES = ("fused", "two_stage")
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)  # what the kernels take (the runtime's and tuned files' check)
+_SCALARS = (bool, int, float, str)  # knob values: anything else is rejected when a config is built
 _SECTIONS = ("solve", "attn", "solve_bwd", "attn_bwd")
 _STAGE_OF = {"solve": "solve_fwd", "attn": "attn_fwd", "solve_bwd": "solve_bwd", "attn_bwd": "attn_bwd"}
 _checked: set = set()  # (config key, head dim, backward) already validated: checks are pure
 _filled: dict = {}  # (config key, defaults key) -> the config with empty sections filled
+_parsed: dict = {}  # (id(defaults), dict form with value types) -> (defaults, config): from_dict
+_PARSED_LIMIT = 1024
 
 
 @dataclass(frozen=True)
@@ -37,15 +41,25 @@ class KernelConfig:
         # read-only sections: a config may be shared (cached defaults, tuned entries)
         # knobs a section leaves out that have a default (knobs added after it was written)
         # are filled in, so that equal configs compare, hash and serialize equal
+        # malformed sections are ConfigErrors here, before sorting, hashing or JSON (a
+        # non-string knob name or a list value would raise TypeError there)
+        if not isinstance(self.strategy, str):
+            raise ConfigError(f"strategy must be one of {list(STRATEGIES)}, got {self.strategy!r}")
         for name in _SECTIONS:
             knobs = getattr(self, name)
+            _check_section(name, knobs)
             if knobs:
                 knobs = spec(_STAGE_OF[name]).complete(knobs)
             object.__setattr__(self, name, MappingProxyType(dict(knobs)))
         object.__setattr__(self, "json", json.dumps(self.to_dict(), sort_keys=True))
+        # the key tells 64 from 64.0 and 1 from True (equal, with equal hashes): a memo of a
+        # checked config must never vouch for a config of other types
         object.__setattr__(self, "_key", tuple(
-            (name, tuple(sorted(getattr(self, name).items()))) for name in _SECTIONS)
-            + (self.strategy,))
+            (name, tuple(sorted((k, type(v).__name__, v) for k, v in getattr(self, name).items())))
+            for name in _SECTIONS) + (self.strategy,))
+        # per-instance memos: a hit costs a small tuple's hash, not the key's
+        object.__setattr__(self, "_checked_for", set())
+        object.__setattr__(self, "_with", {})
 
     def forward_stages(self) -> dict[str, Mapping[str, Any]]:
         """{stage name: knobs} of the stages the forward runs."""
@@ -59,8 +73,11 @@ class KernelConfig:
 
     def check(self, head_dim: int, backward: bool = False) -> "KernelConfig":
         """Raise ConfigError unless every stage that runs has a valid, feasible config."""
+        if (head_dim, backward) in self._checked_for:
+            return self
         memo = (self.key(), head_dim, backward)
         if memo in _checked:
+            self._checked_for.add((head_dim, backward))
             return self
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"strategy must be one of {list(STRATEGIES)}, got {self.strategy!r}")
@@ -70,6 +87,7 @@ class KernelConfig:
         for stage, knobs in stages.items():
             spec(stage).check(knobs, head_dim)
         _checked.add(memo)
+        self._checked_for.add((head_dim, backward))
         return self
 
     def key(self) -> tuple:
@@ -86,22 +104,39 @@ class KernelConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], defaults: "KernelConfig | None" = None) -> "KernelConfig":
-        """Parse the dict form. Sections missing from `data` come from `defaults` (the
-        knobs inside a given section are never mixed)."""
+        """Parse the dict form. With `defaults`, sections missing from `data` come from
+        `defaults`, and so do the knobs a given section leaves out; without, a given
+        section is taken as it is (check() then wants every knob)."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"a kernel config must be a mapping, got {type(data).__name__}")
+        memo = _parse_memo(data, defaults)  # a dict config passed on every call parses once
+        hit = _parsed.get(memo) if memo is not None else None
+        if hit is not None and hit[0] is defaults:
+            return hit[1]
+        config = cls._parse(data, defaults)
+        if memo is not None:
+            if len(_parsed) >= _PARSED_LIMIT:
+                _parsed.clear()
+            _parsed[memo] = (defaults, config)
+        return config
+
+    @classmethod
+    def _parse(cls, data: Mapping[str, Any], defaults: "KernelConfig | None") -> "KernelConfig":
         unknown = set(data) - {"strategy", *_SECTIONS}
         if unknown:
-            raise ConfigError(f"unknown kernel config keys {sorted(unknown)}; "
+            raise ConfigError(f"unknown kernel config keys {sorted(unknown, key=repr)}; "
                               f"expected strategy and {list(_SECTIONS)}")
         strategy = data.get("strategy", "fused")
+        if not isinstance(strategy, str) or strategy not in STRATEGIES:
+            raise ConfigError(f"strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
         sections = {}
         for name in _SECTIONS:
             value = data.get(name)
-            if value is None and defaults is not None:
-                value = getattr(defaults, name)
             if value is not None and not isinstance(value, Mapping):
-                raise ConfigError(f"config section {name!r} must be a mapping of knobs")
+                raise ConfigError(f"config section {name!r} must be a mapping of knobs, "
+                                  f"got {type(value).__name__}")
+            if defaults is not None:
+                value = {**getattr(defaults, name), **(value or {})}
             sections[name] = dict(value or {})
         if strategy == "two_stage" and not sections["attn"]:
             raise ConfigError("a two_stage config needs an `attn` section")
@@ -112,9 +147,13 @@ class KernelConfig:
     def with_defaults(self, defaults: "KernelConfig") -> "KernelConfig":
         """This config with its empty sections taken from `defaults` (itself when none is
         empty; memoized, as the runtime asks on every call)."""
+        hit = self._with.get(id(defaults))
+        if hit is not None and hit[0] is defaults:
+            return hit[1]
         memo = (self._key, defaults._key)
         found = _filled.get(memo)
         if found is not None:
+            self._with[id(defaults)] = (defaults, found)
             return found
         missing = [name for name in _SECTIONS if not getattr(self, name)
                    and (name != "attn" or self.strategy == "two_stage")]
@@ -126,6 +165,7 @@ class KernelConfig:
                 filled["attn"] = {}
             found = KernelConfig(strategy=self.strategy, **filled)
         _filled[memo] = found
+        self._with[id(defaults)] = (defaults, found)
         return found
 
     def __str__(self) -> str:
@@ -133,6 +173,33 @@ class KernelConfig:
         if self.strategy == "two_stage":
             parts += [f"attn.{k}={v}" for k, v in sorted(self.attn.items())]
         return " ".join(parts)
+
+
+def _parse_memo(data: Mapping, defaults) -> tuple | None:
+    """from_dict's memo key: the dict form with every value's type (64 and 64.0 differ),
+    and the defaults' identity; None when it cannot be hashed (from_dict then reports)."""
+    try:
+        key = (id(defaults),) + tuple(sorted(
+            (name, type(value), tuple(sorted((k, type(v), v) for k, v in value.items()))
+             if isinstance(value, Mapping) else value) for name, value in data.items()))
+        hash(key)
+        return key
+    except TypeError:  # unhashable values or unsortable (non-string) names
+        return None
+
+
+def _check_section(name: str, knobs) -> None:
+    """ConfigError unless `knobs` is a mapping of knob names (strings) to scalar values."""
+    if not isinstance(knobs, Mapping):
+        raise ConfigError(f"config section {name!r} must be a mapping of knobs, "
+                          f"got {type(knobs).__name__}")
+    for knob, value in knobs.items():
+        if not isinstance(knob, str):
+            raise ConfigError(f"config section {name!r}: knob names must be strings, got {knob!r}")
+        if not isinstance(value, _SCALARS):
+            declared = spec(_STAGE_OF[name]).knobs.get(knob)
+            expected = f"one of {list(declared.values)}" if declared else "a bool, int, float or string"
+            raise ConfigError(f"config section {name!r}: {knob}={value!r} is not {expected}")
 
 
 # The solve stages' precision knob values that keep float32 inputs' accuracy (the float32

@@ -115,16 +115,27 @@ class Dispatcher:
         self._lock = threading.Lock()
         self._cache: dict[tuple, Choice] = {}
         self._validated: dict[tuple, bool] = {}
+        self.skipped: list[str] = []  # why each unusable file that would serve this GPU was skipped
         self.path, self.data, self.match = self._find_file()
 
     # -- files ---------------------------------------------------------------------------
-    def _read(self, path: Path):
+    def _read(self, path: Path, ours: bool = True):
+        """The file's validated data, or None if it is unusable in any way. `ours`: it
+        would serve this GPU (its exact file, or one named for its family), so a defect
+        warns (DFGEN_STRICT=1: raises); another GPU's broken file, met while scanning for
+        a family or compute-capability match, is skipped with a debug message only."""
         try:
             return tuned_file.read(path)
-        except (ConfigError, OSError) as err:
+        except Exception as err:  # noqa: BLE001 - a bad file must never break a call
+            if not isinstance(err, ConfigError):  # read() converts all it knows of
+                err = ConfigError(f"{path}: unreadable ({type(err).__name__}: {err})")
+            if not ours:
+                log.debug("dfgen: skipping another GPU's tuned file %s: %s", path, err)
+                return None
             if os.environ.get("DFGEN_STRICT") == "1":
-                raise
+                raise err from None
             warnings.warn(f"dfgen: ignoring tuned file {path}: {err}", stacklevel=3)
+            self.skipped.append(str(err))
             return None
 
     def _find_file(self):
@@ -140,7 +151,7 @@ class Dispatcher:
             for path in sorted(directory.glob("*.yaml")) if directory.is_dir() else ():
                 if path.stem == ident.key:
                     continue
-                data = self._read(path)
+                data = self._read(path, ours=gpu_family(path.stem) == ident.family)
                 if data is None:
                     continue
                 prov = data.get("provenance", {})
@@ -181,14 +192,38 @@ class Dispatcher:
             log.debug("dfgen: %s/%s/d%d/T%d/BH%d -> built-in default (no tuned entry)",
                       pass_, dtype, head_dim, T, BH)
             return Choice(default, "built-in default")
-        config = KernelConfig.from_dict(entry["config"], defaults=default)
         source = f"{self.path} [{entry_key}] ({self.match})"
+        try:
+            config = KernelConfig.from_dict(entry["config"], defaults=default)
+            config, source = self._for_pass(config, entry, pass_, head_dim, default, source)
+        except ConfigError as err:  # the file was validated: should not happen, never fatal
+            warnings.warn(f"dfgen: {source} is unusable here ({err}); using the built-in "
+                          "default", stacklevel=4)
+            return Choice(default, f"built-in default ({source} unusable)")
         must_validate = self.data.get("_stale") or os.environ.get("DFGEN_VALIDATE") == "1" \
             or bool(_tuned_with_other_versions(entry.get("tuned_with", {})))
         if must_validate and not self._validate(config, entry, source):
             return Choice(default, f"built-in default ({source} failed validation)")
         log.debug("dfgen: %s/%s/d%d/T%d/BH%d -> %s", pass_, dtype, head_dim, T, BH, source)
         return Choice(config, source)
+
+    @staticmethod
+    def _for_pass(config, entry, pass_, head_dim, default, source):
+        """(config, source) valid for `pass_`. A forward entry serving a forward+backward
+        call was validated for the forward only: backward sections that fail the check
+        are replaced by the built-in default's (the forward knobs still serve)."""
+        backward = pass_ == "fwd+bwd"
+        if not backward or entry["pass"] == "fwd+bwd":
+            return config.check(head_dim, backward=backward), source
+        try:
+            return config.check(head_dim, backward=True), source
+        except ConfigError as err:
+            log.debug("dfgen: %s: backward sections unusable (%s); the built-in default's "
+                      "serve", source, err)
+        patched = KernelConfig(config.strategy, config.solve, config.attn,
+                               default.solve_bwd, default.attn_bwd)
+        return (patched.check(head_dim, backward=True),
+                f"{source} with backward sections from the built-in default")
 
     def nearest(self, pass_, dtype, head_dim, T, BH, variant=""):
         """(key, entry) of the nearest tuned bucket, or (None, None). A forward+backward

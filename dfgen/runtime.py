@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 
 from .backward import backward, backward_q_solve
-from .config import KernelConfig, default_config
+from .config import SUPPORTED_HEAD_DIMS, KernelConfig, default_config
 from .dispatch import dispatcher_for
-from .errors import InputError
+from .errors import ConfigError, InputError
 from .forward import forward, forward_q_solve
 from .interpreter import interpreter_active
 from . import ops  # noqa: F401  (registers the dfgen:: custom ops for torch.compile)
@@ -21,9 +21,9 @@ __all__ = ["deltaformer_attn", "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 
 
+_CONFIG_TYPE = "config must be a KernelConfig, a dict or None, got {}"
 _VALID_SIGNATURES: set = set()  # inputs already checked, by what the checks look at
 
 
@@ -267,6 +267,8 @@ def deltaformer_attn(q, k, v, beta=None, *, q_solve=None, cu_seqlens=None, max_s
         # is resolved inside the op, where tuned files may be read.
         if isinstance(config, dict):
             raise InputError("under torch.compile pass config as a KernelConfig (or None)")
+        if config is not None and not isinstance(config, KernelConfig):
+            raise ConfigError(_CONFIG_TYPE.format(type(config).__name__))
         text = config.json if config is not None else ""
         if needs_grad:
             return torch.ops.dfgen.attn_fwd_train(q, k, v, beta, text)[0]
@@ -286,8 +288,10 @@ def resolve_config(config, q, needs_grad: bool, seqs=None, variant: str = "") ->
             "fwd+bwd" if needs_grad else "fwd", _DTYPE_NAMES[q.dtype], D, T, B * H, variant).config
     elif isinstance(config, dict):
         config = KernelConfig.from_dict(config, defaults=default_config(D, q.dtype))
-    else:
+    elif isinstance(config, KernelConfig):
         config = config.with_defaults(default_config(D, q.dtype))
+    else:
+        raise ConfigError(_CONFIG_TYPE.format(type(config).__name__))
     return config.check(D, backward=needs_grad)
 
 

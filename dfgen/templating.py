@@ -49,6 +49,19 @@ class Knob:
     abbr: str
     default: Any = NO_DEFAULT  # filled in when a config leaves the knob out (a knob added later)
 
+    def allows(self, value) -> bool:
+        """`value` is one of the values, of the same type: 64.0 == 64 and True == 1, but
+        64.0 would reach the kernels' launch code (torch.zeros(64.0) fails) and True a
+        LOOKAHEAD of 1 by accident, so equal is not enough."""
+        return any(type(value) is type(allowed) and value == allowed for allowed in self.values)
+
+    def type_hint(self, value) -> str:
+        """' (a float; expected int)' when `value` equals an allowed value of another type."""
+        types = sorted({type(v).__name__ for v in self.values})
+        if type(value).__name__ in types:
+            return ""
+        return f" ({type(value).__name__}; expected {' or '.join(types)})"
+
 
 @dataclass(frozen=True)
 class TemplateSpec:
@@ -61,6 +74,12 @@ class TemplateSpec:
     def check(self, knobs: Mapping[str, Any], head_dim: int) -> None:
         """Raise ConfigError unless `knobs` names every knob with an allowed value and
         satisfies every constraint at this head dim."""
+        if not isinstance(knobs, Mapping):
+            raise ConfigError(f"{self.stage}: knobs must be a mapping of knob names to values, "
+                              f"got {type(knobs).__name__}")
+        bad_names = [n for n in knobs if not isinstance(n, str)]
+        if bad_names:
+            raise ConfigError(f"{self.stage}: knob names must be strings, got {bad_names!r}")
         missing = sorted(n for n, k in self.knobs.items() if n not in knobs and k.default is NO_DEFAULT)
         unknown = sorted(set(knobs) - set(self.knobs))
         if missing or unknown:
@@ -69,9 +88,10 @@ class TemplateSpec:
                 f"(optional: {self.optional()}); missing {missing}, unknown {unknown}")
         knobs = self.complete(knobs)
         for name, knob in self.knobs.items():
-            if knobs[name] not in knob.values:
+            if not knob.allows(knobs[name]):
                 raise ConfigError(
-                    f"{self.stage}: {name}={knobs[name]!r} is not one of {list(knob.values)}")
+                    f"{self.stage}: {name}={knobs[name]!r} is not one of {list(knob.values)}"
+                    + knob.type_hint(knobs[name]))
         env = dict(knobs, HEAD_DIM=head_dim)
         for expr in self.constraints:
             if not _eval_constraint(expr, env):

@@ -37,7 +37,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from .config import KernelConfig
+from .config import SUPPORTED_HEAD_DIMS, KernelConfig
 from .errors import ConfigError
 from .files import atomic_write_text
 
@@ -47,6 +47,7 @@ _ENTRY_KEYS = {"pass", "dtype", "head_dim", "T", "BH", "config", "median_ms", "d
                "trials", "failures", "variant", "tuned_with"}
 _CARRIED = ("templates", "triton", "torch")  # provenance that can make an entry stale
 VARIANTS = ("", "qsolve")
+DTYPES = ("bf16", "fp16", "fp32")
 
 
 def bucket_key(pass_: str, dtype: str, head_dim: int, T: int, BH: int, variant: str = "") -> str:
@@ -57,21 +58,31 @@ def empty() -> dict:
     return {"format": FORMAT, "provenance": {}, "entries": {}}
 
 
+def _string_keys(mapping: Mapping, where: str) -> None:
+    bad = [k for k in mapping if not isinstance(k, str)]
+    if bad:
+        raise ConfigError(f"{where}: keys must be strings, got {bad[0]!r}")
+
+
 def validate(data: Any, source: str) -> dict:
     """Raise ConfigError naming `source` and the problem unless `data` is a tuned file."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{source}: a tuned file must be a mapping, got {type(data).__name__}")
+    _string_keys(data, source)
     if data.get("format") != FORMAT:
         raise ConfigError(f"{source}: format must be {FORMAT!r}, got {data.get('format')!r}")
     if not isinstance(data.get("provenance", {}), Mapping):
         raise ConfigError(f"{source}: provenance must be a mapping")
+    _string_keys(data.get("provenance", {}), f"{source}: provenance")
     entries = data.get("entries")
     if not isinstance(entries, Mapping):
         raise ConfigError(f"{source}: entries must be a mapping")
+    _string_keys(entries, f"{source}: entries")
     for key, entry in entries.items():
         where = f"{source}: entry {key!r}"
         if not isinstance(entry, Mapping):
             raise ConfigError(f"{where} must be a mapping")
+        _string_keys(entry, where)
         missing = {"pass", "dtype", "head_dim", "T", "BH", "config"} - set(entry)
         if missing:
             raise ConfigError(f"{where} lacks {sorted(missing)}")
@@ -82,9 +93,17 @@ def validate(data: Any, source: str) -> dict:
             raise ConfigError(f"{where}: pass must be one of {PASSES}")
         if entry.get("variant", "") not in VARIANTS:
             raise ConfigError(f"{where}: variant must be one of {VARIANTS}")
-        for field in ("head_dim", "T", "BH"):
-            if not isinstance(entry[field], int) or entry[field] < 1:
-                raise ConfigError(f"{where}: {field} must be a positive integer")
+        if entry["dtype"] not in DTYPES:
+            raise ConfigError(f"{where}: dtype must be one of {DTYPES}, got {entry['dtype']!r}")
+        for field in ("head_dim", "T", "BH"):  # bool is an int: true is no T
+            if type(entry[field]) is not int or entry[field] < 1:
+                raise ConfigError(f"{where}: {field} must be a positive integer, got {entry[field]!r}")
+        if entry["head_dim"] not in SUPPORTED_HEAD_DIMS:
+            raise ConfigError(f"{where}: head_dim must be one of {SUPPORTED_HEAD_DIMS}, "
+                              f"got {entry['head_dim']}")
+        if not isinstance(entry.get("tuned_with", {}), Mapping):
+            raise ConfigError(f"{where}: tuned_with must be a mapping")
+        _string_keys(entry.get("tuned_with", {}), f"{where}: tuned_with")
         try:
             KernelConfig.from_dict(entry["config"]).check(
                 entry["head_dim"], backward=entry["pass"] == "fwd+bwd")
@@ -94,13 +113,31 @@ def validate(data: Any, source: str) -> dict:
 
 
 def read(path: str | os.PathLike) -> dict:
-    """The validated contents of a tuned file (ConfigError if corrupt or foreign)."""
+    """The validated contents of a tuned file. Whatever makes a file unusable (missing,
+    unreadable, not UTF-8, not YAML, nested too deeply, corrupt or foreign) is a one-line
+    ConfigError naming the file: callers skip it or report it, never crash on it."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read ({err.strerror or err})") from None
+    try:
+        data = yaml.safe_load(raw.decode("utf-8"))
+        return validate(data, str(path))
+    except ConfigError:
+        raise
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from None
-    return validate(data, str(path))
+        raise ConfigError(f"{path}: not valid YAML ({_one_line(err)})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a tuned file") from None
+    except Exception as err:  # noqa: BLE001 - any other defect: the file is unusable
+        raise ConfigError(f"{path}: unreadable ({type(err).__name__}: {_one_line(err)})") from None
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())[:300]
 
 
 def write(path: str | os.PathLike, data: Mapping) -> None:

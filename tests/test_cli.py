@@ -84,12 +84,113 @@ def test_show_and_check_with_a_user_tuned_folder(tmp_path, monkeypatch):
     out = dfgen("check", "--max-t", "40")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "PASS fwd/fp32/d32/t40/bh2" in out.stdout and "1 passed, 0 failed" in out.stdout
-    # a broken entry fails the check with a non-zero exit code
-    bad = dict(cfg, solve=dict(cfg["solve"]))
-    tuned_file.merge(tmp_path / f"{key}.yaml", {"gpu": key}, {"fwd/fp32/d48/t40/bh2": {
-        "pass": "fwd", "dtype": "fp32", "head_dim": 48, "T": 40, "BH": 2, "config": bad}})
+    # an inaccurate entry (a bfloat16 solve of float32 inputs) fails the check: exit code 1
+    bad = dict(cfg, solve=dict(cfg["solve"], SOLVE_PRECISION="bf16", INV_FP16=True))
+    tuned_file.merge(tmp_path / f"{key}.yaml", {"gpu": key}, {"fwd/fp32/d32/t40/bh8": {
+        "pass": "fwd", "dtype": "fp32", "head_dim": 32, "T": 40, "BH": 8, "config": bad}})
     out = dfgen("check", "--max-t", "40")
-    assert out.returncode == 1 and "FAIL fwd/fp32/d48/t40/bh2" in out.stdout
+    assert out.returncode == 1 and "FAIL fwd/fp32/d32/t40/bh8: relative error" in out.stdout
     # the merge kept the first entry from another triton: show says so
     out = dfgen("show")
     assert "fwd/fp32/d32/t40/bh2 ->" in out.stdout and "[tuned with triton 0.0.1: checked" in out.stdout
+
+
+def _no_traceback(out):
+    assert "Traceback" not in out.stderr + out.stdout, out.stderr[-2000:]
+
+
+def test_show_and_check_survive_an_unreadable_tuned_file(tmp_path):
+    """This device's tuned file nested 10000 lists deep (RecursionError in the loader):
+    show and check report it in one line; DFGEN_STRICT=1 makes it an error, exit 2."""
+    import os
+
+    from dfgen.dispatch import gpu_key
+
+    key = gpu_key(torch.cuda.get_device_name()) if torch.cuda.is_available() else "cpu-interpreter"
+    (tmp_path / f"{key}.yaml").write_text("entries: " + "[" * 10000 + "]" * 10000 + "\n")
+    env = dict(os.environ, DFGEN_TUNED_DIR=str(tmp_path))
+    out = subprocess.run(dfgen_command() + ["show"], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    _no_traceback(out)
+    assert "skipped (unusable):" in out.stdout and "nested too deeply" in out.stdout
+    assert "built-in defaults" in out.stdout
+    out = subprocess.run(dfgen_command() + ["check"], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 1 and "FAIL" in out.stdout and "nested too deeply" in out.stdout
+    _no_traceback(out)
+    env["DFGEN_STRICT"] = "1"
+    for command in ("show", "check"):
+        out = subprocess.run(dfgen_command() + [command], capture_output=True, text=True, env=env, timeout=300)
+        assert out.returncode == 2, out.stderr[-2000:]
+        _no_traceback(out)
+        assert out.stderr.strip().count("\n") == 0 and "nested too deeply" in out.stderr
+
+
+def _one_line_error(out, *needles):
+    """Exit code 2, no traceback, one line on stderr naming what is wrong."""
+    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+    _no_traceback(out)
+    assert out.stderr.strip().count("\n") == 0, out.stderr[-2000:]
+    for needle in needles:
+        assert needle in out.stderr, out.stderr
+
+
+def test_bad_bench_arguments_are_one_line_errors(tmp_path):
+    for shapes in ("1,20,1", "a,20,1,32", "1,20,1,32;", "0,20,1,32", ""):
+        _one_line_error(dfgen("bench", "--shapes", shapes, "--no-fla"), "--shapes")
+    _one_line_error(dfgen("bench", "--shapes", "1,20,1,48", "--no-fla"), "head dim 48", "16, 32, 64, 128")
+    _one_line_error(dfgen("bench", "--configs", str(tmp_path / "nope.yaml")), "--configs", "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("solve: [unclosed\n")
+    _one_line_error(dfgen("bench", "--configs", str(tmp_path / "bad.yaml")), "bad.yaml", "YAML")
+    (tmp_path / "bin.yaml").write_bytes(b"solve: {CHUNK: \xff}\n")
+    _one_line_error(dfgen("bench", "--configs", str(tmp_path / "bin.yaml")), "bin.yaml")
+
+
+def test_emit_refuses_an_unsupported_head_dim():
+    _one_line_error(dfgen("emit", "--head-dim", "48"), "--head-dim 48", "16, 32, 64, 128")
+
+
+def test_emit_prints_every_stage_and_each_one_alone():
+    out = dfgen("emit", "--dtype", "fp32", "--head-dim", "64")
+    assert out.returncode == 0, out.stderr[-2000:]
+    ast.parse(out.stdout)
+    headers = [line for line in out.stdout.splitlines() if line.startswith("# dfgen emit:")]
+    assert [h.split()[3].rstrip(",") for h in headers] == ["solve_fwd", "attn_fwd", "solve_bwd", "attn_bwd"]
+    assert "SOLVE_PRECISION=tf32x3" in headers[0]  # float32's default, not bf16's
+    for stage in ("solve_fwd", "attn_fwd", "solve_bwd", "attn_bwd"):
+        assert f"def {stage}_kernel" in out.stdout or f"{stage}" in out.stdout
+    for stage, knob in (("solve_bwd", "CHUNK=32"), ("attn_bwd", "BLOCK_N=32")):
+        one = dfgen("emit", "--stage", stage, "--head-dim", "64", "--set", knob)
+        assert one.returncode == 0, one.stderr[-2000:]
+        assert f"{knob.split('=')[0]}: tl.constexpr = 32" in one.stdout
+        assert "# dfgen emit:" not in one.stdout
+    _one_line_error(dfgen("emit", "--set", "CHUNK=32"), "--set needs --stage")
+    _one_line_error(dfgen("emit", "--stage", "solve_bwd", "--set", "CHUNK"), "NAME=VALUE")
+
+
+def test_show_prints_the_default_config():
+    import yaml
+
+    from dfgen.config import KernelConfig, default_config
+
+    out = dfgen("show", "--default", "--head-dim", "64", "--dtype", "bf16")
+    assert out.returncode == 0, out.stderr[-2000:]
+    printed = yaml.safe_load(out.stdout)
+    assert printed == default_config(64, torch.bfloat16).to_dict()
+    assert KernelConfig.from_dict(printed).check(64, backward=True)
+    _one_line_error(dfgen("show", "--default", "--head-dim", "48"), "--head-dim 48")
+
+
+def test_bench_refuses_gpu_sizes_in_the_interpreter():
+    """Without a GPU a GPU-sized shape would run for hours in the interpreter: refused
+    at once, naming the limit and --force; the interpreter's own shapes fit under it."""
+    import time
+
+    from dfgen.bench import CPU_MAX_WORK, CPU_SHAPES
+
+    assert all(B * H * T * T * D <= CPU_MAX_WORK for B, T, H, D in CPU_SHAPES)
+    if torch.cuda.is_available():
+        return
+    started = time.perf_counter()
+    out = dfgen("bench", "--shapes", "1,20,1,32;1,4096,16,128", "--no-fla")
+    assert time.perf_counter() - started < 60
+    _one_line_error(out, "1,4096,16,128", str(CPU_MAX_WORK), "--force")

@@ -28,6 +28,14 @@ def entry(T, BH=16, pass_="fwd", dtype="fp32", chunk=32, warps=4):
             "config": tuned_config(chunk, warps), "median_ms": 1.0, "trials": 3}
 
 
+def inaccurate_entry():
+    """A well-formed entry that fails validation: float32 inputs through a bfloat16 solve
+    (relative error about 3e-3, the float32 bound is 1e-4)."""
+    bad = entry(32, BH=2)
+    bad["config"]["solve"] = dict(bad["config"]["solve"], SOLVE_PRECISION="bf16", INV_FP16=True)
+    return bad
+
+
 def write(folder, gpu, entries, **provenance):
     import triton
 
@@ -134,8 +142,7 @@ def test_entry_kept_from_other_templates_is_validated(tmp_path):
     """A current file whose entry a merge kept from older templates (tuned_with): that
     entry alone is validated at first use, and a bad one falls back to the default."""
     key = "test-gpu" if torch.cuda.is_available() else "cpu-interpreter"
-    bad = entry(32, BH=2)
-    bad["head_dim"] = 48  # Triton refuses it: validation must fail
+    bad = inaccurate_entry()
     bad["tuned_with"] = {"templates": "0" * 12}
     write(tmp_path, key, {"bad": bad})
     ident = GpuIdentity(key, key, "none", 0, "CPU")
@@ -143,19 +150,157 @@ def test_entry_kept_from_other_templates_is_validated(tmp_path):
         warnings.simplefilter("error")  # the file itself is current: no stale-file warning
         disp = Dispatcher(ident, [tmp_path])
     with pytest.warns(UserWarning, match="failed validation"):
-        choice = disp.choose("fwd", "fp32", 48, 32, 2)
+        choice = disp.choose("fwd", "fp32", 64, 32, 2)
     assert choice.source.startswith("built-in default")
 
 
 def test_entry_failing_validation_falls_back(tmp_path, monkeypatch):
     """DFGEN_VALIDATE=1 checks a config at its first use; one that fails is replaced by the
-    built-in default with a warning (here: head dim 48, which Triton refuses to compile)."""
-    bad = entry(32, BH=2)
-    bad["head_dim"] = 48
+    built-in default with a warning (here: a bfloat16 solve of float32 inputs)."""
+    bad = inaccurate_entry()
     write(tmp_path, "cpu-interpreter", {"bad": bad})
     monkeypatch.setenv("DFGEN_VALIDATE", "1")
     ident = GpuIdentity("cpu-interpreter", "cpu-interpreter", "none", 0, "CPU")
     disp = Dispatcher(ident, [tmp_path])
     with pytest.warns(UserWarning, match="failed validation"):
-        choice = disp.choose("fwd", "fp32", 48, 32, 2)
+        choice = disp.choose("fwd", "fp32", 64, 32, 2)
     assert choice.source.startswith("built-in default")
+
+
+def _valid_file():
+    return {"format": tuned_file.FORMAT, "provenance": {"gpu": "h200"}, "entries": {"e": entry(1024)}}
+
+
+BROKEN = {
+    "invalid utf-8": b"format: dfgen-tuned/1\nprovenance: {gpu: \xff}\nentries: {}\n",
+    "deep nesting": b"entries: " + b"[" * 10000 + b"]" * 10000 + b"\n",
+    "non-string keys": b"format: dfgen-tuned/1\nentries: {}\n1: 2\n",
+    "list entries": b"format: dfgen-tuned/1\nentries: [1, 2]\n",
+    "fp64": None, "T true": None, "head dim 48": None, "list tuned_with": None,
+}
+
+
+def _broken_bytes(case):
+    import yaml
+
+    if BROKEN[case] is not None:
+        return BROKEN[case]
+    data = _valid_file()
+    bad = data["entries"]["e"]
+    if case == "fp64":
+        bad["dtype"] = "fp64"
+    elif case == "T true":
+        bad["T"] = True
+    elif case == "head dim 48":
+        bad["head_dim"] = 48
+    else:
+        bad["tuned_with"] = ["triton"]
+    return yaml.safe_dump(data).encode()
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_an_unreadable_file_of_this_gpu_warns_and_is_skipped(tmp_path, monkeypatch, case):
+    """Whatever is wrong with the file that would serve this GPU, it is skipped with one
+    warning (the default serves), and DFGEN_STRICT=1 makes it a ConfigError."""
+    (tmp_path / "h200.yaml").write_bytes(_broken_bytes(case))
+    with pytest.warns(UserWarning, match="ignoring tuned file .*h200.yaml"):
+        disp = Dispatcher(H200, [tmp_path])
+    assert disp.path is None
+    assert disp.choose("fwd", "fp32", 64, 1024, 16).source == "built-in default"
+    monkeypatch.setenv("DFGEN_STRICT", "1")
+    with pytest.raises(ConfigError, match="h200.yaml"):
+        Dispatcher(H200, [tmp_path])
+
+
+@pytest.mark.parametrize("strict", ["0", "1"])
+def test_a_broken_file_of_another_gpu_never_affects_this_one(tmp_path, monkeypatch, strict):
+    """The family/compute-capability scan reads other GPUs' files: a broken one there
+    neither warns nor (strict) raises for this GPU; it is skipped quietly."""
+    monkeypatch.setenv("DFGEN_STRICT", strict)
+    for name in ("l4", "a100-sxm4-80gb", "rtx-4090"):
+        (tmp_path / f"{name}.yaml").write_bytes(_broken_bytes("deep nesting" if name == "l4" else "fp64"))
+    write(tmp_path, "h200", {"e": entry(1024, chunk=16)}, compute_capability="9.0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        exact = Dispatcher(H200, [tmp_path])  # exact file: the scan never runs
+        by_cc = Dispatcher(H100, [tmp_path])  # scans every file, broken ones included
+        nothing = Dispatcher(GpuIdentity("l40s", "l40s", "8.9", 142, "NVIDIA L40S"), [tmp_path])
+    assert exact.choose("fwd", "fp32", 64, 1024, 16).config.solve["CHUNK"] == 16
+    assert by_cc.choose("fwd", "fp32", 64, 1024, 16).config.solve["CHUNK"] == 16
+    assert nothing.path is None
+
+
+def test_a_broken_file_of_this_gpus_family_still_warns(tmp_path, monkeypatch):
+    """A broken file named for this GPU's family would have served it: it warns, and
+    strict mode raises."""
+    (tmp_path / "h100-pcie.yaml").write_bytes(_broken_bytes("fp64"))
+    with pytest.warns(UserWarning, match="h100-pcie.yaml"):
+        assert Dispatcher(H100, [tmp_path]).path is None
+    monkeypatch.setenv("DFGEN_STRICT", "1")
+    with pytest.raises(ConfigError, match="h100-pcie.yaml"):
+        Dispatcher(H100, [tmp_path])
+
+
+def test_deltaformer_attn_survives_an_unreadable_tuned_file(tmp_path, monkeypatch):
+    """A call with config=None reads this device's tuned file: a broken one warns and
+    the default serves, never an exception out of deltaformer_attn."""
+    from conftest import DEVICE
+    from dfgen import dispatch
+    from dfgen.dispatch import identify
+    from dfgen.runtime import deltaformer_attn
+
+    (tmp_path / f"{identify(DEVICE).key}.yaml").write_bytes(_broken_bytes("deep nesting"))
+    monkeypatch.setenv("DFGEN_TUNED_DIR", str(tmp_path))
+    dispatch.reset()
+    q, k, v = (torch.randn(1, 8, 2, 32, device=DEVICE) for _ in range(3))
+    try:
+        with pytest.warns(UserWarning, match="nested too deeply"):
+            out = deltaformer_attn(q, k, v)
+        assert torch.equal(out, deltaformer_attn(q, k, v, config=default_config(32, torch.float32)))
+    finally:
+        dispatch.reset()
+
+
+def _fwd_entry_with_broken_backward(T=1024, BH=16, head_dim=64):
+    fwd = entry(T, BH=BH)
+    fwd["head_dim"] = head_dim
+    fwd["config"] = dict(default_config(head_dim, torch.float32).to_dict(),
+                         solve=fwd["config"]["solve"])
+    fwd["config"]["solve_bwd"] = {"CHUNK": 7}  # not checked for a fwd entry
+    fwd["config"]["attn_bwd"] = {**fwd["config"]["attn_bwd"], "BOGUS": 1}
+    return fwd
+
+
+def test_a_forward_entry_serves_training_calls_with_valid_backward_sections(tmp_path):
+    """A fwd entry may serve a fwd+bwd call (no fwd+bwd entry near): its backward sections
+    were never validated, so broken ones are replaced by the default's, never a
+    ConfigError out of the call."""
+    write(tmp_path, "h200", {"e": _fwd_entry_with_broken_backward()})
+    disp = Dispatcher(H200, [tmp_path])
+    default = default_config(64, torch.float32)
+    train = disp.choose("fwd+bwd", "fp32", 64, 1024, 16)
+    assert train.config.check(64, backward=True) is train.config
+    assert train.config.solve["CHUNK"] == 32  # the entry's forward knobs still serve
+    assert train.config.solve_bwd == default.solve_bwd and train.config.attn_bwd == default.attn_bwd
+    assert "backward sections from the built-in default" in train.source
+    assert disp.choose("fwd", "fp32", 64, 1024, 16).config.solve["CHUNK"] == 32
+
+
+def test_a_training_call_served_by_a_forward_entry_runs(tmp_path, monkeypatch):
+    from conftest import DEVICE
+    from dfgen import dispatch
+    from dfgen.dispatch import identify
+    from dfgen.runtime import deltaformer_attn
+
+    fwd = _fwd_entry_with_broken_backward(T=8, BH=2, head_dim=32)
+    fwd["config"]["solve"] = dict(default_config(32, torch.float32).solve, CHUNK=16, BLOCK_N=16,
+                                  LOOKAHEAD=1)
+    write(tmp_path, identify(DEVICE).key, {"e": fwd})
+    monkeypatch.setenv("DFGEN_TUNED_DIR", str(tmp_path))
+    dispatch.reset()
+    try:
+        q, k, v = (torch.randn(1, 8, 2, 32, device=DEVICE, requires_grad=True) for _ in range(3))
+        deltaformer_attn(q, k, v).sum().backward()
+        assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    finally:
+        dispatch.reset()

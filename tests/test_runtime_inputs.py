@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import DEVICE
-from dfgen.config import default_config
+from dfgen.config import KernelConfig, default_config
 from dfgen.errors import ConfigError, InputError
 from dfgen.runtime import deltaformer_attn
 
@@ -66,8 +66,44 @@ def test_bad_config_names_the_knob():
     solve = dict(default_config(32).solve)
     with pytest.raises(ConfigError, match="CHUNK=5"):
         deltaformer_attn(q, k, v, config={"solve": {**solve, "CHUNK": 5}})
-    with pytest.raises(ConfigError, match="missing \\['CHUNK'\\]"):
-        deltaformer_attn(q, k, v, config={"solve": {k: v for k, v in solve.items() if k != "CHUNK"}})
+    with pytest.raises(ConfigError, match="unknown \\['CHUNKS'\\]"):
+        deltaformer_attn(q, k, v, config={"solve": {**solve, "CHUNKS": 64}})
+
+
+def test_a_config_section_may_leave_out_knobs():
+    """The knobs a section leaves out come from the built-in default's section."""
+    from dfgen.runtime import resolve_config
+
+    q, k, v = qkv()
+    default = default_config(32, torch.float32)
+    config = resolve_config({"solve": {"CHUNK": 16, "BLOCK_N": 16, "LOOKAHEAD": 1}}, q, True)
+    assert config.solve == {**default.solve, "CHUNK": 16, "BLOCK_N": 16, "LOOKAHEAD": 1}
+    assert config.solve_bwd == default.solve_bwd
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"solve": {"CHUNK": 64.0}}, "CHUNK=64.0 is not one of .*float; expected int"),
+    ({"solve": {"LOOKAHEAD": True}}, "LOOKAHEAD=True is not one of .*bool; expected int"),
+    ({"solve": {"INV_FP16": 1}}, "INV_FP16=1 is not one of"),
+    ({"strategy": "two_stage", "attn": {"num_stages": 2.0}}, "attn_fwd: num_stages=2.0"),
+    ({"solve": {"CHUNK": [64]}}, "CHUNK=\\[64\\]"),
+    ({"solve": {7: 64}}, "knob names must be strings"),
+    ({"solve": [("CHUNK", 64)]}, "section 'solve' must be a mapping"),
+    ([{"strategy": "fused"}], "config must be a KernelConfig, a dict or None, got list"),
+    ("fused", "config must be a KernelConfig, a dict or None, got str"),
+])
+def test_malformed_configs_are_config_errors_and_leave_nothing_behind(bad, message):
+    """Wrong types, structure or knob names are ConfigErrors naming the problem (not
+    TypeError, AttributeError or a crash in the kernels' launch code), and the default
+    still serves afterwards: a rejected config leaves no memo that matches another's."""
+    q, k, v = qkv(T=4)
+    before = deltaformer_attn(q, k, v, config=default_config(32, torch.float32))  # memoized first
+    with pytest.raises(ConfigError, match=message):
+        deltaformer_attn(q, k, v, config=bad)
+    if isinstance(bad, dict):
+        with pytest.raises(ConfigError, match=message):
+            KernelConfig.from_dict(bad, defaults=default_config(32, torch.float32)).check(32, True)
+    assert torch.equal(deltaformer_attn(q, k, v), before)
 
 
 def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
@@ -80,7 +116,7 @@ def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
 def test_import_has_no_side_effects(tmp_path):
     cache = tmp_path / "cache"
     code = ("import sys, dfgen.runtime; "
-            "bad = [m for m in ('optuna', 'dfgen.cli', 'dfgen.bench', 'triton') if m in sys.modules]; "
+            "bad = [m for m in ('optuna', 'dfgen.cli', 'dfgen.bench', 'dfgen.tuning', 'dfgen.tuning.tuner', 'triton') if m in sys.modules]; "
             "print(bad)")
     env = dict(os.environ, DFGEN_CACHE_DIR=str(cache))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,

@@ -148,3 +148,77 @@ def test_constraints_tie_knobs_into_groups_of_feasible_combinations():
                                        {"CHUNK": [64, 128], "BLOCK_N": [64, 128]})
     assert (128, 128, 2) in combos and (64, 128, 1) not in combos and (128, 64, 3) not in combos
     assert spec("attn_bwd").feasible_combinations(("BLOCK_M",), 128) == [(16,), (32,), (64,)]
+
+
+@pytest.mark.parametrize("knob, value", [
+    ("CHUNK", 64.0), ("CHUNK", True), ("LOOKAHEAD", True), ("num_stages", True),
+    ("INV_FP16", 0), ("INV_FP16", 1), ("INV_FP16", "true"), ("SOLVE_PRECISION", 1),
+    ("CHUNK", "64"), ("CHUNK", [64]), ("CHUNK", None)])
+def test_a_knob_value_must_have_its_values_type(knob, value):
+    """64.0 == 64 and True == 1 == LOOKAHEAD's 1: equal is not enough, the type must be the
+    declared values' type (else 64.0 reaches torch.zeros, and its memo key is 64's)."""
+    knobs = dict(default_config(64).solve)
+    with pytest.raises(ConfigError, match=f"solve_fwd: {knob}="):
+        spec("solve_fwd").check({**knobs, knob: value}, 64)
+    with pytest.raises(ConfigError, match=f"{knob}="):
+        KernelConfig.from_dict({"solve": {**knobs, knob: value}}).check(64)
+
+
+def test_a_rejected_config_leaves_no_memo_behind():
+    """The default (CHUNK=64) checked first must not let CHUNK=64.0 through its memo, and a
+    rejected config must not make the valid one fail afterwards."""
+    good = default_config(64)
+    good.check(64, backward=True)
+    bad = KernelConfig.from_dict({"solve": {**good.solve, "CHUNK": 64.0}}, defaults=good)
+    assert bad.key() != good.key()
+    with pytest.raises(ConfigError, match="CHUNK=64.0"):
+        bad.check(64, backward=True)
+    with pytest.raises(ConfigError, match="CHUNK=64.0"):  # again: nothing was remembered
+        bad.check(64)
+    assert good.check(64, backward=True) is good
+
+
+@pytest.mark.parametrize("data, message", [
+    ([{"strategy": "fused"}], "must be a mapping, got list"),
+    ("fused", "must be a mapping, got str"),
+    ({"solve": [["CHUNK", 64]]}, "section 'solve' must be a mapping"),
+    ({"solve": {1: 64}}, "knob names must be strings"),
+    ({"solve": {"CHUNK": [64]}}, "CHUNK=\\[64\\]"),
+    ({"solve": {"CHUNK": {"a": 1}}}, "CHUNK="),
+    ({"strategy": ["fused"]}, "strategy must be one of"),
+    ({1: {}}, "unknown kernel config keys"),
+])
+def test_malformed_config_dicts_are_config_errors(data, message):
+    with pytest.raises(ConfigError, match=message):
+        KernelConfig.from_dict(data, defaults=default_config(64)).check(64, backward=True)
+    with pytest.raises(ConfigError, match=message):
+        KernelConfig.from_dict(data).check(64, backward=True)
+
+
+def test_a_section_may_leave_out_knobs_when_defaults_are_given():
+    """With defaults, the knobs a given section leaves out come from the default's section;
+    without, the section must name every knob."""
+    default = default_config(64)
+    parsed = KernelConfig.from_dict({"solve": {"CHUNK": 32, "BLOCK_N": 32, "LOOKAHEAD": 1},
+                                     "attn_bwd": {"num_warps": 8}}, defaults=default)
+    parsed.check(64, backward=True)
+    assert parsed.solve == {**default.solve, "CHUNK": 32, "BLOCK_N": 32, "LOOKAHEAD": 1}
+    assert parsed.attn_bwd == {**default.attn_bwd, "num_warps": 8}
+    assert parsed.solve_bwd == default.solve_bwd
+    with pytest.raises(ConfigError, match="missing \\['BLOCK_N'"):
+        KernelConfig.from_dict({"solve": {"CHUNK": 32}}).check(64)
+
+
+def test_from_dict_parses_an_equal_dict_once_but_tells_types_apart():
+    """A dict config passed on every call is parsed once (the per-call path stays a memo
+    hit); a dict equal to it but for 64.0 is parsed again, and rejected."""
+    default = default_config(64)
+    data = {"solve": {"CHUNK": 32, "BLOCK_N": 32, "LOOKAHEAD": 1}}
+    first = KernelConfig.from_dict(data, defaults=default)
+    assert KernelConfig.from_dict({"solve": dict(data["solve"])}, defaults=default) is first
+    assert KernelConfig.from_dict(data) is not first  # other defaults: another config
+    floats = KernelConfig.from_dict({"solve": {**data["solve"], "CHUNK": 32.0}}, defaults=default)
+    assert floats is not first and floats.key() != first.key()
+    with pytest.raises(ConfigError, match="CHUNK=32.0"):
+        floats.check(64)
+    assert first.check(64) is first

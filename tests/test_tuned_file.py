@@ -73,3 +73,65 @@ def test_write_refuses_invalid_data_and_leaves_the_file(tmp_path):
     with pytest.raises(ConfigError):
         tuned_file.merge(path, {}, {"b": {**entry(), "T": -1}})
     assert path.read_text() == before
+
+
+def _file(entries=None, **top):
+    return {"format": tuned_file.FORMAT, "provenance": {}, "entries": entries or {}, **top}
+
+
+UNREADABLE = {
+    "invalid utf-8": b"format: dfgen-tuned/1\nentries: {}\nprovenance: {gpu: \xff\xfe}\n",
+    "deep nesting": b"entries: " + b"[" * 10000 + b"]" * 10000 + b"\n",
+    "non-string top key": yaml.safe_dump({1: 2, **_file()}).encode(),
+    "non-string entry key": yaml.safe_dump(_file({"k": {**entry(), 7: 1}})).encode(),
+    "non-string knob": yaml.safe_dump(_file({"k": {**entry(), "config": {"solve": {1: 2}}}})).encode(),
+    "list entry": yaml.safe_dump(_file({"k": [entry()]})).encode(),
+    "list config": yaml.safe_dump(_file({"k": {**entry(), "config": [1]}})).encode(),
+    "list section": yaml.safe_dump(_file({"k": {**entry(), "config": {"solve": [1]}}})).encode(),
+    "list tuned_with": yaml.safe_dump(_file({"k": {**entry(), "tuned_with": ["x"]}})).encode(),
+    "list provenance": yaml.safe_dump({**_file(), "provenance": ["gpu"]}).encode(),
+    "unknown dtype": yaml.safe_dump(_file({"k": {**entry(), "dtype": "fp64"}})).encode(),
+    "list dtype": yaml.safe_dump(_file({"k": {**entry(), "dtype": ["bf16"]}})).encode(),
+    "bool T": yaml.safe_dump(_file({"k": {**entry(), "T": True}})).encode(),
+    "float BH": yaml.safe_dump(_file({"k": {**entry(), "BH": 16.0}})).encode(),
+    "head dim 48": yaml.safe_dump(_file({"k": {**entry(), "head_dim": 48}})).encode(),
+    "float knob": yaml.safe_dump(_file({"k": {**entry(), "config": {
+        **entry()["config"], "solve": {**entry()["config"]["solve"], "CHUNK": 64.0}}}})).encode(),
+    "list pass": yaml.safe_dump(_file({"k": {**entry(), "pass": ["fwd"]}})).encode(),
+}
+EXPECTED = {"invalid utf-8": "UTF-8", "deep nesting": "nested too deeply",
+            "non-string top key": "keys must be strings", "non-string entry key": "keys must be strings",
+            "non-string knob": "knob names must be strings", "list entry": "must be a mapping",
+            "list config": "must be a mapping", "list section": "must be a mapping",
+            "list tuned_with": "tuned_with must be a mapping", "list provenance": "provenance",
+            "unknown dtype": "dtype must be one of", "list dtype": "dtype must be one of",
+            "bool T": "T must be a positive integer", "float BH": "BH must be a positive integer",
+            "head dim 48": "head_dim must be one of", "float knob": "CHUNK=64.0",
+            "list pass": "pass must be one of"}
+
+
+@pytest.mark.parametrize("case", sorted(UNREADABLE))
+def test_every_unreadable_file_is_a_config_error_naming_it(tmp_path, case):
+    """Whatever is wrong with a file, read() raises ConfigError naming the file and the
+    problem: never UnicodeDecodeError, RecursionError, TypeError or AttributeError."""
+    path = tmp_path / "h200.yaml"
+    path.write_bytes(UNREADABLE[case])
+    with pytest.raises(ConfigError, match="h200.yaml") as info:
+        tuned_file.read(path)
+    assert EXPECTED[case] in str(info.value), str(info.value)
+    assert "\n" not in str(info.value)[:300]
+
+
+def test_a_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml: cannot read"):
+        tuned_file.read(tmp_path / "nope.yaml")
+
+
+def test_fwd_entries_need_valid_forward_sections_only(tmp_path):
+    """validate checks the backward sections of fwd+bwd entries only (the dispatcher makes
+    sure a forward entry never serves a training call with broken ones)."""
+    fwd = entry()
+    fwd["config"]["solve_bwd"] = {"CHUNK": 7}
+    tuned_file.validate(_file({"k": fwd}), "x")
+    with pytest.raises(ConfigError, match="CHUNK"):
+        tuned_file.validate(_file({"k": {**fwd, "pass": "fwd+bwd"}}), "x")
