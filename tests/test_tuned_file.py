@@ -73,3 +73,22 @@ def test_write_refuses_invalid_data_and_leaves_the_file(tmp_path):
     with pytest.raises(ConfigError):
         tuned_file.merge(path, {}, {"b": {**entry(), "T": -1}})
     assert path.read_text() == before
+
+
+def test_merge_keeps_the_file_mode_and_a_new_file_follows_the_umask(tmp_path):
+    """A shared tuned file (group-writable, world-readable) stays so after a merge; a new
+    one gets the umask's default mode, not a temporary file's private 0600."""
+    import os
+    import stat
+
+    shared = tmp_path / "shared.yaml"
+    tuned_file.merge(shared, {}, {"a": entry()})
+    os.chmod(shared, 0o664)
+    tuned_file.merge(shared, {}, {"b": entry(2048)})
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o664
+    old = os.umask(0o022)
+    try:
+        tuned_file.merge(tmp_path / "new.yaml", {}, {"a": entry()})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "new.yaml").stat().st_mode) == 0o644
