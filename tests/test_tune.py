@@ -309,3 +309,81 @@ def test_a_sweep_times_only_feasible_points(tmp_path):
     (trial,) = study.trials
     assert trial.params["solve.CHUNK/BLOCK_N/LOOKAHEAD"] == "16/16/1"
     assert trial.state == optuna.trial.TrialState.COMPLETE
+
+
+def _stub_evaluate(monkeypatch):
+    """Evaluation stubbed out (a fixed fast time): only what the tuner records matters."""
+    monkeypatch.setattr(tuner, "evaluate", lambda request, timeout_s, deadline=None:
+                        {"ok": True, "median_ms": 1.0, "error": 0.0})
+
+
+def test_a_torn_journal_tail_is_moved_aside_and_the_study_resumes(tmp_path, monkeypatch):
+    """A crash mid-write leaves half a record at the journal's end; optuna 5.0 then fails
+    with a raw JSONDecodeError on the resume. The tail goes to a file beside it."""
+    _stub_evaluate(monkeypatch)
+    journal = tmp_path / "s.journal"
+    bucket, logs = tuner.CPU_BUCKETS[0], []
+    tuner.tune_bucket(bucket, trials=2, sampler="random", seed=0, log=logs.append,
+                      storage=tuner.open_storage(str(journal)), timeout_s=10)
+    torn = b'{"op_code": 4, "worker_id": "ab'
+    with open(journal, "ab") as handle:
+        handle.write(torn)
+    tuner.tune_bucket(bucket, trials=4, sampler="random", seed=0, log=logs.append,
+                      storage=tuner.open_storage(str(journal), log=logs.append), timeout_s=10)
+    (aside,) = tmp_path.glob("s.journal.torn-*")
+    assert aside.read_bytes() == torn
+    assert any("torn record" in line and str(aside) in line for line in logs)
+    storage = tuner.open_storage(str(journal))
+    (summary,) = optuna.get_all_study_summaries(storage)
+    assert summary.n_trials == 4
+
+
+def test_a_journal_bad_in_the_middle_is_a_clear_error(tmp_path):
+    journal = tmp_path / "s.journal"
+    journal.write_text('{"op_code": 0}\nnot json\n{"op_code": 0}\n')
+    with pytest.raises(DfgenError, match="line 2 is not a journal record"):
+        tuner.open_storage(str(journal))
+
+
+def test_a_trial_left_running_by_a_killed_worker_is_failed_and_retried(tmp_path, monkeypatch):
+    """A worker killed mid-trial (SIGKILL: no clean-up) leaves its trial RUNNING in the
+    database; its heartbeat stops, and the next tune on the study fails it and retries it."""
+    import signal
+    import sys
+    import time
+
+    _stub_evaluate(monkeypatch)
+    db = f"sqlite:///{tmp_path / 'hb.db'}"
+    bucket = tuner.CPU_BUCKETS[0]
+    key = tuned_file.bucket_key(bucket["pass_"], bucket["dtype"], bucket["head_dim"], bucket["T"],
+                                bucket["BH"])
+    name = tuner.study_name(key, "random", None)
+    worker = subprocess.Popen([sys.executable, "-c", f"""
+import time, optuna
+storage = optuna.storages.RDBStorage({db!r}, heartbeat_interval=1, grace_period=2)
+study = optuna.create_study(study_name={name!r}, storage=storage, load_if_exists=True)
+study.optimize(lambda trial: time.sleep(600), n_trials=1)
+"""])
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                study = optuna.load_study(study_name=name, storage=db)
+                if study.trials and study.trials[0].state == optuna.trial.TrialState.RUNNING:
+                    break
+            except KeyError:  # not created yet
+                pass
+            time.sleep(0.2)
+        else:
+            pytest.fail("the worker did not start its trial")
+        time.sleep(1.5)  # a heartbeat or two
+    finally:
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+    time.sleep(2.5)  # past the grace period
+    tuner.tune_bucket(bucket, trials=3, sampler="random", seed=0, log=lambda *a: None,
+                      storage=tuner.open_storage(db, heartbeat_s=1, grace_s=2), timeout_s=10)
+    trials = optuna.load_study(study_name=name, storage=db).trials
+    assert trials[0].state == optuna.trial.TrialState.FAIL
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == 0]
+    assert len(retries) == 1 and retries[0].state == optuna.trial.TrialState.COMPLETE

@@ -26,6 +26,7 @@ from ..errors import ConfigError, DfgenError
 from ..templating import templates_hash
 from ..validation import DTYPES
 from .. import tuned_file
+from .storage import open_storage  # noqa: F401 (dfgen.tuning.tuner.open_storage)
 from .space import bucket_limits, choices, config_of, grid, grid_size, params_of, suggest
 
 GPU_BUCKETS = [dict(pass_=p, dtype="bf16", head_dim=d, T=t, BH=bh)
@@ -95,24 +96,6 @@ def study_name(key: str, sampler: str, limits: dict | None) -> str:
         blob = json.dumps(limits or {}, sort_keys=True)
         name += f":{sampler}-space-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
     return name
-
-
-def open_storage(spec: str):
-    """An Optuna storage: a database URL (sqlite:///, postgresql://, mysql://) or a file path
-    (a journal file, safe for several processes on one host and needing no server)."""
-    if "://" not in spec:
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
-
-        Path(spec).parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(spec))
-    for attempt in range(5):  # processes that create one database's tables at once can collide
-        try:
-            return optuna.storages.RDBStorage(spec)
-        except Exception:
-            if attempt == 4:
-                raise
-            time.sleep(0.5 * (attempt + 1))
 
 
 def evaluate(request: dict, timeout_s: float) -> dict:
