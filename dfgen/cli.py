@@ -7,6 +7,8 @@ import argparse
 import os
 import sys
 
+from .errors import DfgenError
+
 
 def _parse_value(text: str):
     if text.lower() in ("true", "false"):  # bool knobs (INV_FP16=true)
@@ -112,6 +114,11 @@ def cmd_bench(args) -> int:
     return 0
 
 
+GPU_MINUTES = 3.0  # a plain `dfgen tune`'s cap per bucket on a GPU
+INTERPRETER_MINUTES = 10.0  # ... and in the interpreter (its one tiny bucket: about a minute)
+CANDIDATE_TIMEOUT_S = 120.0  # one candidate: a fresh process imports torch, compiles, checks, times
+
+
 def _tune_workers(args) -> int:
     """`--workers N`: N tune processes on one shared study, one per GPU (CUDA_VISIBLE_DEVICES);
     without a GPU, N interpreter processes."""
@@ -123,7 +130,7 @@ def _tune_workers(args) -> int:
 
     gpus = torch.cuda.device_count()
     if gpus and args.workers > gpus:
-        raise SystemExit(f"dfgen tune: --workers {args.workers} but only {gpus} GPU(s) are present")
+        raise DfgenError(f"--workers {args.workers} but only {gpus} GPU(s) are present")
     storage = args.storage or str(cache_root() / "studies" / f"workers-{os.getpid()}.journal")
     argv = list(args.argv)
     if "--workers" in argv:  # drop the flag and its value; the workers run one each
@@ -168,76 +175,151 @@ def _configs_to_try(path) -> list:
     try:
         return [config.to_dict() for config in load_configs(path)]
     except (OSError, yaml.YAMLError, ConfigError) as err:
-        raise SystemExit(f"dfgen tune: --try {path}: {err}")
+        raise DfgenError(f"--try {path}: {err}")
+
+
+def _check_gpu(args, provenance: dict, interpreted: bool) -> str:
+    """The key of what is tuned: the GPU present (or the interpreter); a --gpu naming
+    anything else is refused."""
+    present = provenance["gpu"]
+    if args.gpu is None or args.gpu == present:
+        return present
+    if interpreted:
+        raise DfgenError(f"--gpu {args.gpu}: no CUDA GPU is present (key {present}, Triton's "
+                         "interpreter); leave --gpu out to run the tune in the interpreter")
+    if not present.startswith(args.gpu + "-"):
+        raise DfgenError(f"--gpu {args.gpu} is not the GPU present ({provenance['device']}, "
+                         f"key {present}); leave --gpu out to tune the GPU present")
+    return present
+
+
+def _check_numbers(args) -> None:
+    for flag, value, low, strict in (("--trials", args.trials, 1, False),
+                                     ("--jobs", args.jobs, 1, False),
+                                     ("--workers", args.workers, 1, False),
+                                     ("--minutes", args.minutes, 0, False),
+                                     ("--timeout", args.timeout, 0, True)):
+        if value is not None and (value <= low if strict else value < low):
+            raise DfgenError(f"{flag} must be {'>' if strict else '>='} {low}, got {value:g}")
+
+
+def _tune_buckets(args, interpreted: bool) -> list:
+    """The buckets to tune: the built-in set (or --shapes), filtered by --passes."""
+    from . import tuned_file
+    from .tuning import tuner
+
+    buckets = tuner.load_buckets(args.shapes) if args.shapes else \
+        (tuner.CPU_BUCKETS if interpreted else tuner.GPU_BUCKETS)
+    if args.passes is None:
+        return buckets
+    wanted = [p.strip() for p in args.passes.split(",")]
+    if not all(p in tuned_file.PASSES for p in wanted):
+        raise DfgenError(f"--passes {args.passes!r}: expected a comma list of "
+                         f"{' and '.join(tuned_file.PASSES)}")
+    kept = [b for b in buckets if b["pass_"] in wanted]
+    if not kept:
+        source = f"of --shapes {args.shapes}" if args.shapes else \
+            ("the interpreter tunes" if interpreted else "of the built-in set")
+        raise DfgenError(f"--passes {args.passes} keeps none of the {len(buckets)} "
+                         f"bucket(s) {source}; nothing to tune")
+    return kept
+
+
+def _where_the_runtime_reads(out, interpreted: bool) -> str:
+    """Which folder the runtime reads the written file from, or a warning that it will
+    not (outside its folders, or another file is found first for this GPU)."""
+    import warnings
+    from pathlib import Path
+
+    import torch
+
+    from .dispatch import Dispatcher, identify, search_dirs, user_tuned_dir
+
+    dirs = search_dirs()
+    folder = Path(out).resolve().parent
+    if folder not in [d.resolve() for d in dirs]:
+        return (f"note: the runtime does not read {out}: it searches "
+                f"{', '.join(str(d) for d in dirs)}; copy the file into {user_tuned_dir()} "
+                "(or set DFGEN_TUNED_DIR) to use it")
+    with warnings.catch_warnings():  # only which file serves matters here
+        warnings.simplefilter("ignore")
+        served = Dispatcher(identify(torch.device("cpu" if interpreted else "cuda")), dirs).path
+    if served is not None and served.resolve() != Path(out).resolve():
+        return (f"warning: the runtime reads {served} for this GPU, found before {out}; "
+                "move it away to use the new file")
+    return f"the runtime reads it from {folder} (`dfgen show` lists what serves each bucket)"
 
 
 def cmd_tune(args) -> int:
-    if args.workers > 1:
-        return _tune_workers(args)
+    _check_numbers(args)
     interpreted = _use_interpreter_without_gpu()
-    import tempfile
     from pathlib import Path
 
     from . import tuned_file
     from .codegen import cache_root
+    from .dispatch import user_tuned_dir
     from .tuning import tuner
+    from .tuning.progress import TuneProgress
 
     provenance = tuner.device_provenance()
+    key = _check_gpu(args, provenance, interpreted)
+    buckets = _tune_buckets(args, interpreted)
+    limits = tuner.load_space(args.space) if args.space else None
+    tried_first = _configs_to_try(args.try_configs) if args.try_configs else []
+    if args.workers > 1:
+        return _tune_workers(args)
+    out = Path(args.out) if args.out else user_tuned_dir() / f"{key}.yaml"
     if interpreted:
         print("dfgen tune: no CUDA device; tuning in Triton's interpreter at a tiny size. "
-              "NOT GPU TIMINGS: they only show that the pipeline runs; the result goes to a "
-              "scratch file unless --out names one.", flush=True)
-        buckets = tuner.CPU_BUCKETS
-        out = Path(args.out) if args.out else Path(tempfile.gettempdir()) / "dfgen-tune-cpu.yaml"
-        trials = args.trials or 4
+              "NOT GPU TIMINGS: they only show that the pipeline runs.", flush=True)
     else:
-        present = provenance["gpu"]
-        if not (present == args.gpu or present.startswith(args.gpu + "-")):
-            raise SystemExit(f"dfgen tune: --gpu {args.gpu} does not match the GPU present "
-                             f"({provenance['device']}, key {present})")
-        buckets = tuner.GPU_BUCKETS
-        checkout_tuned = Path(__file__).resolve().parent.parent / "tuned"
-        default_dir = checkout_tuned if checkout_tuned.is_dir() else Path("tuned")
-        out = Path(args.out) if args.out else default_dir / f"{args.gpu}.yaml"
-        trials = args.trials or 30
-    if args.shapes:
-        buckets = tuner.load_buckets(args.shapes)
-    if args.passes:
-        wanted = set(args.passes.split(","))
-        buckets = [b for b in buckets if b["pass_"] in wanted]
+        print(f"dfgen tune: tuning {provenance['device']} (key {key})", flush=True)
+    trials = args.trials or (4 if interpreted else 30)
+    minutes = args.minutes if args.minutes is not None else \
+        (INTERPRETER_MINUTES if interpreted else GPU_MINUTES)
+    minutes = minutes or None  # 0: no cap
     if args.plot:
         from .tuning import plot
 
         plot.require_matplotlib()
-    limits = tuner.load_space(args.space) if args.space else None
-    tried_first = _configs_to_try(args.try_configs) if args.try_configs else []
     jobs = args.jobs or (1 if interpreted else max(1, min(8, (os.cpu_count() or 2) // 2)))
-    storage_spec = args.storage or str(cache_root() / "studies" / f"{provenance['gpu']}.journal")
+    storage_spec = args.storage or str(cache_root() / "studies" / f"{key}.journal")
     storage = tuner.open_storage(storage_spec)
-    print(f"dfgen tune: {len(buckets)} bucket(s), {trials} trials each"
-          + (f" (at most {args.minutes:g} min each)" if args.minutes else "")
-          + f", {jobs} candidate(s) at a time, sampler {args.sampler}"
-          + (f", space limited by {args.space}" if args.space else "")
-          + f", study storage {storage_spec} (optuna-dashboard reads it)", flush=True)
+    progress = TuneProgress(len(buckets), trials, minutes)
+    print(f"dfgen tune: {progress.budget_text(jobs, args.timeout)}; {jobs} candidate(s) at a "
+          f"time, sampler {args.sampler}" + (f", space limited by {args.space}" if args.space else "")
+          + f", study storage {storage_spec} (optuna-dashboard reads it); results go to {out}",
+          flush=True)
     earlier = _earlier_entries(out)
-    results = []
+    results, failed = [], []
     for bucket in buckets:
-        key = tuned_file.bucket_key(bucket["pass_"], bucket["dtype"], bucket["head_dim"],
-                                    bucket["T"], bucket["BH"], bucket.get("variant", ""))
-        result = tuner.tune_bucket(bucket, trials=trials, sampler=args.sampler, seed=args.seed,
-                                   storage=storage, timeout_s=args.timeout, jobs=jobs,
-                                   minutes=args.minutes, limits=limits,
-                                   starts=([earlier[key]["config"]] if key in earlier else [])
-                                   + tried_first,
-                                   cold_start=args.cold_start)
+        bucket_key = tuned_file.bucket_key(bucket["pass_"], bucket["dtype"], bucket["head_dim"],
+                                           bucket["T"], bucket["BH"], bucket.get("variant", ""))
+        try:
+            result = tuner.tune_bucket(bucket, trials=trials, sampler=args.sampler, seed=args.seed,
+                                       storage=storage, timeout_s=args.timeout, jobs=jobs,
+                                       minutes=minutes, limits=limits,
+                                       starts=([earlier[bucket_key]["config"]] if bucket_key in earlier
+                                               else []) + tried_first,
+                                       cold_start=args.cold_start, progress=progress)
+        except DfgenError as err:  # this bucket found nothing; the others may
+            print(f"dfgen tune: {err}", flush=True)
+            failed.append(bucket_key)
+            continue
         results.append(result)
         # written after every bucket: an interrupted tune keeps what it finished
         tuned_file.merge(out, provenance, {result.key: result.entry})
         if args.plot:
             print(f"{result.key}: search plotted in "
                   f"{plot.plot_search(result.study, result.key, result.entry, args.plot)}", flush=True)
-    print(tuner.summary_table(results))
-    print(f"wrote {out}")
+    if results:
+        print(tuner.summary_table(results))
+        print(f"wrote {out} ({len(results)} bucket(s))")
+        print(_where_the_runtime_reads(out, interpreted))
+    if failed:
+        print(f"dfgen tune: no config found for {len(failed)} bucket(s): {', '.join(failed)}"
+              + ("" if results else f"; nothing written to {out}"))
+        return 1
     return 0
 
 
@@ -330,10 +412,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--force", action="store_true", help="without a GPU, run shapes larger "
                        "than the interpreter's limit anyway (slow: minutes to hours)")
     bench.set_defaults(func=cmd_bench)
-    tune = sub.add_parser("tune", help="search kernel configs on this GPU; write tuned/<gpu>.yaml")
-    tune.add_argument("--gpu", required=True, help="file key of the GPU present, e.g. h200")
-    tune.add_argument("--out", help="tuned file to merge into (default tuned/<gpu>.yaml)")
-    tune.add_argument("--shapes", help="YAML list of buckets {pass, dtype, head_dim, T, BH}")
+    tune = sub.add_parser("tune", help="search kernel configs on the GPU present (without one: "
+                          "in Triton's interpreter); merge them into <user tuned folder>/<gpu>.yaml")
+    tune.add_argument("--gpu", help="refuse to run unless this is the GPU present (its file key, "
+                      "e.g. h200); default: tune whatever is present")
+    tune.add_argument("--out", help="tuned file to merge into (default: <gpu key>.yaml in the "
+                      "folder the runtime searches first: $DFGEN_TUNED_DIR, else "
+                      "$XDG_CONFIG_HOME/dfgen/tuned, else ~/.config/dfgen/tuned; in a checkout, "
+                      "--out tuned/<gpu>.yaml updates the packaged file)")
+    tune.add_argument("--shapes", help="YAML list of buckets {pass: fwd|fwd+bwd, dtype: "
+                      "bf16|fp16|fp32, head_dim: 16|32|64|128, T, BH, variant: qsolve (optional)}")
     tune.add_argument("--passes", help="comma list of fwd, fwd+bwd (default: both)")
     tune.add_argument("--trials", type=int, help="trials per bucket (default 30; 4 without a GPU)")
     tune.add_argument("--seed", type=int, default=0)
@@ -342,7 +430,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "(limit it with --space)")
     tune.add_argument("--space", help="YAML mapping that limits the space: {strategy: fused, "
                       "solve.CHUNK: [32, 64], ...}; each list a subset of the template's values")
-    tune.add_argument("--minutes", type=float, help="stop a bucket's search after this many minutes")
+    tune.add_argument("--minutes", type=float, help="wall-clock budget per bucket, the final "
+                      "re-timing included: candidates still running at its end are stopped and "
+                      f"recorded as cut (default {GPU_MINUTES:g} on a GPU, {INTERPRETER_MINUTES:g} "
+                      "in the interpreter; 0: no cap)")
     tune.add_argument("--jobs", type=int, help="candidates evaluated at once: they compile in "
                       "parallel and take turns on the GPU (default: half the CPU cores, at most 8; "
                       "1 without a GPU)")
@@ -360,8 +451,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="try neither the shipped default, the --out file's config for the "
                       "bucket nor --try configs first (to measure what the sampler finds on "
                       "its own, e.g. against a --sampler grid sweep)")
-    tune.add_argument("--timeout", type=float, default=600.0,
-                      help="seconds one candidate may take (compile, check, timing)")
+    tune.add_argument("--timeout", type=float, default=CANDIDATE_TIMEOUT_S,
+                      help="seconds one candidate may take: its process starting, compiling, "
+                      f"checking and timing (default {CANDIDATE_TIMEOUT_S:g}; never past the "
+                      "bucket's --minutes)")
     tune.set_defaults(func=cmd_tune)
 
     show = sub.add_parser("show", help="which tuned file, entry and config serve each bucket "
@@ -388,8 +481,6 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
     import yaml
-
-    from .errors import DfgenError
 
     try:
         return args.func(args)

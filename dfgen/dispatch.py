@@ -72,12 +72,22 @@ def identify(device) -> GpuIdentity:
                        props.multi_processor_count, props.name)
 
 
-def search_dirs() -> list[Path]:
-    dirs = []
-    if os.environ.get("DFGEN_TUNED_DIR"):
-        dirs.append(Path(os.environ["DFGEN_TUNED_DIR"]))
+def _config_tuned_dir() -> Path:
     config_home = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    dirs.append(Path(config_home) / "dfgen" / "tuned")
+    return Path(config_home) / "dfgen" / "tuned"
+
+
+def user_tuned_dir() -> Path:
+    """The user's tuned folder, the first one searched: DFGEN_TUNED_DIR if set, else
+    $XDG_CONFIG_HOME/dfgen/tuned (~/.config/dfgen/tuned). `dfgen tune` writes there."""
+    return Path(os.environ["DFGEN_TUNED_DIR"]) if os.environ.get("DFGEN_TUNED_DIR") \
+        else _config_tuned_dir()
+
+
+def search_dirs() -> list[Path]:
+    dirs = [user_tuned_dir()]
+    if dirs[0] != _config_tuned_dir():
+        dirs.append(_config_tuned_dir())
     here = Path(__file__).resolve().parent
     for packaged in (here / "_tuned", here.parent / "tuned"):
         if packaged.is_dir():
@@ -289,4 +299,4 @@ def reset() -> None:
 
 
 __all__ = ["GpuIdentity", "Dispatcher", "Choice", "gpu_key", "gpu_family", "identify",
-           "search_dirs", "dispatcher_for", "reset"]
+           "search_dirs", "user_tuned_dir", "dispatcher_for", "reset"]

@@ -30,7 +30,6 @@ file, then rename) and merged with what is already there, keys sorted for clean 
 
 from __future__ import annotations
 
-import fcntl
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -152,10 +151,11 @@ def merge(path: str | os.PathLike, provenance: Mapping, entries: Mapping[str, Ma
     other entry; the provenance becomes `provenance`, and a kept entry tuned under other
     templates, triton or torch records those in its `tuned_with`. Returns what was written.
     Processes merging into one file at once take turns (a lock file beside it)."""
+    from filelock import FileLock  # the tuner's, not the runtime's, import
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with FileLock(path.with_name(path.name + ".lock")):
         data = read(path) if path.exists() else empty()
         old = data.get("provenance", {})
         changed = {k: old[k] for k in _CARRIED

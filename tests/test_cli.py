@@ -57,7 +57,7 @@ def test_tune_refuses_a_bad_try_file(tmp_path):
     bad.write_text("[1, 2]\n")
     from dfgen.dispatch import gpu_key
 
-    here = gpu_key(torch.cuda.get_device_name()) if torch.cuda.is_available() else "h200"
+    here = gpu_key(torch.cuda.get_device_name()) if torch.cuda.is_available() else "cpu-interpreter"
     out = dfgen("tune", "--gpu", here, "--try", str(bad), "--out", str(tmp_path / "t.yaml"),
                 "--storage", str(tmp_path / "s.journal"))
     assert out.returncode != 0 and "must hold a config mapping or a list of them" in out.stderr

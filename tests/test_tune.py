@@ -18,16 +18,17 @@ from conftest import dfgen_command
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU interpreter tune")
 
 
-def dfgen(*args, cwd=None):
+def dfgen(*args, cwd=None, env=None):
     """The installed command, run from a scratch folder (never the checkout)."""
     import tempfile
 
     return subprocess.Popen(dfgen_command() + list(args), cwd=cwd or tempfile.mkdtemp(prefix="dfgen-tune-"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=None if env is None else dict(os.environ, **env))
 
 
-def run(*args):
-    proc = dfgen(*args)
+def run(*args, env=None):
+    proc = dfgen(*args, env=env)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
     return out
@@ -35,12 +36,12 @@ def run(*args):
 
 def test_interpreter_tune_writes_and_resumes(tmp_path):
     out_file, db = tmp_path / "tuned.yaml", f"sqlite:///{tmp_path / 'study.db'}"
-    out = run("tune", "--gpu", "h200", "--trials", "3", "--out", str(out_file), "--storage", db)
+    out = run("tune", "--trials", "3", "--out", str(out_file), "--storage", db)
     assert "NOT GPU TIMINGS" in out
     entry = tuned_file.read(out_file)["entries"]["fwd/bf16/d32/t40/bh2"]
     assert entry["trials"] == 3 and entry["median_ms"] > 0 and entry["default_ms"] > 0
     # an interrupted or shorter tune resumes: asking for 5 runs only 2 more
-    out = run("tune", "--gpu", "h200", "--trials", "5", "--out", str(out_file), "--storage", db,
+    out = run("tune", "--trials", "5", "--out", str(out_file), "--storage", db,
               "--plot", str(tmp_path / "plots"))
     assert tuned_file.read(out_file)["entries"]["fwd/bf16/d32/t40/bh2"]["trials"] == 5
     png = tmp_path / "plots" / "fwd_bf16_d32_t40_bh2.png"
@@ -50,7 +51,7 @@ def test_interpreter_tune_writes_and_resumes(tmp_path):
 @pytest.mark.parametrize("kind", ["journal", "sqlite"])
 def test_two_workers_share_one_study(tmp_path, kind):
     db = str(tmp_path / "shared.journal") if kind == "journal" else f"sqlite:///{tmp_path / 'shared.db'}"
-    procs = [dfgen("tune", "--gpu", "h200", "--trials", "4", "--seed", str(seed),
+    procs = [dfgen("tune", "--trials", "4", "--seed", str(seed),
                    "--out", str(tmp_path / f"w{seed}.yaml"), "--storage", db) for seed in (1, 2)]
     for proc in procs:
         _, err = proc.communicate(timeout=600)
@@ -74,7 +75,7 @@ def test_two_workers_share_a_postgres_study(tmp_path):
 
     bucket = tmp_path / "bucket.yaml"  # a bucket of its own, so reruns start a new study
     bucket.write_text(f"- {{pass: fwd, dtype: bf16, head_dim: 32, T: {33 + uuid.uuid4().int % 30}, BH: 1}}\n")
-    procs = [dfgen("tune", "--gpu", "h200", "--trials", "3", "--seed", str(seed), "--shapes", str(bucket),
+    procs = [dfgen("tune", "--trials", "3", "--seed", str(seed), "--shapes", str(bucket),
                    "--out", str(tmp_path / f"w{seed}.yaml"), "--storage", POSTGRES_URL)
              for seed in (1, 2)]
     for proc in procs:
@@ -91,7 +92,7 @@ def test_two_workers_share_a_postgres_study(tmp_path):
 
 def test_workers_flag_runs_processes_on_one_study(tmp_path):
     journal = tmp_path / "w.journal"
-    out = run("tune", "--gpu", "h200", "--trials", "4", "--workers", "2", "--storage", str(journal),
+    out = run("tune", "--trials", "4", "--workers", "2", "--storage", str(journal),
               "--out", str(tmp_path / "w.yaml"))
     assert "2 workers finished with exit codes [0, 0]" in out
     storage = tuner.open_storage(str(journal))
@@ -158,7 +159,7 @@ def test_tune_a_q_solve_bucket(tmp_path):
     shapes = tmp_path / "shapes.yaml"
     shapes.write_text("- {pass: fwd+bwd, dtype: fp32, head_dim: 32, T: 24, BH: 1, variant: qsolve}\n")
     out_file = tmp_path / "q.yaml"
-    out = run("tune", "--gpu", "h200", "--trials", "2", "--shapes", str(shapes), "--out", str(out_file),
+    out = run("tune", "--trials", "2", "--shapes", str(shapes), "--out", str(out_file),
               "--storage", str(tmp_path / "q.journal"))
     entry = tuned_file.read(out_file)["entries"]["fwd+bwd/fp32/d32/t24/bh1/qsolve"]
     assert entry["variant"] == "qsolve" and entry["config"]["strategy"] == "two_stage"
@@ -194,7 +195,7 @@ def test_a_float32_tune_evaluates_float32_accurate_candidates_only(tmp_path, mon
 
     seen = []
 
-    def fake_evaluate(request, timeout_s):
+    def fake_evaluate(request, timeout_s, deadline=None):
         seen.append(request["config"])
         return {"ok": True, "median_ms": 1.0 + len(seen) % 5, "error": 0.0}
 
@@ -281,7 +282,7 @@ def _grid_sweep(tmp_path, chunk, block_n, trials, *flags):
                      "solve.INV_FP16: false\nsolve.num_warps: 4\nsolve.num_stages: 1\nsolve.maxnreg: 0\n"
                      "solve.SPLIT_PREFIX: false\nsolve.POLL: acquire\n")
     journal = tmp_path / "sweep.journal"
-    out = run("tune", "--gpu", "h200", "--sampler", "grid", "--space", str(space), "--trials",
+    out = run("tune", "--sampler", "grid", "--space", str(space), "--trials",
               str(trials), *flags, "--storage", str(journal), "--out", str(tmp_path / "s.yaml"))
     storage = tuner.open_storage(str(journal))
     (summary,) = optuna.get_all_study_summaries(storage)
@@ -309,3 +310,159 @@ def test_a_sweep_times_only_feasible_points(tmp_path):
     (trial,) = study.trials
     assert trial.params["solve.CHUNK/BLOCK_N/LOOKAHEAD"] == "16/16/1"
     assert trial.state == optuna.trial.TrialState.COMPLETE
+
+
+def _stub_evaluate(monkeypatch):
+    """Evaluation stubbed out (a fixed fast time): only what the tuner records matters."""
+    monkeypatch.setattr(tuner, "evaluate", lambda request, timeout_s, deadline=None:
+                        {"ok": True, "median_ms": 1.0, "error": 0.0})
+
+
+def test_a_torn_journal_tail_is_moved_aside_and_the_study_resumes(tmp_path, monkeypatch):
+    """A crash mid-write leaves half a record at the journal's end; optuna 5.0 then fails
+    with a raw JSONDecodeError on the resume. The tail goes to a file beside it."""
+    _stub_evaluate(monkeypatch)
+    journal = tmp_path / "s.journal"
+    bucket, logs = tuner.CPU_BUCKETS[0], []
+    tuner.tune_bucket(bucket, trials=2, sampler="random", seed=0, log=logs.append,
+                      storage=tuner.open_storage(str(journal)), timeout_s=10)
+    torn = b'{"op_code": 4, "worker_id": "ab'
+    with open(journal, "ab") as handle:
+        handle.write(torn)
+    tuner.tune_bucket(bucket, trials=4, sampler="random", seed=0, log=logs.append,
+                      storage=tuner.open_storage(str(journal), log=logs.append), timeout_s=10)
+    (aside,) = tmp_path.glob("s.journal.torn-*")
+    assert aside.read_bytes() == torn
+    assert any("torn record" in line and str(aside) in line for line in logs)
+    storage = tuner.open_storage(str(journal))
+    (summary,) = optuna.get_all_study_summaries(storage)
+    assert summary.n_trials == 4
+
+
+def test_a_journal_bad_in_the_middle_is_a_clear_error(tmp_path):
+    journal = tmp_path / "s.journal"
+    journal.write_text('{"op_code": 0}\nnot json\n{"op_code": 0}\n')
+    with pytest.raises(DfgenError, match="line 2 is not a journal record"):
+        tuner.open_storage(str(journal))
+
+
+def test_a_trial_left_running_by_a_killed_worker_is_failed_and_retried(tmp_path, monkeypatch):
+    """A worker killed mid-trial (SIGKILL: no clean-up) leaves its trial RUNNING in the
+    database; its heartbeat stops, and the next tune on the study fails it and retries it."""
+    import signal
+    import sys
+    import time
+
+    _stub_evaluate(monkeypatch)
+    db = f"sqlite:///{tmp_path / 'hb.db'}"
+    bucket = tuner.CPU_BUCKETS[0]
+    key = tuned_file.bucket_key(bucket["pass_"], bucket["dtype"], bucket["head_dim"], bucket["T"],
+                                bucket["BH"])
+    name = tuner.study_name(key, "random", None)
+    worker = subprocess.Popen([sys.executable, "-c", f"""
+import time, optuna
+storage = optuna.storages.RDBStorage({db!r}, heartbeat_interval=1, grace_period=2)
+study = optuna.create_study(study_name={name!r}, storage=storage, load_if_exists=True)
+study.optimize(lambda trial: time.sleep(600), n_trials=1)
+"""])
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                study = optuna.load_study(study_name=name, storage=db)
+                if study.trials and study.trials[0].state == optuna.trial.TrialState.RUNNING:
+                    break
+            except KeyError:  # not created yet
+                pass
+            time.sleep(0.2)
+        else:
+            pytest.fail("the worker did not start its trial")
+        time.sleep(1.5)  # a heartbeat or two
+    finally:
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+    time.sleep(2.5)  # past the grace period
+    tuner.tune_bucket(bucket, trials=3, sampler="random", seed=0, log=lambda *a: None,
+                      storage=tuner.open_storage(db, heartbeat_s=1, grace_s=2), timeout_s=10)
+    trials = optuna.load_study(study_name=name, storage=db).trials
+    assert trials[0].state == optuna.trial.TrialState.FAIL
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == 0]
+    assert len(retries) == 1 and retries[0].state == optuna.trial.TrialState.COMPLETE
+
+
+def test_a_gpu_that_is_not_present_is_refused_naming_what_is():
+    proc = dfgen("tune", "--gpu", "a100")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert err.strip().count("\n") == 0 and "Traceback" not in err, err
+    assert "--gpu a100" in err and "no CUDA GPU" in err and "cpu-interpreter" in err
+    assert "wrote" not in out
+
+
+@pytest.mark.parametrize("args, shapes, message", [
+    (["--passes", "fwd,bwd"], None, "--passes 'fwd,bwd': expected a comma list of fwd and fwd+bwd"),
+    (["--passes", "fwd+bwd"], None, "keeps none of the 1 bucket"),
+    ([], "- {pass: fwd, dtype: bf16, head_dim: 48, T: 40, BH: 2}\n", "head_dim must be one of 16, 32, 64, 128"),
+    ([], "- {pass: fwd, dtype: int8, head_dim: 32, T: 40, BH: 2}\n", "dtype must be one of bf16, fp16, fp32"),
+    ([], "- {pass: fwd, dtype: bf16, head_dim: 32, T: 0, BH: 2}\n", "T must be an integer >= 1"),
+    ([], "- {pass: fwd, dtype: bf16, head_dim: 32, T: 8, BH: 1, variant: x}\n", "variant must be qsolve"),
+    ([], "- {pass: fwd, dtype: bf16\n", "not valid YAML"),
+    ([], "pass: fwd\n", "expected a YAML list of buckets"),
+    (["--passes", "fwd+bwd"], "- {pass: fwd, dtype: bf16, head_dim: 32, T: 8, BH: 1}\n",
+     "keeps none of the 1 bucket(s) of --shapes"),
+])
+def test_bad_passes_and_shapes_are_one_line_errors(tmp_path, args, shapes, message):
+    """Each bad --passes or --shapes: exit 2, one line naming the argument, nothing written."""
+    if shapes is not None:
+        (tmp_path / "shapes.yaml").write_text(shapes)
+        args = args + ["--shapes", str(tmp_path / "shapes.yaml")]
+    proc = dfgen("tune", *args, "--storage", str(tmp_path / "s.journal"),
+                 env={"XDG_CONFIG_HOME": str(tmp_path / "config")})
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, out + err
+    assert err.strip().count("\n") == 0 and "Traceback" not in err, err
+    assert message in err and "wrote" not in out
+    assert not (tmp_path / "config").exists()
+
+
+def test_default_output_is_the_folder_the_runtime_searches(tmp_path):
+    """Without --out the interpreter tune writes <user tuned folder>/cpu-interpreter.yaml,
+    says the runtime reads it from there, and `dfgen show` then names that file."""
+    env = {"XDG_CONFIG_HOME": str(tmp_path / "config")}
+    expected = tmp_path / "config" / "dfgen" / "tuned" / "cpu-interpreter.yaml"
+    out = run("tune", "--trials", "2", "--storage", str(tmp_path / "s.journal"), env=env)
+    assert f"wrote {expected}" in out
+    assert f"the runtime reads it from {expected.parent}" in out
+    assert "fwd/bf16/d32/t40/bh2" in tuned_file.read(expected)["entries"]
+    shown = run("show", env=env)
+    assert f"tuned file: {expected} (exact GPU)" in shown
+
+
+def test_minutes_is_a_hard_budget_and_cut_trials_are_counted(tmp_path):
+    """--minutes 0.3 (18 s) with candidates of several seconds each: the bucket ends within
+    its budget (its own clock, printed at its end) plus a kill's latency, any candidate
+    running at the search's end is recorded as cut, and every trial line shows progress."""
+    import re
+    import time
+
+    journal = tmp_path / "s.journal"
+    started = time.monotonic()
+    out = run("tune", "--trials", "30", "--minutes", "0.3", "--storage", str(journal),
+              "--out", str(tmp_path / "t.yaml"))
+    wall = time.monotonic() - started
+    bucket_s = re.search(r"\[(\d+):(\d\d) in the bucket\]", out)
+    assert bucket_s, out
+    assert int(bucket_s[1]) * 60 + int(bucket_s[2]) <= 18 + 3, out
+    assert wall < 18 + 30, out  # start-up (importing torch) aside
+    assert "1 bucket x at most 30 trials, at most 0.3 min each: at most 0.3 min" in out
+    lines = [line for line in out.splitlines() if line.startswith("[bucket 1/1] fwd/bf16/d32/t40/bh2 trial")]
+    assert lines and all(re.search(r"\| \d+/30 trials \(\d+ failed, \d+ cut\) \| best .* elapsed", line)
+                         for line in lines), out
+    storage = tuner.open_storage(str(journal))
+    (summary,) = optuna.get_all_study_summaries(storage)
+    study = optuna.load_study(study_name=summary.study_name, storage=storage)
+    assert len(study.trials) < 30  # the budget, not the trial count, ended the search
+    cut = [t for t in study.trials if t.user_attrs.get("cut")]
+    assert all(t.state == optuna.trial.TrialState.FAIL for t in cut)
+    row = next(line for line in out.splitlines() if line.startswith("| fwd/"))
+    assert row.endswith(f"| {len(cut)} |"), out  # the summary's cut column

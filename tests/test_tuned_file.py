@@ -135,3 +135,22 @@ def test_fwd_entries_need_valid_forward_sections_only(tmp_path):
     tuned_file.validate(_file({"k": fwd}), "x")
     with pytest.raises(ConfigError, match="CHUNK"):
         tuned_file.validate(_file({"k": {**fwd, "pass": "fwd+bwd"}}), "x")
+
+
+def test_merge_keeps_the_file_mode_and_a_new_file_follows_the_umask(tmp_path):
+    """A shared tuned file (group-writable, world-readable) stays so after a merge; a new
+    one gets the umask's default mode, not a temporary file's private 0600."""
+    import os
+    import stat
+
+    shared = tmp_path / "shared.yaml"
+    tuned_file.merge(shared, {}, {"a": entry()})
+    os.chmod(shared, 0o664)
+    tuned_file.merge(shared, {}, {"b": entry(2048)})
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o664
+    old = os.umask(0o022)
+    try:
+        tuned_file.merge(tmp_path / "new.yaml", {}, {"a": entry()})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "new.yaml").stat().st_mode) == 0o644

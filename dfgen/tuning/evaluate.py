@@ -16,7 +16,6 @@ candidates are ever timed at the same time.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import sys
@@ -29,13 +28,10 @@ WARM_SHAPE = (1, 512, 2)  # (B, T, H): T / CHUNK > 1 and H > 1, as at the tuned 
 def gpu_lock():
     """An exclusive lock per visible GPU set, held while a candidate is checked and timed."""
     name = os.environ.get("CUDA_VISIBLE_DEVICES", "all").replace(",", "-") or "none"
-    path = os.path.join(tempfile.gettempdir(), f"dfgen-gpu-{name}.lock")
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    from filelock import FileLock
+
+    with FileLock(os.path.join(tempfile.gettempdir(), f"dfgen-gpu-{name}.lock")):
+        yield
 
 
 def main() -> int:

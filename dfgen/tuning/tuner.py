@@ -8,6 +8,7 @@ import datetime
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -26,6 +27,8 @@ from ..errors import ConfigError, DfgenError
 from ..templating import templates_hash
 from ..validation import DTYPES
 from .. import tuned_file
+from .progress import BucketBudget, TuneProgress, clock_text
+from .storage import open_storage  # noqa: F401 (dfgen.tuning.tuner.open_storage)
 from .space import bucket_limits, choices, config_of, grid, grid_size, params_of, suggest
 
 GPU_BUCKETS = [dict(pass_=p, dtype="bf16", head_dim=d, T=t, BH=bh)
@@ -35,7 +38,7 @@ GPU_BUCKETS = [dict(pass_=p, dtype="bf16", head_dim=d, T=t, BH=bh)
 CPU_BUCKETS = [dict(pass_="fwd", dtype="bf16", head_dim=32, T=40, BH=2)]
 
 
-optuna.logging.set_verbosity(optuna.logging.WARNING)  # progress is reported by _report
+optuna.logging.set_verbosity(optuna.logging.ERROR)  # progress (and each failure) is reported by _report
 
 
 class CandidateFailed(DfgenError):
@@ -64,8 +67,9 @@ def device_provenance() -> dict:
 class BucketResult:
     key: str
     entry: dict
-    failures: int
+    failures: int  # failed trials, cut ones not counted
     study: "optuna.Study | None" = None  # for plots and reports
+    cut: int = 0  # trials stopped at the bucket's time limit
 
 
 SAMPLERS = ("tpe", "random", "grid")
@@ -97,43 +101,41 @@ def study_name(key: str, sampler: str, limits: dict | None) -> str:
     return name
 
 
-def open_storage(spec: str):
-    """An Optuna storage: a database URL (sqlite:///, postgresql://, mysql://) or a file path
-    (a journal file, safe for several processes on one host and needing no server)."""
-    if "://" not in spec:
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
-
-        Path(spec).parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(spec))
-    for attempt in range(5):  # processes that create one database's tables at once can collide
-        try:
-            return optuna.storages.RDBStorage(spec)
-        except Exception:
-            if attempt == 4:
-                raise
-            time.sleep(0.5 * (attempt + 1))
-
-
-def evaluate(request: dict, timeout_s: float) -> dict:
-    """Run one candidate in a fresh process; a timeout or a crash is a failed result."""
+def evaluate(request: dict, timeout_s: float, deadline: float | None = None) -> dict:
+    """Run one candidate in a fresh process, for at most `timeout_s` seconds and not past
+    `deadline` (time.monotonic()): a timeout or a crash is a failed result; a candidate
+    stopped at the deadline is a cut one ({"ok": False, "cut": True})."""
+    limit = timeout_s if deadline is None else min(timeout_s, deadline - time.monotonic())
+    if limit <= 0:
+        return {"ok": False, "cut": True, "reason": "cut: no time left in the bucket"}
+    started = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "dfgen.tuning.evaluate"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=os.environ.copy(), start_new_session=True)
     try:
-        proc = subprocess.run([sys.executable, "-m", "dfgen.tuning.evaluate"],
-                              input=json.dumps(request), capture_output=True, text=True,
-                              timeout=timeout_s, env=os.environ.copy())
+        stdout, stderr = proc.communicate(json.dumps(request), timeout=limit)
     except subprocess.TimeoutExpired:
+        try:  # the candidate and whatever it started (compilers)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.communicate()
+        ran = time.monotonic() - started
+        if limit < timeout_s:
+            return {"ok": False, "cut": True, "reason": f"cut at the bucket's time limit after {ran:.0f} s"}
         return {"ok": False, "reason": f"timed out after {timeout_s:.0f} s"}
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        tail = (stderr or stdout).strip().splitlines()[-1:] or ["no output"]
         return {"ok": False, "reason": f"crashed (exit {proc.returncode}): {tail[0][:300]}"}
-    return json.loads(lines[-1])
+    return dict(json.loads(lines[-1]), seconds=time.monotonic() - started)
 
 
 def tune_bucket(bucket: dict, *, trials: int, sampler: str, seed: int, storage,
                 timeout_s: float, retime: int = 2, log=print, jobs: int = 1,
                 minutes: float | None = None, limits: dict | None = None,
-                starts: Sequence[Mapping] = (), cold_start: bool = False) -> BucketResult:
+                starts: Sequence[Mapping] = (), cold_start: bool = False,
+                progress: TuneProgress | None = None) -> BucketResult:
     """Search one bucket: `trials` in all (a resumed study counts what it has), at most
     `minutes` of search, `jobs` candidates evaluated at once (they compile in parallel and
     take turns on the GPU), over the templates' space or the part `limits` keeps. A new
@@ -141,7 +143,10 @@ def tune_bucket(bucket: dict, *, trials: int, sampler: str, seed: int, storage,
     the tuned file holds for this bucket, so that a re-tune after a template change
     re-tries the earlier winner; sections they lack come from the default); cold_start
     skips them all (to measure what the sampler finds on its own; the default is still
-    timed for the entry). A float32 bucket searches only the solve precisions that keep
+    timed for the entry). `minutes` is a hard wall-clock budget: candidates still running
+    at the search's end are killed and recorded as cut (user attr "cut"), and the re-timing
+    of the best ones gets what the search left (BucketBudget). `progress` (a TuneProgress)
+    numbers the bucket and estimates the tune's time left in the line after every trial. A float32 bucket searches only the solve precisions that keep
     float32 accuracy (config.FLOAT32_ACCURATE) unless `limits` names the knobs."""
     pass_, dtype, head_dim, T, BH = (bucket[k] for k in ("pass_", "dtype", "head_dim", "T", "BH"))
     variant = bucket.get("variant", "")
@@ -164,6 +169,10 @@ def tune_bucket(bucket: dict, *, trials: int, sampler: str, seed: int, storage,
                 log(f"{key}: {'the default' if i == 0 else 'a start config'} lies outside "
                     "the searched space; not tried first")
     request = dict(pass_=pass_, dtype=dtype, head_dim=head_dim, T=T, BH=BH, variant=variant)
+    budget = BucketBudget(minutes, jobs, retime_runs=2 * (1 + retime))
+    if progress is None:
+        progress = TuneProgress(1, trials, minutes)
+    progress.start_bucket(budget)
 
     def objective(trial):
         config = suggest(trial, pass_, space)  # feasible by construction
@@ -173,7 +182,11 @@ def tune_bucket(bucket: dict, *, trials: int, sampler: str, seed: int, storage,
                 trial.set_user_attr("duplicate_of", old.number)
                 return old.value
         result = evaluate(dict(request, config=config.to_dict(), seed=seed + trial.number,
-                               **{"pass": pass_}), timeout_s)
+                               **{"pass": pass_}), timeout_s, budget.search_deadline())
+        if result.get("seconds") is not None:
+            budget.durations.append(result["seconds"])
+        if result.get("cut"):
+            trial.set_user_attr("cut", True)
         if not result["ok"]:
             trial.set_user_attr("failure", result["reason"])
             raise CandidateFailed(result["reason"])
@@ -187,11 +200,15 @@ def tune_bucket(bucket: dict, *, trials: int, sampler: str, seed: int, storage,
     if remaining:
         log(f"{key}: {remaining} trials ({done} already in the study), {jobs} at a time"
             + (f", at most {minutes:g} min" if minutes else ""))
+        search_left = budget.left(budget.search_deadline())
         study.optimize(objective, n_trials=remaining, catch=(CandidateFailed,),
-                       n_jobs=jobs, timeout=minutes * 60 if minutes else None,
+                       n_jobs=jobs, timeout=None if search_left is None else max(0.0, search_left),
                        show_progress_bar=sys.stderr.isatty(),
-                       callbacks=[_report(log, key)])
-    return _finish(study, key, request, default, pass_, seed, timeout_s, retime, log, jobs)
+                       callbacks=[_report(log, key, progress, done + remaining, budget)])
+    try:
+        return _finish(study, key, request, default, pass_, seed, timeout_s, retime, log, jobs, budget)
+    finally:
+        progress.finish_bucket()
 
 
 def _start_points(default, starts, pass_, head_dim, backward, key, log) -> list:
@@ -208,14 +225,26 @@ def _start_points(default, starts, pass_, head_dim, backward, key, log) -> list:
     return points
 
 
-def _report(log, key):
+def _report(log, key, progress, total, budget):
+    ran_here = []  # one item per trial this process finished in this bucket
+
     def callback(study, trial):
+        ran_here.append(trial.number)
+        trials = study.get_trials(deepcopy=False)
+        finished = [t for t in trials if t.state.is_finished()]
+        failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+        cut = len([t for t in failed if t.user_attrs.get("cut")])
         timed = [t.value for t in _timed(study)]
-        best = min(timed) if timed else float("nan")
-        state = trial.state.name.lower()
-        note = trial.user_attrs.get("failure") or ""
-        log(f"  {key} trial {trial.number}: {state} "
-            f"{'' if trial.value is None else f'{trial.value:.4f} ms'} best {best:.4f} ms {note[:100]}")
+        state = "cut" if trial.user_attrs.get("cut") else trial.state.name.lower()
+        note = f"trial {trial.number} {state}" + (
+            "" if trial.value is None else f" {trial.value:.4f} ms") + (
+            f" ({trial.user_attrs['failure'][:100]})" if "failure" in trial.user_attrs and
+            not trial.user_attrs.get("cut") else "")
+        log(progress.line(key, note, len(finished), total, len(failed) - cut, cut,
+                          min(timed) if timed else None, len(ran_here)))
+        search_deadline = budget.search_deadline()
+        if search_deadline is not None and time.monotonic() >= search_deadline:
+            study.stop()  # in-flight candidates are cut at the same deadline
     return callback
 
 
@@ -224,25 +253,54 @@ def _timed(study) -> list:
     return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
 
 
-def _finish(study, key, request, default, pass_, seed, timeout_s, retime, log, jobs=1) -> BucketResult:
-    """Re-time the top few and the default on fresh inputs; the default stays unless a
-    challenger beats it by more than the measured spread."""
+def _cut(study) -> int:
+    return len([t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
+                if t.user_attrs.get("cut")])
+
+
+def _finish(study, key, request, default, pass_, seed, timeout_s, retime, log, jobs=1,
+            budget: BucketBudget | None = None) -> BucketResult:
+    """Re-time the top few and the default on fresh inputs (twice each, as long as the
+    bucket's budget allows: what no longer fits is skipped, what runs past it is cut); the
+    default stays unless a challenger beats it by more than the measured spread. If no
+    re-timing fitted, the search's own times decide."""
+    budget = budget or BucketBudget(None)
     complete = sorted((t for t in _timed(study) if "duplicate_of" not in t.user_attrs),
                       key=lambda t: t.value)
-    failures = len([t for t in study.trials if t.state == optuna.trial.TrialState.FAIL])
+    failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    cut = len([t for t in failed if t.user_attrs.get("cut")])
+    failures = len(failed) - cut
+    if not complete and budget.deadline is not None and cut:
+        raise DfgenError(f"{key}: no candidate finished within the bucket's "
+                         f"{budget.seconds / 60:g} min ({cut} cut); give it more --minutes")
     default_params = params_of(default, pass_)
     candidates = [default_params] + [t.params for t in complete[:retime] if t.params != default_params]
     configs = [config_of(params) for params in candidates]
     runs = [(i, rep) for i in range(len(configs)) for rep in range(2)]
+
+    def retime_run(run):
+        if not budget.fits(budget.deadline):
+            return {"ok": False, "skipped": True, "reason": "no time left to re-time"}
+        return evaluate(dict(request, config=configs[run[0]].to_dict(),
+                             seed=seed + 10_000 + 2 * run[0] + run[1], **{"pass": pass_}),
+                        timeout_s, budget.deadline)
+
     with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:  # the GPU lock serializes timing
-        results = list(pool.map(lambda run: evaluate(
-            dict(request, config=configs[run[0]].to_dict(), seed=seed + 10_000 + 2 * run[0] + run[1],
-                 **{"pass": pass_}), timeout_s), runs))
-    timings = []  # (config, best of two medians, their spread, is the default)
+        results = list(pool.map(retime_run, runs))
+    not_run = len([r for r in results if r.get("skipped") or r.get("cut")])
+    if not_run:
+        log(f"{key}: {not_run} of {len(runs)} re-timing runs skipped or cut at the bucket's time limit")
+    timings = []  # (config, best of its re-timed medians, their spread, is the default)
     for i, config in enumerate(configs):
         times = [r["median_ms"] for (j, _), r in zip(runs, results) if j == i and r["ok"]]
-        if len(times) == 2:
-            timings.append((config, min(times), abs(times[0] - times[1]) / min(times), i == 0))
+        if times:
+            spread = abs(times[0] - times[1]) / min(times) if len(times) == 2 else 0.0
+            timings.append((config, min(times), spread, i == 0))
+    if not timings and complete and not_run:  # nothing re-timed in time: the search decides
+        searched = {json.dumps(t.params, sort_keys=True): t.value for t in complete}
+        timings = [(config_of(p), searched[json.dumps(p, sort_keys=True)], 0.0, i == 0)
+                   for i, p in enumerate(candidates) if json.dumps(p, sort_keys=True) in searched]
+        log(f"{key}: not re-timed (no time left); the search's times decide")
     if not timings:
         raise DfgenError(f"{key}: no candidate, not even the default, passed the re-check")
     default_ms = timings[0][1] if timings[0][3] else None
@@ -260,40 +318,72 @@ def _finish(study, key, request, default, pass_, seed, timeout_s, retime, log, j
     if entry["default_ms"] is None:
         del entry["default_ms"]
     log(f"{key}: best {best[1]:.4f} ms (default {default_ms if default_ms else float('nan'):.4f} ms, "
-        f"noise {noise:.1%}) {best[0]}")
-    return BucketResult(key, entry, failures, study)
+        f"noise {noise:.1%}) {best[0]} [{clock_text(budget.elapsed())} in the bucket]")
+    return BucketResult(key, entry, failures, study, cut)
+
+
+def _read_yaml(path, flag: str, what: str):
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except OSError as err:
+        raise DfgenError(f"{flag} {path}: cannot read it ({err.strerror or err})") from None
+    except yaml.YAMLError as err:
+        problem = str(err).splitlines()[0] if str(err) else "bad syntax"
+        raise DfgenError(f"{flag} {path}: not valid YAML ({problem}); expected {what}") from None
 
 
 def load_space(path) -> dict:
     """A YAML mapping {parameter: value or list of values} that limits the search space."""
-    data = yaml.safe_load(Path(path).read_text())
+    data = _read_yaml(path, "--space", "a mapping {section.KNOB: [values]}")
     if not isinstance(data, dict):
-        raise DfgenError(f"{path}: a space file is a YAML mapping {{section.KNOB: [values]}}")
+        raise DfgenError(f"--space {path}: a space file is a YAML mapping {{section.KNOB: [values]}}")
     return data
+
+
+BUCKET_FIELDS = {"pass": tuned_file.PASSES, "dtype": tuple(DTYPES), "head_dim": (16, 32, 64, 128)}
+BUCKETS_EXPECTED = ("a YAML list of buckets {pass: fwd|fwd+bwd, dtype: bf16|fp16|fp32, "
+                    "head_dim: 16|32|64|128, T: >= 1, BH: >= 1, variant: qsolve (optional)}")
 
 
 def load_buckets(path) -> list[dict]:
     """A YAML list of {pass, dtype, head_dim, T, BH[, variant]} (variant: qsolve)."""
-    data = yaml.safe_load(Path(path).read_text())
-    if not isinstance(data, list):
-        raise DfgenError(f"{path}: a shapes file is a YAML list of buckets")
+    data = _read_yaml(path, "--shapes", BUCKETS_EXPECTED)
+    if not isinstance(data, list) or not data:
+        raise DfgenError(f"--shapes {path}: expected {BUCKETS_EXPECTED}")
     out = []
-    for item in data:
-        try:
-            out.append(dict(pass_=item["pass"], dtype=item["dtype"], head_dim=int(item["head_dim"]),
-                            T=int(item["T"]), BH=int(item["BH"]), variant=item.get("variant", "")))
-        except (KeyError, TypeError, ValueError) as err:
-            raise DfgenError(f"{path}: bad bucket {item!r} ({err})") from None
+    for number, item in enumerate(data, start=1):
+        where = f"--shapes {path}: bucket {number}"
+        if not isinstance(item, dict):
+            raise DfgenError(f"{where} is {item!r}; expected a mapping {{pass, dtype, head_dim, T, BH}}")
+        missing = [k for k in ("pass", "dtype", "head_dim", "T", "BH") if k not in item]
+        unknown = sorted(set(item) - {"pass", "dtype", "head_dim", "T", "BH", "variant"})
+        if missing or unknown:
+            raise DfgenError(f"{where}: " + ", ".join(
+                ([f"lacks {', '.join(missing)}"] if missing else [])
+                + ([f"unknown field(s) {', '.join(map(str, unknown))}"] if unknown else [])))
+        for field, allowed in BUCKET_FIELDS.items():
+            if item[field] not in allowed or isinstance(item[field], bool):
+                raise DfgenError(f"{where}: {field} must be one of "
+                                 f"{', '.join(map(str, allowed))}, got {item[field]!r}")
+        for field in ("T", "BH"):
+            if not isinstance(item[field], int) or isinstance(item[field], bool) or item[field] < 1:
+                raise DfgenError(f"{where}: {field} must be an integer >= 1, got {item[field]!r}")
+        variant = item.get("variant") or ""
+        if variant not in tuned_file.VARIANTS:
+            raise DfgenError(f"{where}: variant must be qsolve or left out, got {variant!r}")
+        out.append(dict(pass_=item["pass"], dtype=item["dtype"], head_dim=item["head_dim"],
+                        T=item["T"], BH=item["BH"], variant=variant))
     return out
 
 
 def summary_table(results: list[BucketResult]) -> str:
-    lines = ["| bucket | tuned ms | default ms | speedup | trials | failures |", "|---|---|---|---|---|---|"]
+    lines = ["| bucket | tuned ms | default ms | speedup | trials | failures | cut |",
+             "|---|---|---|---|---|---|---|"]
     for r in results:
         e = r.entry
         default_ms = e.get("default_ms")
         speed = f"{default_ms / e['median_ms']:.2f}x" if default_ms else "n/a"
         lines.append(f"| {r.key} | {e['median_ms']:.4f} | "
                      f"{default_ms if default_ms is not None else 'n/a'} | {speed} | "
-                     f"{e['trials']} | {r.failures} |")
+                     f"{e['trials']} | {r.failures} | {r.cut} |")
     return "\n".join(lines)

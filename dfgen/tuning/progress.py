@@ -1,0 +1,106 @@
+"""A tune's clock: each bucket's wall-clock budget (search, then re-timing) and the
+progress line printed after every trial (bucket i of N, trials, best, time left)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+
+
+def clock_text(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 \
+        else f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class BucketBudget:
+    """`minutes` of wall time for one bucket (None: no cap). The search stops early enough
+    to leave the final re-timing (`retime_runs` evaluations, `jobs` at a time) a reserve:
+    as long as that many evaluations took so far (a third of the budget before any
+    finished), between 15 % and half of the budget."""
+
+    def __init__(self, minutes: float | None, jobs: int = 1, retime_runs: int = 6,
+                 clock=time.monotonic):
+        self.clock = clock
+        self.start = clock()
+        self.seconds = minutes * 60 if minutes else None
+        self.deadline = self.start + self.seconds if self.seconds else None
+        self.rounds = math.ceil(retime_runs / max(1, jobs))
+        self.durations: list[float] = []  # wall seconds of evaluations that ran to the end
+
+    def elapsed(self) -> float:
+        return self.clock() - self.start
+
+    def left(self, deadline: float | None) -> float | None:
+        return None if deadline is None else deadline - self.clock()
+
+    def typical(self) -> float | None:
+        """A finished evaluation's typical wall time (None before one finished)."""
+        return statistics.median(self.durations) if self.durations else None
+
+    def search_deadline(self) -> float | None:
+        if self.deadline is None:
+            return None
+        typical = self.typical()
+        reserve = self.seconds / 3 if typical is None else 1.25 * self.rounds * typical
+        return self.deadline - min(max(reserve, 0.15 * self.seconds), 0.5 * self.seconds)
+
+    def fits(self, deadline: float | None) -> bool:
+        """Whether an evaluation started now is expected to end before `deadline`."""
+        left = self.left(deadline)
+        return left is None or left > max(1.0, 0.8 * (self.typical() or 0.0))
+
+
+class TuneProgress:
+    """Where a tune of `buckets` buckets stands; `line()` is the text after every trial."""
+
+    def __init__(self, buckets: int, trials: int, minutes: float | None, clock=time.monotonic):
+        self.buckets, self.trials, self.minutes, self.clock = buckets, trials, minutes, clock
+        self.start = clock()
+        self.finished: list[float] = []  # wall seconds of each finished bucket
+        self.index = 0
+
+    def budget_text(self, jobs: int, timeout_s: float) -> str:
+        head = (f"{self.buckets} bucket{'s' if self.buckets != 1 else ''} x at most "
+                f"{self.trials} trials")
+        if self.minutes:
+            return (f"{head}, at most {self.minutes:g} min each: at most "
+                    f"{self.buckets * self.minutes:g} min")
+        return (f"{head}, no time cap per bucket (--minutes sets one); a candidate may take "
+                f"up to {timeout_s:g} s")
+
+    def start_bucket(self, budget: BucketBudget) -> None:
+        self.index, self.budget = self.index + 1, budget
+
+    def finish_bucket(self) -> None:
+        self.finished.append(self.budget.elapsed())
+
+    def line(self, key: str, note: str, done: int, total: int, failed: int, cut: int,
+             best: float | None, ran_here: int) -> str:
+        """One progress line; `ran_here`: trials this process finished in this bucket."""
+        elapsed = self.budget.elapsed()
+        bucket_left = None
+        if ran_here:  # the search's pace, then the re-timing
+            bucket_left = elapsed / ran_here * max(0, total - done) \
+                + self.budget.rounds * (self.budget.typical() or 0.0)
+        cap_left = self.budget.left(self.budget.deadline)
+        if cap_left is not None:
+            bucket_left = max(0.0, cap_left if bucket_left is None else min(bucket_left, cap_left))
+        text = (f"[bucket {self.index}/{self.buckets}] {key} {note} | {done}/{total} trials "
+                f"({failed} failed, {cut} cut) | best "
+                + ("none yet" if best is None else f"{best:.4f} ms")
+                + f" | {clock_text(elapsed)} elapsed")
+        if bucket_left is not None:
+            text += f", ~{clock_text(bucket_left)} left in bucket"
+            later = self.buckets - self.index
+            if later == 0:
+                pass
+            elif self.finished:
+                text += f", ~{clock_text(bucket_left + later * statistics.mean(self.finished))} in all"
+            else:
+                per_bucket = elapsed + bucket_left
+                if self.minutes:
+                    per_bucket = min(per_bucket, self.minutes * 60)
+                text += f", ~{clock_text(bucket_left + later * per_bucket)} in all"
+        return text
