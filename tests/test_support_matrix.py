@@ -88,3 +88,21 @@ def test_narrow_16bit_head_dims_run_the_32_wide_kernels():
     assert kernel_head_dim(16, torch.float16) == 32 and kernel_head_dim(16, torch.bfloat16) == 32
     assert kernel_head_dim(16, torch.float32) == 16
     assert [kernel_head_dim(d, torch.bfloat16) for d in (32, 64, 128)] == [32, 64, 128]
+
+
+def test_one_stage_solve_is_refused_below_head_dim_64():
+    """The unpipelined solve_fwd kernel is miscompiled for Hopper at 32-column 16-bit tiles
+    (H200: wrong results, an illegal memory access with SPLIT_SOLVE): a config asking for
+    it at head dims 16 and 32 is a ConfigError, and the tuner never samples it there."""
+    from dfgen.config import default_config
+    from dfgen.errors import ConfigError
+    from dfgen.templating import spec
+
+    for head_dim in (16, 32):
+        config = default_config(head_dim, torch.bfloat16).to_dict()
+        config["solve"] = dict(config["solve"], num_stages=1)
+        with pytest.raises(ConfigError, match="num_stages > 1"):
+            deltaformer_attn(*random_pass_inputs((1, 8, 1, head_dim), torch.bfloat16, DEVICE, seed=0)[:4],
+                             config=config)
+        assert (1,) not in spec("solve_fwd").feasible_combinations(("num_stages",), head_dim)
+    assert (1,) in spec("solve_fwd").feasible_combinations(("num_stages",), 64)
