@@ -137,6 +137,20 @@ class _DeltaFormerAttnQSolve(torch.autograd.Function):
         return dq, dq_solve, dk, dv, dbeta, None, None
 
 
+class _AllPadding(torch.autograd.Function):
+    """The output of an all-padding attention_mask: zeros whose inputs get zero gradients."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, beta, q_solve):
+        ctx.shapes = [None if t is None else (t.shape, t.dtype, t.device) for t in (q, k, v, beta, q_solve)]
+        return q.new_zeros(q.shape)
+
+    @staticmethod
+    def backward(ctx, do):
+        return tuple(None if s is None else torch.zeros(s[0], dtype=s[1], device=s[2])
+                     for s in ctx.shapes)
+
+
 _as_two_stage: dict = {}
 
 
@@ -203,9 +217,12 @@ def _unpadded(attention_mask, q, k, v, beta, q_solve, config):
         raise InputError("attention_mask must hold only 0 (padding) and 1 (token)")
     B, T, H, D = q.shape
     index = keep.flatten().nonzero().squeeze(1)
+    if index.numel() == 0:  # all padding: a zero output, still differentiable (zero grads)
+        inputs = (q, k, v, beta, q_solve)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+            return _AllPadding.apply(*inputs)
+        return q.new_zeros(B, T, H, D)
     out = q.new_zeros(B * T, H, D)
-    if index.numel() == 0:
-        return out.view(B, T, H, D)
     cu = torch.zeros(B + 1, dtype=torch.int32, device=q.device)
     cu[1:] = keep.sum(1).cumsum(0)
 
