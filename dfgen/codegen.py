@@ -3,15 +3,20 @@
 The file name is the specialization's readable name (stage, dtype, head dim, knobs), so
 `ls` of the cache shows what was built. A file is written only when its text changed,
 through a temporary file and an atomic rename, so two processes rendering at once both
-end with the same complete file. Loading is: lock, look again, render, import.
+end with the same complete file. Loading is: lock, look again, render, write, then build
+the module from the rendered text itself (never from the file or a .pyc beside it: only
+what dfgen rendered runs). A cache folder that cannot be written falls back to a private
+temporary folder, with one warning per process.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import linecache
 import os
 import sys
+import tempfile
 import threading
+import warnings
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Mapping
@@ -23,6 +28,8 @@ from .templating import render, specialization_name, templates_hash
 _lock = threading.Lock()
 _loaded: dict[str, ModuleType] = {}  # by specialization name
 _by_key: dict[tuple, ModuleType] = {}  # by (stage, dtype, head dim, knobs): the per-call path
+_private_root: Path | None = None  # the fallback cache folder of this process, once needed
+_warned_fallback = False
 
 
 def cache_root() -> Path:
@@ -42,11 +49,12 @@ def cache_dir() -> Path:
 
 
 def write_if_changed(path: Path, text: str) -> bool:
-    """Atomically write `text` to `path` unless it already holds it. True if written."""
+    """Atomically write `text` to `path` unless it already holds it. True if written. A file
+    that is not valid UTF-8 (corrupt) is rewritten like one that holds other text."""
     try:
-        if path.read_text() == text:
+        if path.read_bytes().decode("utf-8") == text:
             return False
-    except FileNotFoundError:
+    except (FileNotFoundError, UnicodeDecodeError):
         pass
     atomic_write_text(path, text)
     return True
@@ -57,11 +65,33 @@ def source_path(stage: str, dtype, head_dim: int, knobs: Mapping[str, Any]) -> P
 
 
 def emit(stage: str, dtype, head_dim: int, knobs: Mapping[str, Any]) -> tuple[Path, str]:
-    """Render and write the source of one specialization; returns (path, source)."""
+    """Render and write the source of one specialization; returns (path, source). When the
+    cache folder cannot be written (DFGEN_CACHE_DIR a file, read-only, no permission) the
+    file goes to a private temporary folder instead (one warning per process)."""
     text = render(stage, dtype, head_dim, knobs)
     path = source_path(stage, dtype, head_dim, knobs)
-    write_if_changed(path, text)
+    try:
+        write_if_changed(path, text)
+    except OSError as exc:
+        path = _private_root_dir(exc) / path.parent.name / path.name
+        try:
+            write_if_changed(path, text)
+        except OSError:
+            pass  # the module is built from `text`; the file is only for people to read
     return path, text
+
+
+def _private_root_dir(exc: OSError) -> Path:
+    """This process's fallback cache folder (created, and warned about, once)."""
+    global _private_root, _warned_fallback
+    if _private_root is None:
+        _private_root = Path(tempfile.mkdtemp(prefix="dfgen-cache-"))
+    if not _warned_fallback:
+        _warned_fallback = True
+        warnings.warn(f"dfgen: cannot write the kernel cache folder {cache_root()} "
+                      f"({type(exc).__name__}: {exc}); using {_private_root} for this process "
+                      "(set DFGEN_CACHE_DIR to a writable folder)", RuntimeWarning, stacklevel=3)
+    return _private_root
 
 
 def load(stage: str, dtype, head_dim: int, knobs: Mapping[str, Any]) -> ModuleType:
@@ -77,22 +107,30 @@ def load(stage: str, dtype, head_dim: int, knobs: Mapping[str, Any]) -> ModuleTy
     with _lock:
         module = _loaded.get(name)
         if module is None:
-            path, _ = emit(stage, dtype, head_dim, knobs)
-            module = _import_file(f"dfgen_generated.{name}", path)
+            path, text = emit(stage, dtype, head_dim, knobs)
+            module = _module_from_text(f"dfgen_generated.{name}", path, text)
             _loaded[name] = module
     _by_key[key] = module
     return module
 
 
-def _import_file(module_name: str, path: Path) -> ModuleType:
+def _module_from_text(module_name: str, path: Path, text: str) -> ModuleType:
+    """A fresh module run from `text` (what dfgen rendered), its __file__ the cached path.
+    No loader reads the file or a .pyc beside it, and no .pyc is written. Triton's jit
+    reads each kernel's source through inspect, hence linecache: the text is registered
+    there for `path` with no mtime, so linecache.checkcache keeps it even if the file
+    changes or goes away later."""
     from .interpreter import patch_interpreter_if_active
 
     patch_interpreter_if_active()
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(spec)
+    filename = str(path)
+    linecache.cache[filename] = (len(text), None, text.splitlines(keepends=True), filename)
+    code = compile(text, filename, "exec", dont_inherit=True)
+    module = ModuleType(module_name)
+    module.__file__ = filename
     sys.modules[module_name] = module  # triton's jit reads the source through the module
     try:
-        spec.loader.exec_module(module)
+        exec(code, module.__dict__)
     except BaseException:
         sys.modules.pop(module_name, None)
         raise

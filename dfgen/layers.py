@@ -9,10 +9,20 @@ masks are honoured in the solve stage too.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 
-from .runtime import deltaformer_attn
+from .runtime import SUPPORTED_HEAD_DIMS, deltaformer_attn
+
+_warned_cache = False  # the past_key_values warning is given once per process
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
 
 
 def _rotate_half(x):
@@ -73,12 +83,21 @@ class DeltaFormerAttention(nn.Module):
         super().__init__()
         if beta_activation not in ("sigmoid", "identity"):
             raise ValueError(f"beta_activation must be 'sigmoid' or 'identity', got {beta_activation!r}")
+        _positive_int("hidden_size", hidden_size)
+        _positive_int("num_heads", num_heads)
+        if num_kv_heads is not None:
+            _positive_int("num_kv_heads", num_kv_heads)
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
+        if hidden_size // num_heads not in SUPPORTED_HEAD_DIMS:
+            raise ValueError(f"hidden_size / num_heads = {hidden_size} / {num_heads} = "
+                             f"{hidden_size // num_heads} is not a supported head dim; expected one "
+                             f"of {SUPPORTED_HEAD_DIMS}")
         self.hidden_size = hidden_size
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads if num_kv_heads is not None else num_heads
         if num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads "
-                             f"({self.num_kv_heads})")
+            raise ValueError(f"num_kv_heads ({self.num_kv_heads}) must divide num_heads ({num_heads})")
         self.num_kv_groups = num_heads // self.num_kv_heads
         self.head_dim = hidden_size // num_heads
         self.kv_dim = self.num_kv_heads * self.head_dim
@@ -102,9 +121,19 @@ class DeltaFormerAttention(nn.Module):
     def forward(self, hidden_states, attention_mask=None, past_key_values=None,
                 output_attentions: bool = False, use_cache: bool = False, **kwargs):
         """hidden_states [B, T, hidden_size]; attention_mask [B, T] of 0/1 (0 = padding);
-        cu_seqlens (keyword) for packed sequences. Returns (o, None, past_key_values)."""
+        cu_seqlens (keyword) for packed sequences. Returns (o, None, past_key_values).
+
+        past_key_values (fla's model passes its cache in eval with use_cache=True) is
+        returned unchanged: there is no incremental decoding yet, so attention covers the
+        given tokens only and the caller must pass the whole sequence (warned once)."""
         if past_key_values is not None:
-            raise NotImplementedError("DeltaFormerAttention does not support past_key_values")
+            global _warned_cache
+            if not _warned_cache:
+                _warned_cache = True
+                warnings.warn("DeltaFormerAttention: past_key_values is passed through unchanged; "
+                              "incremental decoding is not supported yet, so attention covers only "
+                              "the tokens given: pass the whole sequence at each step",
+                              UserWarning, stacklevel=2)
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError("attention_mask must be a [batch_size, seq_len] 0/1 padding mask")
         B, T, _ = hidden_states.shape

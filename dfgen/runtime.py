@@ -7,6 +7,8 @@ autograd Function whose backward runs the templated backward kernels.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .backward import backward, backward_q_solve
@@ -21,6 +23,9 @@ __all__ = ["deltaformer_attn", "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+# DFGEN_DEBUG=1 (read at import): checks that cost a host sync, e.g. cu_seqlens against
+# max_seqlen, which are otherwise trusted (the kernels only clamp them to stay in bounds)
+DEBUG = os.environ.get("DFGEN_DEBUG", "0") == "1"
 
 
 _CONFIG_TYPE = "config must be a KernelConfig, a dict or None, got {}"
@@ -137,6 +142,20 @@ class _DeltaFormerAttnQSolve(torch.autograd.Function):
         return dq, dq_solve, dk, dv, dbeta, None, None
 
 
+class _AllPadding(torch.autograd.Function):
+    """The output of an all-padding attention_mask: zeros whose inputs get zero gradients."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, beta, q_solve):
+        ctx.shapes = [None if t is None else (t.shape, t.dtype, t.device) for t in (q, k, v, beta, q_solve)]
+        return q.new_zeros(q.shape)
+
+    @staticmethod
+    def backward(ctx, do):
+        return tuple(None if s is None else torch.zeros(s[0], dtype=s[1], device=s[2])
+                     for s in ctx.shapes)
+
+
 _as_two_stage: dict = {}
 
 
@@ -178,14 +197,25 @@ def _check_cu_seqlens(q, cu_seqlens, max_seqlen=None):
     if q.shape[0] != 1:
         raise InputError(f"with cu_seqlens, q, k, v must be [1, total_T, H, D] (packed); got B={q.shape[0]}")
     if max_seqlen is not None:
-        if not isinstance(max_seqlen, int) or max_seqlen < 1:
+        if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 1:
             raise InputError(f"max_seqlen must be a positive int, got {max_seqlen!r}")
+        if DEBUG:  # one host sync; without it bad offsets give wrong rows (clamped, in bounds)
+            _check_offsets(cu_seqlens.tolist(), q.shape[1], max_seqlen)
         return cu_seqlens.to(torch.int32).contiguous(), max_seqlen
     bounds = cu_seqlens.tolist()  # one host sync, as the longest length sizes the launch
+    return cu_seqlens.to(torch.int32).contiguous(), max(_check_offsets(bounds, q.shape[1]), 1)
+
+
+def _check_offsets(bounds, total, max_seqlen=None) -> int:
+    """The longest length of offsets `bounds`, after checking them against q's total_T
+    and max_seqlen (if given); InputError naming cu_seqlens or max_seqlen otherwise."""
     lengths = [b - a for a, b in zip(bounds, bounds[1:])]
-    if bounds[0] != 0 or bounds[-1] != q.shape[1] or min(lengths) < 0:
-        raise InputError(f"cu_seqlens must rise from 0 to total_T={q.shape[1]}, got {bounds}")
-    return cu_seqlens.to(torch.int32).contiguous(), max(max(lengths), 1)
+    if bounds[0] != 0 or bounds[-1] != total or min(lengths) < 0:
+        raise InputError(f"cu_seqlens must rise from 0 to total_T={total}, got {bounds}")
+    if max_seqlen is not None and max(lengths) > max_seqlen:
+        raise InputError(f"max_seqlen={max_seqlen} is below the longest sequence of cu_seqlens "
+                         f"({max(lengths)}); the kernels would skip its rows past max_seqlen")
+    return max(lengths)
 
 
 def _unpadded(attention_mask, q, k, v, beta, q_solve, config):
@@ -203,9 +233,12 @@ def _unpadded(attention_mask, q, k, v, beta, q_solve, config):
         raise InputError("attention_mask must hold only 0 (padding) and 1 (token)")
     B, T, H, D = q.shape
     index = keep.flatten().nonzero().squeeze(1)
+    if index.numel() == 0:  # all padding: a zero output, still differentiable (zero grads)
+        inputs = (q, k, v, beta, q_solve)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+            return _AllPadding.apply(*inputs)
+        return q.new_zeros(B, T, H, D)
     out = q.new_zeros(B * T, H, D)
-    if index.numel() == 0:
-        return out.view(B, T, H, D)
     cu = torch.zeros(B + 1, dtype=torch.int32, device=q.device)
     cu[1:] = keep.sum(1).cumsum(0)
 
@@ -231,6 +264,9 @@ def deltaformer_attn(q, k, v, beta=None, *, q_solve=None, cu_seqlens=None, max_s
         tensors (beta [1, total_T, H]), as in fla; None for a padded batch.
     max_seqlen: with cu_seqlens, the longest sequence's length if known: the offsets are
         then trusted, not read back (no host sync, so CUDA graphs can capture the call).
+        Bad offsets or a max_seqlen below the longest length give wrong rows, never an
+        access out of bounds (the kernels clamp them); DFGEN_DEBUG=1 checks them on the
+        host and raises InputError.
     attention_mask: [B, T] of 0/1 (0 = padding, left or right), as in Hugging Face models:
         padded positions influence nothing and get a zero output.
     config: a KernelConfig or its dict form (missing sections come from the built-in

@@ -6,6 +6,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 
 from dfgen import __version__, codegen
@@ -81,3 +82,99 @@ def test_waits_use_inline_ptx_only_on_nvidia_gpus():
         assert module._ptx_wait(torch.zeros(1)) is False
         if torch.cuda.is_available() and torch.version.hip is None:
             assert module._ptx_wait(torch.zeros(1, device="cuda")) is (os.environ.get("TRITON_INTERPRET") != "1")
+
+
+# -- only what dfgen rendered runs; an unusable cache folder falls back -----------------
+
+def _fresh_load(monkeypatch, cache, stage="attn_fwd", dtype=torch.float32, knobs=KNOBS):
+    """codegen.load as a new process would run it (no module loaded yet) under `cache`."""
+    monkeypatch.setenv("DFGEN_CACHE_DIR", str(cache))
+    monkeypatch.setattr(codegen, "_loaded", {})
+    monkeypatch.setattr(codegen, "_by_key", {})
+    return codegen.load(stage, dtype, 32, knobs)
+
+
+def _run_attn(module):
+    """Run an attn_fwd module once (interpreter or GPU): its output, which must be finite."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, u = (torch.randn(1, 16, 1, 32, device=dev) for _ in range(3))
+    o = torch.empty_like(u)
+    module.launch(q, k, u, o, 32 ** -0.5)
+    assert torch.isfinite(o).all()
+    return o
+
+
+def test_a_planted_pyc_beside_the_source_does_not_run(tmp_path, monkeypatch):
+    """A .pyc in __pycache__ that matches the cached .py's mtime and size (what importlib's
+    file loader checks) must not run: the module is built from the rendered text."""
+    import importlib.util
+    import importlib._bootstrap_external as bootstrap
+
+    monkeypatch.setenv("DFGEN_CACHE_DIR", str(tmp_path))
+    path, _ = codegen.emit("attn_fwd", torch.float32, 32, KNOBS)
+    stat = path.stat()
+    planted = compile("raise RuntimeError('planted pyc ran')\n", str(path), "exec")
+    pyc = Path(importlib.util.cache_from_source(str(path)))
+    pyc.parent.mkdir(exist_ok=True)
+    pyc.write_bytes(bootstrap._code_to_timestamp_pyc(planted, stat.st_mtime, stat.st_size))
+    module = _fresh_load(monkeypatch, tmp_path)
+    assert module.__file__ == str(path) and callable(module.launch)
+    _run_attn(module)
+    assert sorted(p.name for p in pyc.parent.iterdir()) == [pyc.name]  # no .pyc written
+
+
+def test_a_changed_or_corrupt_source_is_rewritten_and_not_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("DFGEN_CACHE_DIR", str(tmp_path))
+    path, text = codegen.emit("attn_fwd", torch.float32, 32, KNOBS)
+    path.write_text(text + "\nraise RuntimeError('tampered source ran')\n")
+    _fresh_load(monkeypatch, tmp_path)
+    assert path.read_text() == text
+    path.write_bytes(b"\xff\xfe not utf-8 \x80\n")  # write_if_changed must not crash on it
+    _run_attn(_fresh_load(monkeypatch, tmp_path))
+    assert path.read_text() == text
+
+
+def test_kernel_source_stays_the_rendered_text_when_the_file_changes_later(tmp_path, monkeypatch):
+    """Triton reads kernel sources through inspect/linecache: a file edited after the load
+    (and linecache.checkcache, which drops stale entries) must not change what they see."""
+    import inspect
+    import linecache
+
+    module = _fresh_load(monkeypatch, tmp_path)
+    path = Path(module.__file__)
+    before = inspect.getsource(module.launch)
+    path.write_text("# replaced\n" * 400)
+    linecache.checkcache()
+    assert inspect.getsource(module.launch) == before
+    path.unlink()
+    linecache.checkcache()
+    assert inspect.getsource(module.launch) == before
+    _run_attn(module)
+
+
+@pytest.mark.parametrize("how", ["parent_is_a_file", "is_a_file", "not_writable"])
+def test_an_unusable_cache_folder_falls_back_with_one_warning(tmp_path, monkeypatch, how):
+    """Real as root too: a path under a regular file cannot be created by anyone; the
+    unwritable case patches the write (chmod does not stop root)."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    cache = {"parent_is_a_file": blocker / "cache", "is_a_file": blocker,
+             "not_writable": tmp_path / "ro"}[how]
+    if how == "not_writable":
+        real = codegen.atomic_write_text
+
+        def refuse(path, text):
+            if Path(path).is_relative_to(cache):
+                raise PermissionError(13, "Permission denied", str(path))
+            return real(path, text)
+
+        monkeypatch.setattr(codegen, "atomic_write_text", refuse)
+    monkeypatch.setattr(codegen, "_private_root", None)
+    monkeypatch.setattr(codegen, "_warned_fallback", False)
+    with pytest.warns(RuntimeWarning, match="cannot write the kernel cache folder") as caught:
+        first = _fresh_load(monkeypatch, cache)
+        other = codegen.load("attn_fwd", torch.float16, 32, KNOBS)  # a second file
+    assert len([w for w in caught if "kernel cache" in str(w.message)]) == 1
+    assert Path(first.__file__).is_file() and not Path(first.__file__).is_relative_to(cache)
+    assert Path(first.__file__).parent == Path(other.__file__).parent
+    _run_attn(first)

@@ -112,3 +112,42 @@ def test_matches_fla_layer_with_raw_beta(monkeypatch, qk_norm):
     print(f"relative errors ({'qk-norm' if qk_norm else 'plain'}): {errors}")
     assert errors["dfgen"] < 2e-2, errors
     assert errors["fla"] < 5e-2 and errors["dfgen-fla"] < 5e-2, errors
+
+
+def test_past_key_values_pass_through_with_one_warning(monkeypatch):
+    """fla's model in eval with use_cache=True hands the layer its cache: no error, the
+    cache comes back unchanged, attention covers the given tokens, one warning."""
+    import warnings
+
+    import dfgen.layers
+
+    monkeypatch.setattr(dfgen.layers, "_warned_cache", False)
+    torch.manual_seed(3)
+    layer = DeltaFormerAttention(hidden_size=64, num_heads=2).to(DEVICE).eval()
+    x = torch.randn(1, 12, 64, device=DEVICE)
+    cache = object()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            o, _, returned = layer(x, past_key_values=cache, use_cache=True)
+            o2, _, _ = layer(x, past_key_values=cache, use_cache=True)
+    assert returned is cache
+    assert len([w for w in caught if "incremental decoding" in str(w.message)]) == 1
+    assert_close(o, _reference_layer(layer, x), torch.float32, "o", 1e-3)
+    assert torch.equal(o, o2)
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(hidden_size=100, num_heads=3), "hidden_size"),  # not divisible
+    (dict(hidden_size=96, num_heads=2), "head dim"),  # 48 is not supported
+    (dict(hidden_size=64, num_heads=0), "num_heads"),
+    (dict(hidden_size=64, num_heads=-2), "num_heads"),
+    (dict(hidden_size=64.0, num_heads=2), "hidden_size"),
+    (dict(hidden_size=64, num_heads=2.0), "num_heads"),
+    (dict(hidden_size=128, num_heads=4, num_kv_heads=3), "num_kv_heads"),
+    (dict(hidden_size=128, num_heads=4, num_kv_heads=0), "num_kv_heads"),
+    (dict(hidden_size=128, num_heads=4, num_kv_heads=True), "num_kv_heads"),
+])
+def test_layer_checks_sizes_when_built(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        DeltaFormerAttention(**kwargs)

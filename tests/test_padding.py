@@ -67,3 +67,22 @@ def test_mask_is_checked():
         deltaformer_attn(q, k, v, attention_mask=torch.ones(2, 7, device=DEVICE))
     with pytest.raises(InputError, match="only 0"):
         deltaformer_attn(q, k, v, attention_mask=torch.full((2, 8), 2, device=DEVICE))
+
+
+@pytest.mark.parametrize("with_beta,with_q_solve", [(True, False), (False, False), (True, True)])
+def test_all_padding_mask_gives_zero_gradients(with_beta, with_q_solve):
+    """A mask of zeros only: zero output, and zero (not missing) gradients for every input
+    that requires grad, so a training step on an all-padding batch runs."""
+    q, k, v = (torch.randn(2, 8, 2, 32, device=DEVICE, requires_grad=True) for _ in range(3))
+    beta = torch.rand(2, 8, 2, device=DEVICE, requires_grad=True) if with_beta else None
+    q_solve = torch.randn(2, 8, 2, 32, device=DEVICE, requires_grad=True) if with_q_solve else None
+    o = deltaformer_attn(q, k, v, beta, q_solve=q_solve, config=CONFIG,
+                         attention_mask=torch.zeros(2, 8, dtype=torch.long, device=DEVICE))
+    assert o.shape == q.shape and o.dtype == q.dtype and not o.abs().max()
+    leaves = [t for t in (q, k, v, beta, q_solve) if t is not None]
+    grads = torch.autograd.grad(o.sum(), leaves)
+    for leaf, grad in zip(leaves, grads):
+        assert grad.shape == leaf.shape and not grad.abs().max()
+    with torch.no_grad():  # no graph when nothing is differentiated
+        assert not deltaformer_attn(q, k, v, beta, config=CONFIG,
+                                    attention_mask=torch.zeros(2, 8, device=DEVICE)).requires_grad
