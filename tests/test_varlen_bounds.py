@@ -90,7 +90,7 @@ def test_offsets_far_past_the_packed_length_do_not_crash(tmp_path):
         for strategy in ("fused", "two_stage"):
             for offsets in ([0, 16, 2**30, 2**30 + 16], [0, 2**30], [0, 8, -2**30, {TOTAL}]):
                 q, k, v, beta = (x.requires_grad_() for x in t._inputs())
-                cu = torch.tensor(offsets, dtype=torch.int32)
+                cu = torch.tensor(offsets, dtype=torch.int32, device=q.device)
                 o = deltaformer_attn(q, k, v, beta, cu_seqlens=cu, max_seqlen=32,
                                      config=t.CONFIGS[strategy])
                 o.sum().backward()
