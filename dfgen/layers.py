@@ -139,7 +139,9 @@ class DeltaFormerAttention(nn.Module):
         B, T, _ = hidden_states.shape
         cu_seqlens = kwargs.get("cu_seqlens")
         q, k, v, beta = self.project(hidden_states, cu_seqlens)
-        o = deltaformer_attn(q, k, v, beta, cu_seqlens=cu_seqlens, attention_mask=attention_mask)
+        # a raw beta is unbounded: the solve then keeps float32 accuracy (see large_beta)
+        o = deltaformer_attn(q, k, v, beta, cu_seqlens=cu_seqlens, attention_mask=attention_mask,
+                             large_beta=self.beta_activation == "identity")
         o = self.o_proj(o.reshape(B, T, -1))
         return o, None, past_key_values
 

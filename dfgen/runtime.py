@@ -12,7 +12,7 @@ import os
 import torch
 
 from .backward import backward, backward_q_solve
-from .config import SUPPORTED_HEAD_DIMS, KernelConfig, default_config
+from .config import FLOAT32_ACCURATE, SUPPORTED_HEAD_DIMS, KernelConfig, default_config
 from .dispatch import dispatcher_for
 from .errors import ConfigError, InputError
 from .forward import forward, forward_q_solve
@@ -218,7 +218,7 @@ def _check_offsets(bounds, total, max_seqlen=None) -> int:
     return max(lengths)
 
 
-def _unpadded(attention_mask, q, k, v, beta, q_solve, config):
+def _unpadded(attention_mask, q, k, v, beta, q_solve, config, large_beta):
     """Padding masks by packing: the unpadded tokens of each row become one sequence
     (cu_seqlens), so padded positions reach no other position, in the solve stage too;
     the output is zero at padded positions."""
@@ -246,12 +246,13 @@ def _unpadded(attention_mask, q, k, v, beta, q_solve, config):
         return None if t is None else t.reshape(B * T, *t.shape[2:]).index_select(0, index).unsqueeze(0)
 
     o = deltaformer_attn(pack(q), pack(k), pack(v), pack(beta), q_solve=pack(q_solve),
-                         cu_seqlens=cu, config=config)
+                         cu_seqlens=cu, config=config, large_beta=large_beta)
     return out.index_copy(0, index, o[0]).view(B, T, H, D)
 
 
 def deltaformer_attn(q, k, v, beta=None, *, q_solve=None, cu_seqlens=None, max_seqlen=None,
-                     attention_mask=None, config: KernelConfig | dict | None = None):
+                     attention_mask=None, config: KernelConfig | dict | None = None,
+                     large_beta: bool = False):
     """DeltaFormer attention: o = causal_softmax(q k^T) u, u = (I + diag(beta) P)^{-1} v.
 
     q: [B, T, H, D]; k, v: [B, T, H_kv, D], H a multiple of H_kv (grouped heads share keys
@@ -271,16 +272,29 @@ def deltaformer_attn(q, k, v, beta=None, *, q_solve=None, cu_seqlens=None, max_s
         padded positions influence nothing and get a zero output.
     config: a KernelConfig or its dict form (missing sections come from the built-in
         default); None picks the tuned config for this GPU and shape (dfgen.dispatch).
+    large_beta: True when some |beta| may exceed 2 (a raw, un-squashed projection): the
+        solve stages then build their in-chunk inverse from float32 products (tf32x3;
+        slower). The default 16-bit configs build it from float16 products, right for
+        |beta| <= 2 (sigmoid and 2 * sigmoid models) and not past it (the products cancel;
+        NaN near beta = 8). DFGEN_DEBUG=1 checks |beta| <= 2 when large_beta is False.
     Returns o, [B, T, H, D], in q's dtype; differentiable in q, k, v, beta and q_solve.
     """
     _check_inputs(q, k, v, beta)
     compiling = torch.compiler.is_compiling()  # asked once: this is every call's path
+    if large_beta is not False:
+        if large_beta is not True:
+            raise InputError(f"large_beta must be True or False, got {large_beta!r}")
+        if compiling:
+            raise InputError("large_beta=True is not supported under torch.compile yet; pass a "
+                             "config whose solve and solve_bwd sections set INV_FP16: false")
+    elif DEBUG and beta is not None and not compiling:
+        _check_beta_range(beta)
     if attention_mask is not None:
         if cu_seqlens is not None:
             raise InputError("give attention_mask or cu_seqlens, not both")
         if compiling:
             raise InputError("attention_mask is not supported under torch.compile yet")
-        return _unpadded(attention_mask, q, k, v, beta, q_solve, config)
+        return _unpadded(attention_mask, q, k, v, beta, q_solve, config, large_beta)
     B, T, H, D = q.shape
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, beta, q_solve))
@@ -293,8 +307,8 @@ def deltaformer_attn(q, k, v, beta=None, *, q_solve=None, cu_seqlens=None, max_s
         _check_q_solve(q, q_solve)
         if compiling:
             raise InputError("q_solve is not supported under torch.compile yet")
-        config = _two_stage(resolve_config(config, q, needs_grad, seqs, variant="qsolve"), D,
-                            q.dtype).check(D, needs_grad)
+        config = _two_stage(resolve_config(config, q, needs_grad, seqs, variant="qsolve",
+                                           large_beta=large_beta), D, q.dtype).check(D, needs_grad)
         if needs_grad:
             return _DeltaFormerAttnQSolve.apply(q, q_solve, k, v, beta, config, seqs)
         return forward_q_solve(q, q_solve, k, v, beta, config, seqs=seqs)[0]
@@ -309,13 +323,38 @@ def deltaformer_attn(q, k, v, beta=None, *, q_solve=None, cu_seqlens=None, max_s
         if needs_grad:
             return torch.ops.dfgen.attn_fwd_train(q, k, v, beta, text)[0]
         return torch.ops.dfgen.attn_fwd(q, k, v, beta, text)
-    return _eager(q, k, v, beta, config, needs_grad, seqs)
+    return _eager(q, k, v, beta, config, needs_grad, seqs, large_beta)
 
 
-def resolve_config(config, q, needs_grad: bool, seqs=None, variant: str = "") -> KernelConfig:
+def _check_beta_range(beta):
+    """DFGEN_DEBUG: |beta| <= 2 unless the call says large_beta (one host sync)."""
+    largest = beta.detach().abs().max().item() if beta.numel() else 0.0
+    if not largest <= 2.0:  # NaN fails too
+        raise InputError(f"beta reaches |beta| = {largest:g} > 2, where the default 16-bit "
+                         "in-chunk inverse is not accurate: pass large_beta=True (or squash beta, "
+                         "e.g. with a sigmoid)")
+
+
+_float32_solves: dict = {}
+
+
+def _with_float32_solve(config: KernelConfig) -> KernelConfig:
+    """`config` with the solve stages' in-chunk inverse and products at float32 accuracy
+    (large_beta; memoized, as the runtime asks on every call)."""
+    found = _float32_solves.get(config.key())
+    if found is None:
+        precise = {knob: values[0] for knob, values in FLOAT32_ACCURATE.items()}
+        found = KernelConfig(config.strategy, dict(config.solve, **precise), config.attn,
+                             dict(config.solve_bwd, **precise), config.attn_bwd)
+        _float32_solves[config.key()] = found
+    return found
+
+
+def resolve_config(config, q, needs_grad: bool, seqs=None, variant: str = "",
+                   large_beta: bool = False) -> KernelConfig:
     """The validated config for a call: the given one (missing sections from the built-in
     default), or the tuned one for this GPU and shape (packed sequences count as their
-    longest length and number)."""
+    longest length and number); with large_beta, its solves at float32 accuracy."""
     B, T, H, D = q.shape
     if seqs is not None:
         B, T = seqs[0].numel() - 1, seqs[1]
@@ -328,11 +367,13 @@ def resolve_config(config, q, needs_grad: bool, seqs=None, variant: str = "") ->
         config = config.with_defaults(default_config(D, q.dtype))
     else:
         raise ConfigError(_CONFIG_TYPE.format(type(config).__name__))
+    if large_beta:
+        config = _with_float32_solve(config)
     return config.check(D, backward=needs_grad)
 
 
-def _eager(q, k, v, beta, config, needs_grad, seqs=None):
-    config = resolve_config(config, q, needs_grad, seqs)
+def _eager(q, k, v, beta, config, needs_grad, seqs=None, large_beta=False):
+    config = resolve_config(config, q, needs_grad, seqs, large_beta=large_beta)
     if needs_grad:
         return _DeltaFormerAttn.apply(q, k, v, beta, config, seqs)
     return forward(q, k, v, beta, config, seqs=seqs)[0]
