@@ -466,3 +466,55 @@ def test_minutes_is_a_hard_budget_and_cut_trials_are_counted(tmp_path):
     assert all(t.state == optuna.trial.TrialState.FAIL for t in cut)
     row = next(line for line in out.splitlines() if line.startswith("| fwd/"))
     assert row.endswith(f"| {len(cut)} |"), out  # the summary's cut column
+
+
+def _fake_evaluations(monkeypatch, default, pass_, slow_default=0.0, default_ok=True):
+    """tuner.evaluate replaced by a quick stand-in that records how many run at once; the
+    default is `slow_default` s long, the others 0.05 s, the default timed at 2 ms, the
+    others at 1 ms (every challenger looks faster)."""
+    import threading
+    import time
+
+
+    state = {"running": 0, "log": []}
+    lock = threading.Lock()
+
+    def fake(request, timeout_s, deadline=None):
+        is_default = request["config"].get("solve") == default.to_dict()["solve"]
+        with lock:
+            state["running"] += 1
+            state["log"].append(("start", is_default, state["running"]))
+        time.sleep(slow_default if is_default else 0.05)
+        with lock:
+            state["running"] -= 1
+            state["log"].append(("end", is_default, state["running"]))
+        if is_default and not default_ok:
+            return {"ok": False, "cut": True, "reason": "cut"}
+        return {"ok": True, "median_ms": 2.0 if is_default else 1.0, "error": 0.0, "seconds": 0.05}
+
+    monkeypatch.setattr(tuner, "evaluate", fake)
+    return state
+
+
+def test_the_default_is_timed_first_and_alone(tmp_path, monkeypatch):
+    """Under a short budget the default would be cut while candidates compete: it runs
+    first, by itself, then the search runs its jobs in parallel."""
+    bucket = tuner.CPU_BUCKETS[0]
+    default = default_config(bucket["head_dim"], DTYPES[bucket["dtype"]])
+    state = _fake_evaluations(monkeypatch, default, bucket["pass_"], slow_default=0.3)
+    result = tuner.tune_bucket(bucket, trials=6, sampler="tpe", seed=0, timeout_s=60, jobs=3,
+                               storage=f"sqlite:///{tmp_path / 'alone.db'}", log=lambda *a: None)
+    assert state["log"][:2] == [("start", True, 1), ("end", True, 0)], state["log"][:4]  # alone
+    assert max(running for _, _, running in state["log"]) > 1  # then in parallel
+    assert result.entry["default_ms"] == 2.0 and result.entry["median_ms"] == 1.0
+
+
+def test_no_challenger_wins_without_the_defaults_time(tmp_path, monkeypatch):
+    """A default cut at the budget (not timed): a challenger, however fast it looked, is
+    not written, since nothing shows it beats the default."""
+    bucket = tuner.CPU_BUCKETS[0]
+    default = default_config(bucket["head_dim"], DTYPES[bucket["dtype"]])
+    _fake_evaluations(monkeypatch, default, bucket["pass_"], default_ok=False)
+    with pytest.raises(DfgenError, match="default was not timed"):
+        tuner.tune_bucket(bucket, trials=4, sampler="tpe", seed=0, timeout_s=60, jobs=2,
+                          storage=f"sqlite:///{tmp_path / 'nodefault.db'}", log=lambda *a: None)

@@ -200,11 +200,20 @@ def tune_bucket(bucket: dict, *, trials: int, sampler: str, seed: int, storage,
     if remaining:
         log(f"{key}: {remaining} trials ({done} already in the study), {jobs} at a time"
             + (f", at most {minutes:g} min" if minutes else ""))
-        search_left = budget.left(budget.search_deadline())
-        study.optimize(objective, n_trials=remaining, catch=(CandidateFailed,),
-                       n_jobs=jobs, timeout=None if search_left is None else max(0.0, search_left),
-                       show_progress_bar=sys.stderr.isatty(),
-                       callbacks=[_report(log, key, progress, done + remaining, budget)])
+        report = _report(log, key, progress, done + remaining, budget)
+        # the shipped default (the first enqueued trial) is timed alone, before candidates
+        # compete for the CPU and the GPU lock: under a short --minutes it would otherwise
+        # be cut, and no challenger may win without it (see _finish)
+        default_params = params_of(default, pass_)
+        alone = 1 if sampler != "grid" and not cold_start and not any(
+            t.params == default_params and t.state.is_finished() for t in study.trials) else 0
+        for n_trials, n_jobs in ((alone, 1), (remaining - alone, jobs)):
+            search_left = budget.left(budget.search_deadline())
+            if n_trials <= 0 or (search_left is not None and search_left <= 0):
+                continue
+            study.optimize(objective, n_trials=n_trials, catch=(CandidateFailed,),
+                           n_jobs=n_jobs, timeout=None if search_left is None else search_left,
+                           show_progress_bar=sys.stderr.isatty(), callbacks=[report])
     try:
         return _finish(study, key, request, default, pass_, seed, timeout_s, retime, log, jobs, budget)
     finally:
@@ -303,7 +312,11 @@ def _finish(study, key, request, default, pass_, seed, timeout_s, retime, log, j
         log(f"{key}: not re-timed (no time left); the search's times decide")
     if not timings:
         raise DfgenError(f"{key}: no candidate, not even the default, passed the re-check")
-    default_ms = timings[0][1] if timings[0][3] else None
+    if not timings[0][3]:  # a challenger is kept only when measured faster than the default
+        raise DfgenError(f"{key}: the built-in default was not timed within the bucket's budget, "
+                         "so no candidate can be shown to beat it; nothing written for this "
+                         "bucket (give it more --minutes)")
+    default_ms = timings[0][1]
     noise = max(spread for _, _, spread, _ in timings)
     best = timings[0]
     for challenger in timings[1:]:
@@ -313,11 +326,9 @@ def _finish(study, key, request, default, pass_, seed, timeout_s, retime, log, j
              "T": request["T"], "BH": request["BH"], "config": best[0].to_dict(),
              **({"variant": request["variant"]} if request["variant"] else {}),
              "median_ms": round(best[1], 5),
-             "default_ms": round(default_ms, 5) if default_ms is not None else None,
+             "default_ms": round(default_ms, 5),
              "trials": len(study.trials), "failures": failures}
-    if entry["default_ms"] is None:
-        del entry["default_ms"]
-    log(f"{key}: best {best[1]:.4f} ms (default {default_ms if default_ms else float('nan'):.4f} ms, "
+    log(f"{key}: best {best[1]:.4f} ms (default {default_ms:.4f} ms, "
         f"noise {noise:.1%}) {best[0]} [{clock_text(budget.elapsed())} in the bucket]")
     return BucketResult(key, entry, failures, study, cut)
 
