@@ -277,21 +277,10 @@ def load_configs(path) -> list[KernelConfig]:
     """A YAML file holding one config or a list of them (sections a config lacks stay
     empty; callers fill them from a default). ConfigError naming the file if it cannot
     be read or holds no configs."""
-    import yaml
-
     from .errors import ConfigError
+    from .files import read_yaml
 
-    try:
-        with open(path, "rb") as handle:
-            data = yaml.safe_load(handle.read().decode("utf-8"))
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read ({err.strerror or err})") from None
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
-    except RecursionError:
-        raise ConfigError(f"{path}: nested too deeply") from None
+    data = read_yaml(path)
     items = data if isinstance(data, list) else [data]
     if not items or not all(isinstance(item, dict) for item in items):
         raise ConfigError(f"{path} must hold a config mapping or a list of them")

@@ -1,4 +1,5 @@
-"""Writing files so that a reader never sees a partial one."""
+"""Reading YAML files whatever they hold, and writing files so that a reader never sees a
+partial one."""
 
 from __future__ import annotations
 
@@ -40,3 +41,24 @@ def atomic_write_text(path: Path, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def read_yaml(path) -> object:
+    """The YAML data in the file at `path` (safe loader). Anything that keeps the file from
+    being read as YAML (missing, unreadable, not UTF-8, bad syntax, nested too deeply) is a
+    one-line ConfigError naming the file."""
+    import yaml
+
+    from .errors import ConfigError
+
+    path = Path(path)
+    try:
+        return yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read ({err.strerror or err})") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())[:300]})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply") from None

@@ -38,7 +38,7 @@ import yaml
 
 from .config import SUPPORTED_HEAD_DIMS, KernelConfig
 from .errors import ConfigError
-from .files import atomic_write_text
+from .files import atomic_write_text, read_yaml
 
 FORMAT = "dfgen-tuned/1"
 PASSES = ("fwd", "fwd+bwd")
@@ -116,19 +116,11 @@ def read(path: str | os.PathLike) -> dict:
     unreadable, not UTF-8, not YAML, nested too deeply, corrupt or foreign) is a one-line
     ConfigError naming the file: callers skip it or report it, never crash on it."""
     path = Path(path)
+    data = read_yaml(path)  # ConfigError naming the file if it is not readable YAML
     try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read ({err.strerror or err})") from None
-    try:
-        data = yaml.safe_load(raw.decode("utf-8"))
         return validate(data, str(path))
     except ConfigError:
         raise
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({_one_line(err)})") from None
     except RecursionError:
         raise ConfigError(f"{path}: nested too deeply to be a tuned file") from None
     except Exception as err:  # noqa: BLE001 - any other defect: the file is unusable

@@ -14,16 +14,10 @@ import torch
 import dfgen.forward
 import dfgen.runtime
 from conftest import DEVICE
-from dfgen.config import KernelConfig, default_config
 from dfgen.errors import InputError
 from dfgen.runtime import deltaformer_attn
+from test_varlen import CONFIGS  # chunk-16 configs: several chunks at T = 40
 
-SOLVE = dict(default_config(32, torch.float32).solve, CHUNK=16, BLOCK_N=16, LOOKAHEAD=2)
-BWD = dict(solve_bwd=dict(default_config(32, torch.float32).solve_bwd, CHUNK=16, BLOCK_M=16),
-           attn_bwd=dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2))
-ATTN = dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=2)
-CONFIGS = {"fused": KernelConfig("fused", SOLVE, **BWD),
-           "two_stage": KernelConfig("two_stage", SOLVE, ATTN, **BWD)}
 TOTAL, H, D = 40, 2, 32
 # (offsets, max_seqlen): past the packed length, decreasing, max_seqlen below the longest
 BAD = {"past_total": ([0, 10, TOTAL + 24], 32), "decreasing": ([0, 30, 8, TOTAL], 32),

@@ -14,16 +14,15 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import optuna
-import yaml
 
 from .. import __version__
 from ..config import KernelConfig, default_config
 from ..dispatch import gpu_key
 from ..errors import ConfigError, DfgenError
+from ..files import read_yaml
 from ..templating import templates_hash
 from ..validation import DTYPES
 from .. import tuned_file
@@ -335,12 +334,9 @@ def _finish(study, key, request, default, pass_, seed, timeout_s, retime, log, j
 
 def _read_yaml(path, flag: str, what: str):
     try:
-        return yaml.safe_load(Path(path).read_text())
-    except OSError as err:
-        raise DfgenError(f"{flag} {path}: cannot read it ({err.strerror or err})") from None
-    except yaml.YAMLError as err:
-        problem = str(err).splitlines()[0] if str(err) else "bad syntax"
-        raise DfgenError(f"{flag} {path}: not valid YAML ({problem}); expected {what}") from None
+        return read_yaml(path)
+    except ConfigError as err:
+        raise DfgenError(f"{flag} {err}; expected {what}") from None
 
 
 def load_space(path) -> dict:
