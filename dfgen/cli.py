@@ -484,6 +484,9 @@ def main(argv=None) -> int:
 
     try:
         return args.func(args)
+    except BrokenPipeError:  # the reader left (`dfgen show | head`): stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (DfgenError, OSError, yaml.YAMLError, UnicodeDecodeError) as err:
         # a user's mistake (an argument, a missing or malformed file): one line, exit 2
         message = " ".join(str(err).split())

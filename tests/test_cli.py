@@ -197,3 +197,19 @@ def test_bench_refuses_gpu_sizes_in_the_interpreter():
     out = dfgen("bench", "--shapes", "1,20,1,32;1,4096,16,128", "--no-fla")
     assert time.perf_counter() - started < 60
     _one_line_error(out, "1,4096,16,128", str(CPU_MAX_WORK), "--force")
+
+
+def test_a_reader_that_leaves_early_is_no_error():
+    """`dfgen show | head -n 3`: a pipe whose reader is gone ends the command quietly,
+    exit 0 (here the reader is gone before the first write)."""
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run(dfgen_command() + ["emit"], stdout=write_end, stderr=subprocess.PIPE,
+                              text=True, cwd=_scratch(), timeout=120)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 0, proc.stderr
+    assert "error" not in proc.stderr.lower() and "Traceback" not in proc.stderr, proc.stderr
