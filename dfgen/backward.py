@@ -34,7 +34,8 @@ def reverse_sweep(q, k, do, u, a, beta, lse, knobs, *, gated: bool = True, seqs=
     ds_diag float32 [B, H, T]."""
     B, T, H, D = q.shape
     wide = kernel_head_dim(D, q.dtype)
-    q, k, do, u, a = (widen(t, wide) for t in (q, k, do, u, a))
+    if wide != D:
+        q, k, do, u, a = (widen(t, wide) for t in (q, k, do, u, a))
     dv = _per_query_head(u, H // k.shape[2])
     e = torch.empty_like(u)  # e_i = g_i do_i - beta_i dv_i
     dbeta = torch.empty(B, T, H, dtype=torch.float32, device=q.device) if beta is not None else None
@@ -46,7 +47,9 @@ def reverse_sweep(q, k, do, u, a, beta, lse, knobs, *, gated: bool = True, seqs=
     sync = torch.zeros(1 + n_seqs * H * n_chunks, dtype=torch.int32, device=q.device)
     module.launch(q, k, do, u, a, beta, lse, dv, e, dbeta, delta, ds_diag, sync,
                   1.0 / math.sqrt(D), gated, *_packing(seqs))
-    return narrow(dv, D), narrow(e, D), dbeta, delta, ds_diag
+    if wide != D:
+        dv, e = narrow(dv, D), narrow(e, D)
+    return dv, e, dbeta, delta, ds_diag
 
 
 def query_key_grads(q, k, u, e, lse, delta, ds_diag, knobs, *, with_du: bool = False, seqs=None):
@@ -54,16 +57,17 @@ def query_key_grads(q, k, u, e, lse, delta, ds_diag, knobs, *, with_du: bool = F
     also the strictly-later part of P^T e (float32, per query head)."""
     D = q.shape[-1]
     wide = kernel_head_dim(D, q.dtype)
-    q, k, u, e = (widen(t, wide) for t in (q, k, u, e))
+    if wide != D:
+        q, k, u, e = (widen(t, wide) for t in (q, k, u, e))
     dq = torch.empty_like(q)
     dk = _per_query_head(q, q.shape[2] // k.shape[2])
     du = torch.empty(q.shape, dtype=torch.float32, device=q.device) if with_du else None
     codegen.load("attn_bwd", q.dtype, wide, knobs).launch(q, k, u, e, lse, delta, ds_diag, dq, dk,
                                                           1.0 / math.sqrt(D), du, *_packing(seqs))
-    dk = narrow(_sum_groups(dk, k), D)
-    if with_du:
-        return narrow(dq, D), dk, narrow(du, D)
-    return narrow(dq, D), dk
+    dk = _sum_groups(dk, k)
+    if wide != D:
+        dq, dk, du = narrow(dq, D), narrow(dk, D), narrow(du, D)
+    return (dq, dk, du) if with_du else (dq, dk)
 
 
 def backward(q, k, beta, u, a, lse, do, solve_knobs, attn_knobs, seqs=None):

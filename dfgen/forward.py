@@ -25,25 +25,22 @@ NARROWEST_16BIT_HEAD_DIM = 32
 
 
 def kernel_head_dim(head_dim: int, dtype) -> int:
-    """The head dim of the kernels that serve `head_dim` in `dtype`."""
-    if dtype in (torch.float16, torch.bfloat16) and head_dim < NARROWEST_16BIT_HEAD_DIM:
+    """The head dim of the kernels that serve `head_dim` in `dtype`. Callers widen and
+    narrow only when it differs: every stage call asks, so the common case is one compare."""
+    if head_dim < NARROWEST_16BIT_HEAD_DIM and dtype in (torch.float16, torch.bfloat16):
         return NARROWEST_16BIT_HEAD_DIM
     return head_dim
 
 
 def widen(t, width: int):
-    """`t` [..., D] zero-padded to [..., width] (a new tensor), or `t` itself (also None)."""
-    if t is None or t.shape[-1] == width:
-        return t
-    return torch.nn.functional.pad(t, (0, width - t.shape[-1]))
+    """`t` [..., D] zero-padded to [..., width] (a new tensor); None stays None."""
+    return None if t is None else torch.nn.functional.pad(t, (0, width - t.shape[-1]))
 
 
 def narrow(t, width: int):
     """The first `width` columns of `t` as a contiguous tensor (outputs keep the strides a
-    caller and torch.compile expect), or `t` itself (also None)."""
-    if t is None or t.shape[-1] == width:
-        return t
-    return t[..., :width].contiguous()
+    caller and torch.compile expect); None stays None."""
+    return None if t is None else t[..., :width].contiguous()
 
 
 def solve_stage(q, k, v, beta, knobs, *, write_o: bool, write_a: bool = False, seqs=None):
@@ -52,11 +49,14 @@ def solve_stage(q, k, v, beta, knobs, *, write_o: bool, write_a: bool = False, s
     or (cu_seqlens, longest length) for packed sequences in [1, total, H, D] tensors."""
     D = q.shape[3]
     wide = kernel_head_dim(D, q.dtype)
-    q, k, v = widen(q, wide), widen(k, wide), widen(v, wide)
+    if wide != D:
+        q, k, v = widen(q, wide), widen(k, wide), widen(v, wide)
     module = codegen.load("solve_fwd", q.dtype, wide, knobs)
     u, o, a, lse, sync = solve_buffers(q, module, write_o=write_o, write_a=write_a, seqs=seqs)
     module.launch(q, k, v, beta, u, o, a, lse, sync, 1.0 / math.sqrt(D), *_packing(seqs))
-    return narrow(u, D), narrow(o, D), lse, narrow(a, D)
+    if wide != D:
+        u, o, a = narrow(u, D), narrow(o, D), narrow(a, D)
+    return u, o, lse, a
 
 
 def solve_buffers(q, module, *, write_o: bool, write_a: bool = False, seqs=None):
@@ -85,12 +85,14 @@ def attention_stage(q, k, u, knobs, *, return_lse: bool = False, seqs=None):
     return_lse also (o, lse_i = logsumexp_{j<=i} s_ij as [B, H, T] float32)."""
     B, T, H, D = q.shape
     wide = kernel_head_dim(D, q.dtype)
-    q, k, u = widen(q, wide), widen(k, wide), widen(u, wide)
+    if wide != D:
+        q, k, u = widen(q, wide), widen(k, wide), widen(u, wide)
     module = codegen.load("attn_fwd", q.dtype, wide, knobs)
     o = torch.empty_like(u)
     lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device) if return_lse else None
     module.launch(q, k, u, o, 1.0 / math.sqrt(D), lse, *_packing(seqs))
-    o = narrow(o, D)
+    if wide != D:
+        o = narrow(o, D)
     return (o, lse) if return_lse else o
 
 
