@@ -33,18 +33,16 @@ def _parse_sets(pairs) -> dict:
     return out
 
 
-_TORCH_DTYPES = {"bf16": "torch.bfloat16", "fp16": "torch.float16", "fp32": "torch.float32"}
-
-
 def _default_for(head_dim: int, dtype: str, strategy: str = "fused"):
     """The built-in default config at this head dim and dtype, after checking the head dim."""
     from .config import SUPPORTED_HEAD_DIMS, default_config
     from .errors import InputError
+    from .validation import DTYPES
 
     if head_dim not in SUPPORTED_HEAD_DIMS:
         raise InputError(f"--head-dim {head_dim} is not supported; expected one of "
                          f"{', '.join(map(str, SUPPORTED_HEAD_DIMS))}")
-    return default_config(head_dim, _TORCH_DTYPES[dtype], strategy)
+    return default_config(head_dim, DTYPES[dtype], strategy)
 
 
 def _use_interpreter_without_gpu() -> bool:
@@ -167,15 +165,13 @@ def _earlier_entries(out) -> dict:
 def _configs_to_try(path) -> list:
     """--try FILE (a config or a list, as `dfgen bench --configs` reads): their dict forms;
     sections a config lacks come from each bucket's default."""
-    import yaml
-
     from .bench import load_configs
     from .errors import ConfigError
 
     try:
         return [config.to_dict() for config in load_configs(path)]
-    except (OSError, yaml.YAMLError, ConfigError) as err:
-        raise DfgenError(f"--try {path}: {err}")
+    except ConfigError as err:  # load_configs turns every defect of the file into one
+        raise DfgenError(f"--try {err}") from None
 
 
 def _check_gpu(args, provenance: dict, interpreted: bool) -> str:

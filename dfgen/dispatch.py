@@ -136,9 +136,7 @@ class Dispatcher:
         a family or compute-capability match, is skipped with a debug message only."""
         try:
             return tuned_file.read(path)
-        except Exception as err:  # noqa: BLE001 - a bad file must never break a call
-            if not isinstance(err, ConfigError):  # read() converts all it knows of
-                err = ConfigError(f"{path}: unreadable ({type(err).__name__}: {err})")
+        except ConfigError as err:  # read() turns every defect of a file into one
             if not ours:
                 log.debug("dfgen: skipping another GPU's tuned file %s: %s", path, err)
                 return None

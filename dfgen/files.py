@@ -46,7 +46,8 @@ def atomic_write_text(path: Path, text: str) -> None:
 def read_yaml(path) -> object:
     """The YAML data in the file at `path` (safe loader). Anything that keeps the file from
     being read as YAML (missing, unreadable, not UTF-8, bad syntax, nested too deeply) is a
-    one-line ConfigError naming the file."""
+    one-line ConfigError naming the file; so is a value the loader cannot build (a date
+    such as 2026-13-45 raises ValueError inside PyYAML)."""
     import yaml
 
     from .errors import ConfigError
@@ -62,3 +63,6 @@ def read_yaml(path) -> object:
         raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())[:300]})") from None
     except RecursionError:
         raise ConfigError(f"{path}: nested too deeply") from None
+    except Exception as err:  # noqa: BLE001 - whatever the loader raises, the file is unusable
+        raise ConfigError(f"{path}: not valid YAML ({type(err).__name__}: "
+                          f"{' '.join(str(err).split())[:300]})") from None

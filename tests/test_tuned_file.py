@@ -98,6 +98,7 @@ UNREADABLE = {
     "float knob": yaml.safe_dump(_file({"k": {**entry(), "config": {
         **entry()["config"], "solve": {**entry()["config"]["solve"], "CHUNK": 64.0}}}})).encode(),
     "list pass": yaml.safe_dump(_file({"k": {**entry(), "pass": ["fwd"]}})).encode(),
+    "impossible date": b"format: dfgen-tuned/1\nentries: {}\nprovenance: {date: 2026-13-45}\n",
 }
 EXPECTED = {"invalid utf-8": "UTF-8", "deep nesting": "nested too deeply",
             "non-string top key": "keys must be strings", "non-string entry key": "keys must be strings",
@@ -107,7 +108,7 @@ EXPECTED = {"invalid utf-8": "UTF-8", "deep nesting": "nested too deeply",
             "unknown dtype": "dtype must be one of", "list dtype": "dtype must be one of",
             "bool T": "T must be a positive integer", "float BH": "BH must be a positive integer",
             "head dim 48": "head_dim must be one of", "float knob": "CHUNK=64.0",
-            "list pass": "pass must be one of"}
+            "list pass": "pass must be one of", "impossible date": "ValueError"}
 
 
 @pytest.mark.parametrize("case", sorted(UNREADABLE))

@@ -94,11 +94,9 @@ class TuneProgress:
         if bucket_left is not None:
             text += f", ~{clock_text(bucket_left)} left in bucket"
             later = self.buckets - self.index
-            if later == 0:
-                pass
-            elif self.finished:
+            if later and self.finished:
                 text += f", ~{clock_text(bucket_left + later * statistics.mean(self.finished))} in all"
-            else:
+            elif later:
                 per_bucket = elapsed + bucket_left
                 if self.minutes:
                     per_bucket = min(per_bucket, self.minutes * 60)
