@@ -17,7 +17,7 @@ run() {  # run fwd|bwd TREE [TAG]
   local extra=""; [ $1 = bwd ] && extra="--backward"
   local d=$root; [ $2 != new ] && d=$root/.dev/$2
   local tag=${3:-$2}
-  (cd $d && PYTHONPATH=$d:/tmp/site timeout ${CAP:-110} python3 -m dfgen.cli bench --no-fla $extra ${BENCH_ARGS:-} > $OUT/$1-$tag.txt 2> $OUT/$1-$tag.err; echo "[$1 $tag rc=$? $SECONDS s]")
+  (cd $d && PYTHONPATH=$d:/tmp/site timeout ${CAP:-110} python3 -m dfgen bench --no-fla $extra ${BENCH_ARGS:-} > $OUT/$1-$tag.txt 2> $OUT/$1-$tag.err; echo "[$1 $tag rc=$? $SECONDS s]")
   grep -E "^\| [0-9]" $OUT/$1-$tag.txt | cut -c1-100
 }
 for t in ${FWD:-}; do run fwd $t; done

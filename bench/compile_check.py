@@ -21,8 +21,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from dfgen import codegen
-from dfgen.config import default_config
+from dfgen.kernels import build
+from dfgen.kernels.config import default_config
 
 FP32_POINTERS = {"LSE", "DELTA", "DSD", "DBETA", "BETA", "DU", "PART"}
 INT_POINTERS = {"SYNC", "CU"}

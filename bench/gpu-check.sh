@@ -46,13 +46,13 @@ export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH DFGEN_TEST_INSTALLED=1
 cd "$(mktemp -d /tmp/gpu-work.XXXX)"
 nvidia-smi --query-gpu=name,clocks.sm,memory.used --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
-gpu=$(python3 -c "import torch; from dfgen.dispatch import gpu_key; print(gpu_key(torch.cuda.get_device_name()))")
+gpu=$(python3 -c "import torch; from dfgen.select.gpu import gpu_key; print(gpu_key(torch.cuda.get_device_name()))")
 xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
 status=0
 capped() { local cap=$1; shift; timeout -k 10 "$cap" "$@"; local rc=$?; [ $rc -eq 124 ] && echo "(stopped at the ${cap} s cap)"; return $rc; }
 bench_table() {  # bench_table NAME CAP [dfgen bench args...]: the table, then each row's line
   local name=$1 cap=$2; shift 2
-  capped "$cap" python3 -m dfgen.cli bench "$@" > "$out/bench-$name.txt" 2> "$out/bench-$name.err" || status=1
+  capped "$cap" python3 -m dfgen bench "$@" > "$out/bench-$name.txt" 2> "$out/bench-$name.err" || status=1
   cat "$out/bench-$name.txt"; grep "dfgen bench:" "$out/bench-$name.err"
 }
 while [ $# -gt 0 ]; do
@@ -90,7 +90,7 @@ while [ $# -gt 0 ]; do
       capped "${CAP_VARLEN:-90}" python3 $SRC/bench/varlen.py > "$out/varlen.txt" 2>&1 || status=1; tail -n 6 "$out/varlen.txt";;
     tune)
       minutes=0.5; [ $# -gt 1 ] && [[ "$2" =~ ^[0-9.]+$ ]] && { minutes=$2; shift; }
-      capped "${CAP_TUNE:-480}" python3 -m dfgen.cli tune --gpu "$gpu" --shapes "${SHAPES:-bench/shapes-h200.yaml}" \
+      capped "${CAP_TUNE:-480}" python3 -m dfgen tune --gpu "$gpu" --shapes "${SHAPES:-bench/shapes-h200.yaml}" \
         --space $SRC/bench/space-h200-bf16.yaml --try $SRC/bench/candidates-h200.yaml --trials 200 --minutes "$minutes" --timeout 240 \
         --storage "$out/tune.journal" --out "$SRC/tuned/$gpu.yaml" > "$out/tune.txt" 2>&1 || status=1
       grep -E "^[a-z+]+/.*: best|^\|" "$out/tune.txt" | tail -n 40
@@ -100,13 +100,13 @@ while [ $# -gt 0 ]; do
       # the grid's trials, not started from the default, three seeds, one at a time
       for b in $SRC/bench/sweep-${SWEEP:-*}.yaml; do
         name=$(basename "$b" .yaml)
-        capped "${CAP_SWEEP:-240}" python3 -m dfgen.cli tune --gpu "$gpu" --shapes "$b" --space "$SRC/bench/$name.space" \
+        capped "${CAP_SWEEP:-240}" python3 -m dfgen tune --gpu "$gpu" --shapes "$b" --space "$SRC/bench/$name.space" \
           --sampler grid --trials 1000 --jobs "${SWEEP_JOBS:-8}" --storage "$out/sweep-grid.journal" --out "$out/sweep.yaml" > "$out/$name-grid.txt" 2>&1 || status=1
-        n=$(python3 -c "from dfgen.tuning.tuner import load_buckets, load_space; from dfgen.tuning.space import bucket_limits, grid, grid_size
+        n=$(python3 -c "from dfgen.tools.tuning.tuner import load_buckets, load_space; from dfgen.tools.tuning.space import bucket_limits, grid, grid_size
 b = load_buckets('$b')[0]; limits = bucket_limits(b['dtype'], load_space('$SRC/bench/$name.space'))
 print(max(1, grid_size(grid(b['pass_'], b['head_dim'], b['variant'], limits)) // 4))")
         for seed in 0 1 2; do
-          capped "${CAP_SWEEP_TPE:-90}" python3 -m dfgen.cli tune --gpu "$gpu" --shapes "$b" --space "$SRC/bench/$name.space" \
+          capped "${CAP_SWEEP_TPE:-90}" python3 -m dfgen tune --gpu "$gpu" --shapes "$b" --space "$SRC/bench/$name.space" \
             --trials "$n" --jobs 1 --seed $seed --cold-start --storage "$out/sweep-tpe-seed$seed.journal" \
             --out "$out/optuna.yaml" > "$out/$name-tpe-seed$seed.txt" 2>&1 || status=1
         done
@@ -114,10 +114,10 @@ print(max(1, grid_size(grid(b['pass_'], b['head_dim'], b['variant'], limits)) //
       done
       python3 $SRC/bench/sweep_compare.py "$out/sweep-grid.journal" "$out"/sweep-tpe-seed*.journal | tee "$out/sweep-compare.txt";;
     models)
-      python3 -m dfgen.cli show 2>&1 | tee "$out/show.txt" | tail -n 4
-      capped "${CAP_CHECK:-120}" python3 -m dfgen.cli check > "$out/check.txt" 2>&1 || status=1; tail -n 4 "$out/check.txt"
+      python3 -m dfgen show 2>&1 | tee "$out/show.txt" | tail -n 4
+      capped "${CAP_CHECK:-120}" python3 -m dfgen check > "$out/check.txt" 2>&1 || status=1; tail -n 4 "$out/check.txt"
       capped "${CAP_MODELS:-120}" python3 -m pytest -q -p no:cacheprovider $SRC/tests/test_models_gpu.py > "$out/models.txt" 2>&1 || status=1; tail -n 2 "$out/models.txt"
-      capped "${CAP_BENCH_TUNED:-200}" python3 -m dfgen.cli bench > "$out/bench-fwd-tuned.txt" 2>&1 || status=1; grep -v "^dfgen bench:" "$out/bench-fwd-tuned.txt";;
+      capped "${CAP_BENCH_TUNED:-200}" python3 -m dfgen bench > "$out/bench-fwd-tuned.txt" 2>&1 || status=1; grep -v "^dfgen bench:" "$out/bench-fwd-tuned.txt";;
     *) echo "unknown phase $1"; status=2;;
   esac
   echo "[$phase: $((SECONDS - start)) s]"

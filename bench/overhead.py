@@ -23,7 +23,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 from dfgen import runtime
-from dfgen.validation import random_inputs
+from dfgen.tools.check import random_inputs
 
 
 def cpu_us(fn, n=2000, sync=None):
@@ -60,7 +60,7 @@ def main():
     if device.type != "cuda":
         print("no GPU: call and launch overheads need one")
         return
-    from dfgen import codegen
+    from dfgen.kernels import build
 
     cfg = runtime.resolve_config(None, q, False)
     sync = torch.cuda.synchronize

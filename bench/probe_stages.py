@@ -33,8 +33,8 @@ def run_case(case: dict) -> dict:
 
     if not torch.cuda.is_available():  # the same pipeline in Triton's interpreter
         os.environ["TRITON_INTERPRET"] = "1"
-    from dfgen.config import KernelConfig, default_config
-    from dfgen.validation import DTYPES, check, passes, random_pass_inputs
+    from dfgen.kernels.config import KernelConfig, default_config
+    from dfgen.tools.check import DTYPES, check, passes, random_pass_inputs
 
     dtype = DTYPES[case["dtype"]]
     B, T, H = case["shape"]

@@ -21,10 +21,10 @@ import sys
 import torch
 import yaml
 import triton
-from dfgen import codegen, forward
-from dfgen.bench import GPU_SHAPES, timer, parse_shapes, sdpa_causal
-from dfgen.config import default_config
-from dfgen.validation import random_inputs
+from dfgen.kernels import build, forward
+from dfgen.tools.bench import GPU_SHAPES, timer, parse_shapes, sdpa_causal
+from dfgen.kernels.config import default_config
+from dfgen.tools.check import random_inputs
 
 
 median_ms = timer(on_gpu=True)  # do_bench medians, as `dfgen bench` times

@@ -16,9 +16,9 @@ import math
 import torch
 import triton
 from dfgen import backward, codegen, forward
-from dfgen.bench import GPU_SHAPES, timer, load_configs, parse_shapes, sdpa_causal
-from dfgen.config import default_config
-from dfgen.validation import random_pass_inputs
+from dfgen.tools.bench import GPU_SHAPES, timer, load_configs, parse_shapes, sdpa_causal
+from dfgen.kernels.config import default_config
+from dfgen.tools.check import random_pass_inputs
 
 
 median_ms = timer(on_gpu=True)  # do_bench medians, as `dfgen bench` times

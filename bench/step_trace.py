@@ -18,10 +18,10 @@ import sys
 
 import torch
 
-from dfgen import codegen, forward
-from dfgen.bench import load_configs, parse_shapes
-from dfgen.config import default_config
-from dfgen.validation import random_inputs
+from dfgen.kernels import build, forward
+from dfgen.tools.bench import load_configs, parse_shapes
+from dfgen.kernels.config import default_config
+from dfgen.tools.check import random_inputs
 
 START, PREFIX, INVERSE, READY, WOKE, RELEASED, DONE, SM = range(8)
 

@@ -12,7 +12,7 @@ import sys
 
 import optuna
 
-from dfgen.tuning.tuner import open_storage
+from dfgen.tools.tuning.tuner import open_storage
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 DONE = (optuna.trial.TrialState.COMPLETE,)

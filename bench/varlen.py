@@ -12,9 +12,9 @@ also checked against dfgen run on each sequence alone.
 
 import torch
 
-from dfgen.bench import timer
+from dfgen.tools.bench import timer
 from dfgen.runtime import deltaformer_attn
-from dfgen.validation import random_pass_inputs, relative_error
+from dfgen.tools.check import random_pass_inputs, relative_error
 
 LENGTHS = [512, 1024, 4096, 2048, 3072, 1536, 2560, 1536]  # sum 16384
 H, D, DTYPE = 16, 128, torch.bfloat16

@@ -1,7 +1,29 @@
 """dfgen: generated and tuned Triton kernels for DeltaFormer attention.
 
-Models import dfgen.runtime; dfgen.naive holds the reference; the CLI is `dfgen`.
-Importing dfgen compiles, tunes and creates nothing.
+    from dfgen import deltaformer_attn, DeltaFormerAttention
+
+Layers, each importing only those below it:
+    dfgen.errors, dfgen.files, dfgen.settings, dfgen.reference   (the naive reference)
+    dfgen.kernels   templates' specs, building, configs, host-side launch of each stage
+    dfgen.select    buckets, tuned files, the dispatcher that picks a config per call
+    dfgen.api       deltaformer_attn, autograd, torch.library ops, the layer
+                    (dfgen.runtime and dfgen.layers re-export it)
+    dfgen.tools     the `dfgen` command: tune, bench, check, emit, show
+Importing dfgen compiles, tunes and creates nothing, and imports torch only when
+deltaformer_attn or DeltaFormerAttention is first asked for.
 """
 
-__version__ = "0.1.0"
+from .version import __version__
+__all__ = ["deltaformer_attn", "DeltaFormerAttention", "__version__"]
+
+
+def __getattr__(name):
+    if name == "deltaformer_attn":
+        from .api.attention import deltaformer_attn
+
+        return deltaformer_attn
+    if name == "DeltaFormerAttention":
+        from .api.layers import DeltaFormerAttention
+
+        return DeltaFormerAttention
+    raise AttributeError(f"module 'dfgen' has no attribute {name!r}")

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from conftest import DTYPES, ON_GPU, assert_close, gpu_only, make_inputs
-from dfgen.forward import attention_stage
-from dfgen.naive import naive_causal_attention
+from dfgen.kernels.forward import attention_stage
+from dfgen.reference import naive_causal_attention
 
 
 def attn(M, N, warps=4, stages=2):

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from conftest import DEVICE, DTYPES, ON_GPU, assert_close, gpu_only, make_inputs, rel_err
-from dfgen.backward import query_key_grads, reverse_sweep
-from dfgen.config import KernelConfig, default_config
-from dfgen.forward import solve_stage
-from dfgen.naive import (naive_backward_terms, naive_deltaformer_attn, naive_deltaformer_u,
+from dfgen.kernels.backward import query_key_grads, reverse_sweep
+from dfgen.kernels.config import KernelConfig, default_config
+from dfgen.kernels.forward import solve_stage
+from dfgen.reference import (naive_backward_terms, naive_deltaformer_attn, naive_deltaformer_u,
                          naive_strict_lse)
 from dfgen.runtime import deltaformer_attn
 

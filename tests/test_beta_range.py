@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from conftest import DEVICE, DTYPES
-from dfgen.config import default_config
+from dfgen.kernels.config import default_config
 from dfgen.runtime import deltaformer_attn
-from dfgen.validation import GRAD_TOLERANCE, TOLERANCE, reference, relative_error
+from dfgen.tools.check import GRAD_TOLERANCE, TOLERANCE, reference, relative_error
 
 T, H, D = 64, 1, 16
 

@@ -55,7 +55,7 @@ def test_bench_runs_the_pipeline():
 def test_tune_refuses_a_bad_try_file(tmp_path):
     bad = tmp_path / "try.yaml"
     bad.write_text("[1, 2]\n")
-    from dfgen.dispatch import gpu_key
+    from dfgen.select.gpu import gpu_key
 
     here = gpu_key(torch.cuda.get_device_name()) if torch.cuda.is_available() else "cpu-interpreter"
     out = dfgen("tune", "--gpu", here, "--try", str(bad), "--out", str(tmp_path / "t.yaml"),
@@ -67,9 +67,9 @@ def test_tune_refuses_a_bad_try_file(tmp_path):
 def test_show_and_check_with_a_user_tuned_folder(tmp_path, monkeypatch):
     """A tuned file in DFGEN_TUNED_DIR for the device here (the interpreter on a CPU
     machine): `dfgen show` resolves its entries to it, `dfgen check` validates them."""
-    from dfgen import tuned_file
-    from dfgen.config import default_config
-    from dfgen.dispatch import gpu_key
+    from dfgen.select import tuned_file
+    from dfgen.kernels.config import default_config
+    from dfgen.select.gpu import gpu_key
 
     key = gpu_key(torch.cuda.get_device_name()) if torch.cuda.is_available() else "cpu-interpreter"
     cfg = default_config(32, torch.float32).to_dict()
@@ -104,7 +104,7 @@ def test_show_and_check_survive_an_unreadable_tuned_file(tmp_path):
     show and check report it in one line; DFGEN_STRICT=1 makes it an error, exit 2."""
     import os
 
-    from dfgen.dispatch import gpu_key
+    from dfgen.select.gpu import gpu_key
 
     key = gpu_key(torch.cuda.get_device_name()) if torch.cuda.is_available() else "cpu-interpreter"
     (tmp_path / f"{key}.yaml").write_text("entries: " + "[" * 10000 + "]" * 10000 + "\n")
@@ -173,7 +173,7 @@ def test_emit_prints_every_stage_and_each_one_alone():
 def test_show_prints_the_default_config():
     import yaml
 
-    from dfgen.config import KernelConfig, default_config
+    from dfgen.kernels.config import KernelConfig, default_config
 
     out = dfgen("show", "--default", "--head-dim", "64", "--dtype", "bf16")
     assert out.returncode == 0, out.stderr[-2000:]
@@ -188,7 +188,7 @@ def test_bench_refuses_gpu_sizes_in_the_interpreter():
     at once, naming the limit and --force; the interpreter's own shapes fit under it."""
     import time
 
-    from dfgen.bench import CPU_MAX_WORK, CPU_SHAPES
+    from dfgen.tools.bench import CPU_MAX_WORK, CPU_SHAPES
 
     assert all(B * H * T * T * D <= CPU_MAX_WORK for B, T, H, D in CPU_SHAPES)
     if torch.cuda.is_available():

@@ -5,7 +5,7 @@ code generation, which the interpreter cannot run.)"""
 import torch
 
 from conftest import make_inputs
-from dfgen.config import KernelConfig, default_config
+from dfgen.kernels.config import KernelConfig, default_config
 from dfgen.runtime import deltaformer_attn
 
 CONFIG = KernelConfig("fused", dict(default_config(32, torch.float32).solve, CHUNK=16, BLOCK_N=16,

@@ -6,9 +6,11 @@ import warnings
 import pytest
 import torch
 
-from dfgen import tuned_file
-from dfgen.config import default_config
-from dfgen.dispatch import Dispatcher, GpuIdentity, gpu_family, gpu_key
+from dfgen.select import tuned_file
+from dfgen.kernels.config import default_config
+from dfgen.select.bucket import Bucket
+from dfgen.select.dispatch import Dispatcher
+from dfgen.select.gpu import GpuIdentity, gpu_family, gpu_key
 from dfgen.errors import ConfigError
 
 H200 = GpuIdentity("h200", "h200", "9.0", 132, "NVIDIA H200")
@@ -28,18 +30,10 @@ def entry(T, BH=16, pass_="fwd", dtype="fp32", chunk=32, warps=4):
             "config": tuned_config(chunk, warps), "median_ms": 1.0, "trials": 3}
 
 
-def inaccurate_entry():
-    """A well-formed entry that fails validation: float32 inputs through a bfloat16 solve
-    (relative error about 3e-3, the float32 bound is 1e-4)."""
-    bad = entry(32, BH=2)
-    bad["config"]["solve"] = dict(bad["config"]["solve"], SOLVE_PRECISION="bf16", INV_FP16=True)
-    return bad
-
-
 def write(folder, gpu, entries, **provenance):
     import triton
 
-    from dfgen.templating import templates_hash
+    from dfgen.kernels.spec import templates_hash
 
     prov = {"gpu": gpu, "triton": triton.__version__, "templates": templates_hash(), **provenance}
     tuned_file.merge(folder / f"{gpu}.yaml", prov, entries)
@@ -53,7 +47,7 @@ def test_names_and_families():
 
 
 def test_no_file_means_built_in_default(tmp_path):
-    choice = Dispatcher(H200, [tmp_path]).choose("fwd", "fp32", 64, 1024, 16)
+    choice = Dispatcher(H200, [tmp_path]).choose(Bucket("fwd", "fp32", 64, 1024, 16))
     assert choice.source == "built-in default"
     assert choice.config == default_config(64, torch.float32)
 
@@ -63,16 +57,16 @@ def test_exact_then_family_then_compute_capability(tmp_path):
     write(packaged, "a100-sxm4-80gb", {"e": entry(1024, chunk=16)}, compute_capability="8.0")
     write(packaged, "h200", {"e": entry(1024, chunk=64)}, compute_capability="9.0")
     # family: an A100 PCIe uses the A100 SXM file
-    choice = Dispatcher(A100_PCIE, [user, packaged]).choose("fwd", "fp32", 64, 1024, 16)
+    choice = Dispatcher(A100_PCIE, [user, packaged]).choose(Bucket("fwd", "fp32", 64, 1024, 16))
     assert choice.config.solve["CHUNK"] == 16 and "same family" in choice.source
     # compute capability: an H100 (9.0) uses the H200 file
-    choice = Dispatcher(H100, [user, packaged]).choose("fwd", "fp32", 64, 1024, 16)
+    choice = Dispatcher(H100, [user, packaged]).choose(Bucket("fwd", "fp32", 64, 1024, 16))
     assert choice.config.solve["CHUNK"] == 64 and "compute capability 9.0" in choice.source
     # nothing for an L4 (8.9)
-    assert Dispatcher(L4, [user, packaged]).choose("fwd", "fp32", 64, 1024, 16).source == "built-in default"
+    assert Dispatcher(L4, [user, packaged]).choose(Bucket("fwd", "fp32", 64, 1024, 16)).source == "built-in default"
     # a user folder overrides the packaged one
     write(user, "h200", {"e": entry(1024, chunk=32)}, compute_capability="9.0")
-    choice = Dispatcher(H200, [user, packaged]).choose("fwd", "fp32", 64, 1024, 16)
+    choice = Dispatcher(H200, [user, packaged]).choose(Bucket("fwd", "fp32", 64, 1024, 16))
     assert choice.config.solve["CHUNK"] == 32 and str(user) in choice.source
 
 
@@ -81,19 +75,19 @@ def test_nearest_bucket_on_a_log_scale(tmp_path):
                              "t4k-bwd": entry(4096, pass_="fwd+bwd", chunk=64),
                              "bf16": entry(3000, dtype="bf16", chunk=128, warps=8)})
     disp = Dispatcher(H200, [tmp_path])
-    assert disp.choose("fwd", "fp32", 64, 3000, 16).config.solve["CHUNK"] == 32  # 4096 nearer
-    assert disp.choose("fwd", "fp32", 64, 1500, 16).config.solve["CHUNK"] == 16
-    assert disp.choose("fwd+bwd", "fp32", 64, 2048, 16).config.solve["CHUNK"] == 64  # same pass first
-    assert disp.choose("fwd+bwd", "fp32", 64, 1024, 16).config.solve["CHUNK"] == 16  # 4096 out of reach
-    assert disp.choose("fwd", "fp32", 64, 600, 9).config.solve["CHUNK"] == 16
+    assert disp.choose(Bucket("fwd", "fp32", 64, 3000, 16)).config.solve["CHUNK"] == 32  # 4096 nearer
+    assert disp.choose(Bucket("fwd", "fp32", 64, 1500, 16)).config.solve["CHUNK"] == 16
+    assert disp.choose(Bucket("fwd+bwd", "fp32", 64, 2048, 16)).config.solve["CHUNK"] == 64  # same pass first
+    assert disp.choose(Bucket("fwd+bwd", "fp32", 64, 1024, 16)).config.solve["CHUNK"] == 16  # 4096 out of reach
+    assert disp.choose(Bucket("fwd", "fp32", 64, 600, 9)).config.solve["CHUNK"] == 16
     # beyond a factor 2 of every entry's T or batch*heads the built-in default serves
-    assert disp.choose("fwd", "fp32", 64, 1, 1).source == "built-in default"
-    assert disp.choose("fwd", "fp32", 64, 1024, 33).source == "built-in default"
-    assert disp.choose("fwd", "fp32", 64, 1024, 32).config.solve["CHUNK"] == 16
+    assert disp.choose(Bucket("fwd", "fp32", 64, 1, 1)).source == "built-in default"
+    assert disp.choose(Bucket("fwd", "fp32", 64, 1024, 33)).source == "built-in default"
+    assert disp.choose(Bucket("fwd", "fp32", 64, 1024, 32)).config.solve["CHUNK"] == 16
     # another head dim has no entry: default
-    assert disp.choose("fwd", "fp32", 128, 1024, 16).source == "built-in default"
+    assert disp.choose(Bucket("fwd", "fp32", 128, 1024, 16)).source == "built-in default"
     # cached: the same object comes back
-    assert disp.choose("fwd", "fp32", 64, 3000, 16) is disp.choose("fwd", "fp32", 64, 3000, 16)
+    assert disp.choose(Bucket("fwd", "fp32", 64, 3000, 16)) is disp.choose(Bucket("fwd", "fp32", 64, 3000, 16))
 
 
 def test_q_solve_calls_prefer_their_own_entries(tmp_path):
@@ -103,8 +97,8 @@ def test_q_solve_calls_prefer_their_own_entries(tmp_path):
                             attn=dict(default_config(64, torch.float32, "two_stage").attn))
     write(tmp_path, "h200", {"plain": entry(1024, chunk=16), "qsolve": qsolve})
     disp = Dispatcher(H200, [tmp_path])
-    assert disp.choose("fwd", "fp32", 64, 1024, 16).config.solve["CHUNK"] == 16
-    choice = disp.choose("fwd", "fp32", 64, 1024, 16, variant="qsolve")
+    assert disp.choose(Bucket("fwd", "fp32", 64, 1024, 16)).config.solve["CHUNK"] == 16
+    choice = disp.choose(Bucket("fwd", "fp32", 64, 1024, 16, "qsolve"))
     assert choice.config.solve["CHUNK"] == 64 and choice.config.strategy == "two_stage"
 
 
@@ -112,7 +106,7 @@ def test_corrupt_file_warns_and_falls_back(tmp_path, monkeypatch):
     (tmp_path / "h200.yaml").write_text("format: dfgen-tuned/1\nentries: [oops\n")
     with pytest.warns(UserWarning, match="h200.yaml"):
         disp = Dispatcher(H200, [tmp_path])
-    assert disp.choose("fwd", "fp32", 64, 1024, 16).source == "built-in default"
+    assert disp.choose(Bucket("fwd", "fp32", 64, 1024, 16)).source == "built-in default"
     monkeypatch.setenv("DFGEN_STRICT", "1")
     with pytest.raises(ConfigError, match="h200.yaml"):
         Dispatcher(H200, [tmp_path])
@@ -125,45 +119,66 @@ def test_foreign_file_is_ignored(tmp_path):
     assert disp.path is None
 
 
-def test_stale_file_is_validated_before_first_use(tmp_path):
-    # validation runs the kernels: in the interpreter on CPU, on the device on a GPU machine
-    key = "test-gpu" if torch.cuda.is_available() else "cpu-interpreter"
-    write(tmp_path, key, {"e": entry(32, BH=2)}, triton="0.0.1")
-    ident = GpuIdentity(key, key, "none", 0, "CPU")
-    with pytest.warns(UserWarning, match="tuned with triton 0.0.1"):
-        disp = Dispatcher(ident, [tmp_path])
+def _running(**changed):
+    import triton
+
+    from dfgen.kernels.spec import templates_hash
+
+    return dict({"triton": triton.__version__, "templates": templates_hash()}, **changed)
+
+
+def test_stale_file_serves_unchecked_with_one_warning(tmp_path):
+    """Entries tuned with another triton serve if their knobs fit the templates; the
+    runtime runs no reference: one warning (when the file is read) names `dfgen check`."""
+    write(tmp_path, "h200", {"e": entry(32, BH=2), "f": entry(1024)}, triton="0.0.1")
+    with pytest.warns(UserWarning, match=r"tuned with triton 0.0.1 .*`dfgen check`") as caught:
+        disp = Dispatcher(H200, [tmp_path])
+    assert len(caught) == 1
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # it validates and passes: no warning
-        choice = disp.choose("fwd", "fp32", 64, 32, 2)
+        warnings.simplefilter("error")  # no more warnings, whatever is looked up
+        choice = disp.choose(Bucket("fwd", "fp32", 64, 32, 2))
+        disp.choose(Bucket("fwd", "fp32", 64, 1024, 16))
     assert choice.config.solve["CHUNK"] == 32 and "[e]" in choice.source
+    assert disp.stale(disp.data["entries"]["e"]) == [f"triton 0.0.1 (now {_running()['triton']})"]
 
 
-def test_entry_kept_from_other_templates_is_validated(tmp_path):
+def test_entry_kept_from_other_templates_is_stale_alone(tmp_path):
     """A current file whose entry a merge kept from older templates (tuned_with): that
-    entry alone is validated at first use, and a bad one falls back to the default."""
-    key = "test-gpu" if torch.cuda.is_available() else "cpu-interpreter"
-    bad = inaccurate_entry()
-    bad["tuned_with"] = {"templates": "0" * 12}
-    write(tmp_path, key, {"bad": bad})
-    ident = GpuIdentity(key, key, "none", 0, "CPU")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the file itself is current: no stale-file warning
-        disp = Dispatcher(ident, [tmp_path])
-    with pytest.warns(UserWarning, match="failed validation"):
-        choice = disp.choose("fwd", "fp32", 64, 32, 2)
-    assert choice.source.startswith("built-in default")
+    entry makes the one warning, and still serves."""
+    old = entry(32, BH=2)
+    old["tuned_with"] = {"templates": "0" * 12}
+    write(tmp_path, "h200", {"old": old, "new": entry(1024)})
+    with pytest.warns(UserWarning, match="templates 000000000000"):
+        disp = Dispatcher(H200, [tmp_path])
+    assert disp.stale(disp.data["entries"]["new"]) == []
+    assert "[old]" in disp.choose(Bucket("fwd", "fp32", 64, 32, 2)).source
 
 
-def test_entry_failing_validation_falls_back(tmp_path, monkeypatch):
-    """DFGEN_VALIDATE=1 checks a config at its first use; one that fails is replaced by the
-    built-in default with a warning (here: a bfloat16 solve of float32 inputs)."""
-    bad = inaccurate_entry()
-    write(tmp_path, "cpu-interpreter", {"bad": bad})
-    monkeypatch.setenv("DFGEN_VALIDATE", "1")
-    ident = GpuIdentity("cpu-interpreter", "cpu-interpreter", "none", 0, "CPU")
-    disp = Dispatcher(ident, [tmp_path])
-    with pytest.warns(UserWarning, match="failed validation"):
-        choice = disp.choose("fwd", "fp32", 64, 32, 2)
+@pytest.mark.parametrize("versions,serves", [({}, False), ({"triton": "0.0.1"}, True)])
+def test_recorded_check_failure_under_running_versions_makes_the_default_serve(tmp_path, versions,
+                                                                                serves):
+    """`dfgen check --record` wrote that the entry failed: under the running triton and
+    templates the default serves instead; a failure recorded under others is old news."""
+    bad = entry(32, BH=2)
+    bad["checked"] = dict(_running(**versions), passed=False, result="relative error 3e-3")
+    write(tmp_path, "h200", {"bad": bad})
+    choice = Dispatcher(H200, [tmp_path]).choose(Bucket("fwd", "fp32", 64, 32, 2))
+    assert choice.source.startswith("built-in default") != serves
+    if not serves:
+        assert "failed `dfgen check`" in choice.source
+
+
+def test_entry_the_templates_do_not_take_falls_back_with_a_warning(tmp_path):
+    """An entry whose knobs fail the running templates' spec (a knob value removed, a
+    constraint added): the file stays readable, that bucket gets the default."""
+    bad = entry(32, BH=2)
+    write(tmp_path, "h200", {"bad": bad})
+    path = tmp_path / "h200.yaml"
+    path.write_text(path.read_text().replace("CHUNK: 32", "CHUNK: 48"))
+    disp = Dispatcher(H200, [tmp_path])
+    assert disp.path == path
+    with pytest.warns(UserWarning, match="does not fit the running templates.*CHUNK=48"):
+        choice = disp.choose(Bucket("fwd", "fp32", 64, 32, 2))
     assert choice.source.startswith("built-in default")
 
 
@@ -206,7 +221,7 @@ def test_an_unreadable_file_of_this_gpu_warns_and_is_skipped(tmp_path, monkeypat
     with pytest.warns(UserWarning, match="ignoring tuned file .*h200.yaml"):
         disp = Dispatcher(H200, [tmp_path])
     assert disp.path is None
-    assert disp.choose("fwd", "fp32", 64, 1024, 16).source == "built-in default"
+    assert disp.choose(Bucket("fwd", "fp32", 64, 1024, 16)).source == "built-in default"
     monkeypatch.setenv("DFGEN_STRICT", "1")
     with pytest.raises(ConfigError, match="h200.yaml"):
         Dispatcher(H200, [tmp_path])
@@ -225,8 +240,8 @@ def test_a_broken_file_of_another_gpu_never_affects_this_one(tmp_path, monkeypat
         exact = Dispatcher(H200, [tmp_path])  # exact file: the scan never runs
         by_cc = Dispatcher(H100, [tmp_path])  # scans every file, broken ones included
         nothing = Dispatcher(GpuIdentity("l40s", "l40s", "8.9", 142, "NVIDIA L40S"), [tmp_path])
-    assert exact.choose("fwd", "fp32", 64, 1024, 16).config.solve["CHUNK"] == 16
-    assert by_cc.choose("fwd", "fp32", 64, 1024, 16).config.solve["CHUNK"] == 16
+    assert exact.choose(Bucket("fwd", "fp32", 64, 1024, 16)).config.solve["CHUNK"] == 16
+    assert by_cc.choose(Bucket("fwd", "fp32", 64, 1024, 16)).config.solve["CHUNK"] == 16
     assert nothing.path is None
 
 
@@ -245,8 +260,8 @@ def test_deltaformer_attn_survives_an_unreadable_tuned_file(tmp_path, monkeypatc
     """A call with config=None reads this device's tuned file: a broken one warns and
     the default serves, never an exception out of deltaformer_attn."""
     from conftest import DEVICE
-    from dfgen import dispatch
-    from dfgen.dispatch import identify
+    from dfgen.select import dispatch
+    from dfgen.select.gpu import identify
     from dfgen.runtime import deltaformer_attn
 
     (tmp_path / f"{identify(DEVICE).key}.yaml").write_bytes(_broken_bytes("deep nesting"))
@@ -278,18 +293,18 @@ def test_a_forward_entry_serves_training_calls_with_valid_backward_sections(tmp_
     write(tmp_path, "h200", {"e": _fwd_entry_with_broken_backward()})
     disp = Dispatcher(H200, [tmp_path])
     default = default_config(64, torch.float32)
-    train = disp.choose("fwd+bwd", "fp32", 64, 1024, 16)
+    train = disp.choose(Bucket("fwd+bwd", "fp32", 64, 1024, 16))
     assert train.config.check(64, backward=True) is train.config
     assert train.config.solve["CHUNK"] == 32  # the entry's forward knobs still serve
     assert train.config.solve_bwd == default.solve_bwd and train.config.attn_bwd == default.attn_bwd
     assert "backward sections from the built-in default" in train.source
-    assert disp.choose("fwd", "fp32", 64, 1024, 16).config.solve["CHUNK"] == 32
+    assert disp.choose(Bucket("fwd", "fp32", 64, 1024, 16)).config.solve["CHUNK"] == 32
 
 
 def test_a_training_call_served_by_a_forward_entry_runs(tmp_path, monkeypatch):
     from conftest import DEVICE
-    from dfgen import dispatch
-    from dfgen.dispatch import identify
+    from dfgen.select import dispatch
+    from dfgen.select.gpu import identify
     from dfgen.runtime import deltaformer_attn
 
     fwd = _fwd_entry_with_broken_backward(T=8, BH=2, head_dim=32)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from conftest import DTYPES, ON_GPU, assert_close, gpu_only, make_inputs, tolerance
-from dfgen.config import KernelConfig, default_config
-from dfgen.naive import naive_deltaformer_attn
+from dfgen.kernels.config import KernelConfig, default_config
+from dfgen.reference import naive_deltaformer_attn
 from dfgen.runtime import deltaformer_attn
 
 SOLVE_A = dict(CHUNK=16, BLOCK_N=16, LOOKAHEAD=2, INV_FP16=False, SPLIT_SOLVE=True, SOLVE_PRECISION="tf32x3",

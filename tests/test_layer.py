@@ -9,7 +9,7 @@ import torch
 
 from conftest import DEVICE, assert_close, gpu_only, rel_err
 from dfgen.layers import DeltaFormerAttention, RotaryEmbedding
-from dfgen.naive import naive_deltaformer_attn
+from dfgen.reference import naive_deltaformer_attn
 
 
 def _reference_layer(layer, x, attention_mask=None):

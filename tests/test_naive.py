@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from dfgen.naive import (naive_backward_terms, naive_causal_attention, naive_deltaformer_attn,
+from dfgen.reference import (naive_backward_terms, naive_causal_attention, naive_deltaformer_attn,
                          naive_deltaformer_u,
                          naive_strict_lse, naive_scores)
 

@@ -9,7 +9,7 @@ import zipfile
 from pathlib import Path
 
 import dfgen
-from dfgen import templating
+from dfgen.kernels import spec as templating
 
 SRC = Path(__file__).resolve().parent.parent  # the checkout these tests come from
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import DEVICE, DTYPES, assert_close
-from dfgen.config import KernelConfig, default_config
+from dfgen.kernels.config import KernelConfig, default_config
 from dfgen.errors import InputError
-from dfgen.naive import naive_deltaformer_attn
+from dfgen.reference import naive_deltaformer_attn
 from dfgen.runtime import deltaformer_attn
 
 SOLVE = dict(default_config(32, torch.float32).solve, CHUNK=16, BLOCK_N=16, LOOKAHEAD=2)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import DEVICE
-from dfgen.config import KernelConfig, default_config
+from dfgen.kernels.config import KernelConfig, default_config
 from dfgen.errors import ConfigError, InputError
 from dfgen.runtime import deltaformer_attn
 
@@ -116,7 +116,7 @@ def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
 def test_import_has_no_side_effects(tmp_path):
     cache = tmp_path / "cache"
     code = ("import sys, dfgen.runtime; "
-            "bad = [m for m in ('optuna', 'dfgen.cli', 'dfgen.bench', 'dfgen.tuning', 'dfgen.tuning.tuner', 'triton') if m in sys.modules]; "
+            "bad = [m for m in ('optuna', 'dfgen.tools', 'dfgen.tools.cli', 'dfgen.tools.check', 'dfgen.reference', 'triton') if m in sys.modules]; "
             "print(bad)")
     env = dict(os.environ, DFGEN_CACHE_DIR=str(cache))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from conftest import DEVICE, DTYPES, ON_GPU, assert_close, gpu_only, make_inputs, rel_err, tolerance
-from dfgen.forward import solve_stage
-from dfgen.naive import (naive_deltaformer_attn, naive_deltaformer_u, naive_strict_attention,
+from dfgen.kernels.forward import solve_stage
+from dfgen.reference import (naive_deltaformer_attn, naive_deltaformer_u, naive_strict_attention,
                          naive_strict_lse)
 
 

@@ -7,7 +7,7 @@ import torch
 
 from conftest import DEVICE, ON_GPU
 from dfgen.runtime import SUPPORTED_HEAD_DIMS, deltaformer_attn
-from dfgen.validation import DTYPES, GRAD_TOLERANCE, TOLERANCE, random_pass_inputs, reference, relative_error
+from dfgen.tools.check import DTYPES, GRAD_TOLERANCE, TOLERANCE, random_pass_inputs, reference, relative_error
 
 REF = torch.float32 if ON_GPU else torch.float64
 PADDED = (2, 777, 4) if ON_GPU else (1, 19, 2)  # (B, T, H)
@@ -83,7 +83,7 @@ def test_grouped_heads_with_q_solve(head_dim, dtype_name):
 def test_narrow_16bit_head_dims_run_the_32_wide_kernels():
     """fp16/bf16 inputs of head dim 16 are zero-padded to 32 columns (Triton 3.6 miscompiles
     some 16-column 16-bit tiles for Hopper); float32 keeps its own kernels."""
-    from dfgen.forward import kernel_head_dim
+    from dfgen.kernels.forward import kernel_head_dim
 
     assert kernel_head_dim(16, torch.float16) == 32 and kernel_head_dim(16, torch.bfloat16) == 32
     assert kernel_head_dim(16, torch.float32) == 16
@@ -94,9 +94,9 @@ def test_one_stage_solve_is_refused_below_head_dim_64():
     """The unpipelined solve_fwd kernel is miscompiled for Hopper at 32-column 16-bit tiles
     (H200: wrong results, an illegal memory access with SPLIT_SOLVE): a config asking for
     it at head dims 16 and 32 is a ConfigError, and the tuner never samples it there."""
-    from dfgen.config import default_config
+    from dfgen.kernels.config import default_config
     from dfgen.errors import ConfigError
-    from dfgen.templating import spec
+    from dfgen.kernels.spec import spec
 
     for head_dim in (16, 32):
         config = default_config(head_dim, torch.bfloat16).to_dict()

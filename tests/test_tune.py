@@ -7,12 +7,12 @@ import optuna
 import pytest
 import torch
 
-from dfgen import tuned_file
-from dfgen.config import KernelConfig, default_config
+from dfgen.select import tuned_file
+from dfgen.kernels.config import KernelConfig, default_config
 from dfgen.errors import DfgenError
-from dfgen.tuning import tuner
-from dfgen.tuning.space import params_of
-from dfgen.validation import DTYPES
+from dfgen.tools.tuning import tuner
+from dfgen.tools.tuning.space import params_of
+from dfgen.tools.check import DTYPES
 from conftest import dfgen_command
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU interpreter tune")
@@ -169,8 +169,8 @@ def test_tune_a_q_solve_bucket(tmp_path):
 def test_a_float32_bucket_searches_float32_accurate_precisions_only():
     """16-bit inverses and products cannot keep float32 accuracy; a float32 bucket does
     not spend trials on them (a user's limits may still ask for them)."""
-    from dfgen.config import FLOAT32_ACCURATE
-    from dfgen.tuning.space import bucket_limits, choices, config_of
+    from dfgen.kernels.config import FLOAT32_ACCURATE
+    from dfgen.tools.tuning.space import bucket_limits, choices, config_of
 
     assert bucket_limits("bf16") is None
     space = choices("fwd+bwd", 32, "qsolve", bucket_limits("fp32"))
@@ -191,7 +191,7 @@ def test_a_float32_bucket_searches_float32_accurate_precisions_only():
 def test_a_float32_tune_evaluates_float32_accurate_candidates_only(tmp_path, monkeypatch):
     """What tune_bucket sends to be checked for a float32 bucket (evaluation stubbed: only
     the configs the search picks matter here)."""
-    from dfgen.config import FLOAT32_ACCURATE
+    from dfgen.kernels.config import FLOAT32_ACCURATE
 
     seen = []
 
@@ -212,7 +212,7 @@ def test_a_float32_tune_evaluates_float32_accurate_candidates_only(tmp_path, mon
 
 def test_a_seed_fixes_every_input_of_a_checked_pass():
     """The tuner's check reruns as it ran: q, k, v, beta, do and q_solve all follow the seed."""
-    from dfgen.validation import random_pass_inputs
+    from dfgen.tools.check import random_pass_inputs
 
     first, again = (random_pass_inputs((1, 5, 2, 8), torch.float32, torch.device("cpu"), seed=3,
                                        with_q_solve=True) for _ in range(2))
@@ -229,7 +229,7 @@ def test_gpu_keys():
 
 
 def test_space_limits_are_checked():
-    from dfgen.tuning.space import choices, grid
+    from dfgen.tools.tuning.space import choices, grid
 
     space = choices("fwd", 32, limits={"strategy": "fused", "solve.CHUNK": [32, 16]})
     assert space["strategy"] == ["fused"]
@@ -252,7 +252,7 @@ def test_space_holds_only_feasible_points_and_round_trips():
     dim; every point of the space is a valid config, and params_of inverts suggest."""
     import random
 
-    from dfgen.tuning.space import choices, config_of, params_of
+    from dfgen.tools.tuning.space import choices, config_of, params_of
 
     for pass_, head_dim in (("fwd+bwd", 128), ("fwd", 64)):
         space = choices(pass_, head_dim, limits={"strategy": "two_stage"})

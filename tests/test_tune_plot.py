@@ -7,7 +7,7 @@ import optuna
 import pytest
 
 from dfgen.errors import DfgenError
-from dfgen.tuning import plot
+from dfgen.tools.tuning import plot
 
 
 def _study():

@@ -3,8 +3,8 @@
 import pytest
 import yaml
 
-from dfgen import tuned_file
-from dfgen.config import default_config
+from dfgen.select import tuned_file
+from dfgen.kernels.config import default_config
 from dfgen.errors import ConfigError
 
 
@@ -56,8 +56,9 @@ def test_corrupt_and_foreign_files_name_the_problem(tmp_path):
     broken = entry()
     broken["config"]["solve"]["CHUNK"] = 7
     bad.write_text(yaml.safe_dump({"format": tuned_file.FORMAT, "entries": {"k": broken}}))
+    data = tuned_file.read(bad)  # knobs the templates do not take: readable (the dispatcher skips the entry)
     with pytest.raises(ConfigError, match="entry 'k'.*CHUNK=7"):
-        tuned_file.read(bad)
+        tuned_file.validate(data, str(bad), knobs=True)  # what write() checks
     bad.write_text(yaml.safe_dump({"format": tuned_file.FORMAT, "entries": {"k": {**entry(), "variant": "x"}}}))
     with pytest.raises(ConfigError, match="variant must be"):
         tuned_file.read(bad)
@@ -95,8 +96,6 @@ UNREADABLE = {
     "bool T": yaml.safe_dump(_file({"k": {**entry(), "T": True}})).encode(),
     "float BH": yaml.safe_dump(_file({"k": {**entry(), "BH": 16.0}})).encode(),
     "head dim 48": yaml.safe_dump(_file({"k": {**entry(), "head_dim": 48}})).encode(),
-    "float knob": yaml.safe_dump(_file({"k": {**entry(), "config": {
-        **entry()["config"], "solve": {**entry()["config"]["solve"], "CHUNK": 64.0}}}})).encode(),
     "list pass": yaml.safe_dump(_file({"k": {**entry(), "pass": ["fwd"]}})).encode(),
     "impossible date": b"format: dfgen-tuned/1\nentries: {}\nprovenance: {date: 2026-13-45}\n",
 }
@@ -107,7 +106,7 @@ EXPECTED = {"invalid utf-8": "UTF-8", "deep nesting": "nested too deeply",
             "list tuned_with": "tuned_with must be a mapping", "list provenance": "provenance",
             "unknown dtype": "dtype must be one of", "list dtype": "dtype must be one of",
             "bool T": "T must be a positive integer", "float BH": "BH must be a positive integer",
-            "head dim 48": "head_dim must be one of", "float knob": "CHUNK=64.0",
+            "head dim 48": "head_dim must be one of",
             "list pass": "pass must be one of", "impossible date": "ValueError"}
 
 
@@ -133,9 +132,21 @@ def test_fwd_entries_need_valid_forward_sections_only(tmp_path):
     sure a forward entry never serves a training call with broken ones)."""
     fwd = entry()
     fwd["config"]["solve_bwd"] = {"CHUNK": 7}
-    tuned_file.validate(_file({"k": fwd}), "x")
+    tuned_file.validate(_file({"k": fwd}), "x", knobs=True)
     with pytest.raises(ConfigError, match="CHUNK"):
-        tuned_file.validate(_file({"k": {**fwd, "pass": "fwd+bwd"}}), "x")
+        tuned_file.validate(_file({"k": {**fwd, "pass": "fwd+bwd"}}), "x", knobs=True)
+
+
+def test_a_float_knob_is_readable_but_never_written(tmp_path):
+    """CHUNK: 64.0 would reach the kernels' launch code as a float: read() keeps the file
+    usable (the dispatcher gives that entry the default), write() refuses it."""
+    data = _file({"k": {**entry(), "config": {
+        **entry()["config"], "solve": {**entry()["config"]["solve"], "CHUNK": 64.0}}}})
+    path = tmp_path / "h200.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert tuned_file.read(path)["entries"]["k"]["config"]["solve"]["CHUNK"] == 64.0
+    with pytest.raises(ConfigError, match="CHUNK=64.0"):
+        tuned_file.write(tmp_path / "out.yaml", data)
 
 
 def test_merge_keeps_the_file_mode_and_a_new_file_follows_the_umask(tmp_path):

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-import dfgen.forward
+import dfgen.kernels.forward
 import dfgen.runtime
 from conftest import DEVICE
 from dfgen.errors import InputError
@@ -34,7 +34,7 @@ def _inputs(seed=0):
 def guarded(monkeypatch):
     """The solve stage's outputs (u, o, a, lse) inside NaN-poisoned storage, one tensor's
     size on each side: yields a function that asserts no write reached the poison."""
-    real = dfgen.forward.solve_buffers
+    real = dfgen.kernels.forward.solve_buffers
     storages = []
 
     def inside_poison(t):
@@ -49,7 +49,7 @@ def guarded(monkeypatch):
         u, o, a, lse, sync = real(q, module, **kwargs)
         return inside_poison(u), inside_poison(o), inside_poison(a), inside_poison(lse), sync
 
-    monkeypatch.setattr(dfgen.forward, "solve_buffers", solve_buffers)
+    monkeypatch.setattr(dfgen.kernels.forward, "solve_buffers", solve_buffers)
 
     def check():
         assert storages
@@ -78,7 +78,7 @@ def test_offsets_far_past_the_packed_length_do_not_crash(tmp_path):
     failure, not the end of the test session."""
     script = textwrap.dedent(f"""
         import torch
-        from dfgen.config import KernelConfig
+        from dfgen.kernels.config import KernelConfig
         from dfgen.runtime import deltaformer_attn
         import test_varlen_bounds as t
         for strategy in ("fused", "two_stage"):
@@ -114,7 +114,7 @@ def test_debug_mode_checks_the_offsets(case, monkeypatch):
 
 
 def test_debug_mode_is_read_from_the_environment():
-    code = "import dfgen.runtime as r; print(r.DEBUG)"
+    code = "import dfgen.settings as s; print(s.DEBUG)"
     for value, want in (("1", "True"), ("0", "False")):
         out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, DFGEN_DEBUG=value),
                              capture_output=True, text=True, timeout=120).stdout.strip()

@@ -7,10 +7,19 @@ import random
 import jinja2
 import pytest
 
-from dfgen.config import KernelConfig, default_config
+from dfgen.kernels.config import KernelConfig, default_config
 from dfgen.errors import ConfigError
-from dfgen.templating import (STAGES, _environment, render, spec, specialization_name,
-                              templates_dir)
+from dfgen.kernels.build import _environment, specialize
+from dfgen.kernels.build import render as render_kernel
+from dfgen.kernels.spec import STAGES, spec, templates_dir
+
+
+def render(stage, dtype, head_dim, knobs):
+    return render_kernel(specialize(stage, dtype, head_dim, knobs))
+
+
+def specialization_name(stage, dtype, head_dim, knobs):
+    return specialize(stage, dtype, head_dim, knobs).name
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -97,7 +106,7 @@ def test_a_knob_with_a_default_may_be_left_out():
 
 
 def test_a_header_default_must_be_one_of_the_values(tmp_path):
-    from dfgen.templating import parse_header
+    from dfgen.kernels.spec import parse_header
     text = ("{#- dfgen-knobs\nstage: solve_fwd\nknobs:\n  A:\n    abbr: a\n    values: [1, 2]\n"
             "    default: 3\nconstraints: []\n-#}\n")
     with pytest.raises(ConfigError, match="default of A, 3, is not one of its values"):

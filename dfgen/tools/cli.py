@@ -7,42 +7,19 @@ import argparse
 import os
 import sys
 
-from .errors import DfgenError
-
-
-def _parse_value(text: str):
-    if text.lower() in ("true", "false"):  # bool knobs (INV_FP16=true)
-        return text.lower() == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
-def _parse_sets(pairs) -> dict:
-    from .errors import InputError
-
-    out = {}
-    for pair in pairs or ():
-        if "=" not in pair:
-            raise InputError(f"--set expects NAME=VALUE, got {pair!r}")
-        name, value = pair.split("=", 1)
-        out[name.strip()] = _parse_value(value.strip())
-    return out
+from ..errors import DfgenError
 
 
 def _default_for(head_dim: int, dtype: str, strategy: str = "fused"):
     """The built-in default config at this head dim and dtype, after checking the head dim."""
-    from .config import SUPPORTED_HEAD_DIMS, default_config
-    from .errors import InputError
-    from .validation import DTYPES
+    from ..errors import InputError
+    from ..kernels.config import SUPPORTED_HEAD_DIMS, default_config
+    from ..settings import torch_dtype
 
     if head_dim not in SUPPORTED_HEAD_DIMS:
         raise InputError(f"--head-dim {head_dim} is not supported; expected one of "
                          f"{', '.join(map(str, SUPPORTED_HEAD_DIMS))}")
-    return default_config(head_dim, DTYPES[dtype], strategy)
+    return default_config(head_dim, torch_dtype(dtype), strategy)
 
 
 def _use_interpreter_without_gpu() -> bool:
@@ -60,21 +37,21 @@ _STAGE_SECTIONS = {"solve_fwd": "solve", "attn_fwd": "attn", "solve_bwd": "solve
 
 
 def cmd_emit(args) -> int:
-    from .codegen import emit
-    from .errors import InputError
-    from .templating import STAGES, spec
+    from ..errors import InputError
+    from ..kernels.build import emit, specialize
+    from ..kernels.spec import STAGES
+    from .arguments import parse_sets
 
     head_dim = args.head_dim
     defaults = _default_for(head_dim, args.dtype)
-    sets = _parse_sets(args.set)
+    sets = parse_sets(args.set)
     if sets and not args.stage:
         raise InputError("--set needs --stage (each knob belongs to one stage)")
     stages = [args.stage] if args.stage else list(STAGES)
     parts = []
     for stage in stages:
         knobs = {**getattr(defaults, _STAGE_SECTIONS[stage]), **sets}
-        spec(stage).check(knobs, head_dim)
-        path, text = emit(stage, args.dtype, head_dim, knobs)
+        path, text = emit(specialize(stage, args.dtype, head_dim, knobs))
         if not args.stage:  # all four, one after another: say which is which
             text = (f"# dfgen emit: {stage}, {args.dtype}, head dim {head_dim}, knobs "
                     + " ".join(f"{k}={v}" for k, v in sorted(knobs.items())) + "\n" + text)
@@ -92,11 +69,12 @@ def cmd_emit(args) -> int:
 
 def cmd_bench(args) -> int:
     interpreted = _use_interpreter_without_gpu()
-    from .bench import check_cpu_sizes, load_configs, parse_shapes, run
-    from .errors import ConfigError
-    from .validation import DTYPES
+    from ..errors import ConfigError
+    from ..settings import torch_dtype
+    from .arguments import check_cpu_sizes, load_configs, parse_shapes
+    from .bench import run
 
-    dtype = DTYPES[args.dtype]
+    dtype = torch_dtype(args.dtype)
     shapes = parse_shapes(args.shapes) if args.shapes is not None else None
     try:
         configs = load_configs(args.configs) if args.configs else None
@@ -124,7 +102,7 @@ def _tune_workers(args) -> int:
 
     import torch
 
-    from .codegen import cache_root
+    from ..settings import cache_root
 
     gpus = torch.cuda.device_count()
     if gpus and args.workers > gpus:
@@ -142,7 +120,7 @@ def _tune_workers(args) -> int:
         env = dict(os.environ)
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = str(worker)
-        procs.append(subprocess.Popen([sys.executable, "-m", "dfgen.cli", *argv, "--seed",
+        procs.append(subprocess.Popen([sys.executable, "-m", "dfgen", *argv, "--seed",
                                        str(args.seed + worker)], env=env))
     codes = [p.wait() for p in procs]
     print(f"dfgen tune: {args.workers} workers finished with exit codes {codes}")
@@ -152,8 +130,8 @@ def _tune_workers(args) -> int:
 def _earlier_entries(out) -> dict:
     """The entries of the tuned file a tune merges into (their configs are tried first);
     none if it is missing or unreadable (the merge then reports the problem)."""
-    from . import tuned_file
-    from .errors import ConfigError
+    from ..errors import ConfigError
+    from ..select import tuned_file
 
     try:
         return tuned_file.read(out)["entries"] if out.exists() else {}
@@ -165,8 +143,8 @@ def _earlier_entries(out) -> dict:
 def _configs_to_try(path) -> list:
     """--try FILE (a config or a list, as `dfgen bench --configs` reads): their dict forms;
     sections a config lacks come from each bucket's default."""
-    from .bench import load_configs
-    from .errors import ConfigError
+    from ..errors import ConfigError
+    from .arguments import load_configs
 
     try:
         return [config.to_dict() for config in load_configs(path)]
@@ -201,7 +179,7 @@ def _check_numbers(args) -> None:
 
 def _tune_buckets(args, interpreted: bool) -> list:
     """The buckets to tune: the built-in set (or --shapes), filtered by --passes."""
-    from . import tuned_file
+    from ..select.bucket import PASSES
     from .tuning import tuner
 
     buckets = tuner.load_buckets(args.shapes) if args.shapes else \
@@ -209,10 +187,10 @@ def _tune_buckets(args, interpreted: bool) -> list:
     if args.passes is None:
         return buckets
     wanted = [p.strip() for p in args.passes.split(",")]
-    if not all(p in tuned_file.PASSES for p in wanted):
+    if not all(p in PASSES for p in wanted):
         raise DfgenError(f"--passes {args.passes!r}: expected a comma list of "
-                         f"{' and '.join(tuned_file.PASSES)}")
-    kept = [b for b in buckets if b["pass_"] in wanted]
+                         f"{' and '.join(PASSES)}")
+    kept = [b for b in buckets if b.pass_ in wanted]
     if not kept:
         source = f"of --shapes {args.shapes}" if args.shapes else \
             ("the interpreter tunes" if interpreted else "of the built-in set")
@@ -229,9 +207,11 @@ def _where_the_runtime_reads(out, interpreted: bool) -> str:
 
     import torch
 
-    from .dispatch import Dispatcher, identify, search_dirs, user_tuned_dir
+    from ..select.dispatch import Dispatcher
+    from ..select.gpu import identify
+    from ..settings import tuned_search_dirs, user_tuned_dir
 
-    dirs = search_dirs()
+    dirs = tuned_search_dirs()
     folder = Path(out).resolve().parent
     if folder not in [d.resolve() for d in dirs]:
         return (f"note: the runtime does not read {out}: it searches "
@@ -251,9 +231,8 @@ def cmd_tune(args) -> int:
     interpreted = _use_interpreter_without_gpu()
     from pathlib import Path
 
-    from . import tuned_file
-    from .codegen import cache_root
-    from .dispatch import user_tuned_dir
+    from ..select import tuned_file
+    from ..settings import cache_root, user_tuned_dir
     from .tuning import tuner
     from .tuning.progress import TuneProgress
 
@@ -289,8 +268,7 @@ def cmd_tune(args) -> int:
     earlier = _earlier_entries(out)
     results, failed = [], []
     for bucket in buckets:
-        bucket_key = tuned_file.bucket_key(bucket["pass_"], bucket["dtype"], bucket["head_dim"],
-                                           bucket["T"], bucket["BH"], bucket.get("variant", ""))
+        bucket_key = bucket.key
         try:
             result = tuner.tune_bucket(bucket, trials=trials, sampler=args.sampler, seed=args.seed,
                                        storage=storage, timeout_s=args.timeout, jobs=jobs,
@@ -322,7 +300,7 @@ def cmd_tune(args) -> int:
 def _this_dispatcher():
     import torch
 
-    from .dispatch import dispatcher_for
+    from ..select.dispatch import dispatcher_for
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     return dispatcher_for(device)
@@ -348,19 +326,26 @@ def cmd_show(args) -> int:
         print("no tuned file serves this GPU: every call uses the built-in defaults")
         return 0
     print(f"tuned file: {disp.path} ({disp.match})")
+    from ..select.bucket import Bucket
+
     for key, entry in sorted(disp.data["entries"].items()):
-        choice = disp.choose(entry["pass"], entry["dtype"], entry["head_dim"], entry["T"], entry["BH"])
-        older = entry.get("tuned_with")
-        note = (" [tuned with " + ", ".join(f"{k} {v}" for k, v in sorted(older.items()))
-                + ": checked against the reference at first use]") if older else ""
+        choice = disp.choose(Bucket.from_fields(entry, key))
+        stale = disp.stale(entry)
+        note = (f" [tuned with {', '.join(stale)}: unchecked unless `dfgen check` passed it]"
+                if stale else "")
         print(f"  {key} -> {choice.source}: {choice.config}{note}")
     return 0
 
 
 def cmd_check(args) -> int:
     _use_interpreter_without_gpu()
-    from .config import KernelConfig
-    from .validation import validate_config
+    import datetime
+
+    import torch
+
+    from ..kernels.config import KernelConfig
+    from ..select import tuned_file
+    from .check import validate_config
 
     disp = _this_dispatcher()
     for message in disp.skipped:
@@ -368,15 +353,51 @@ def cmd_check(args) -> int:
     if disp.path is None:
         print(f"dfgen check: no usable tuned file for {disp.identity.key}; nothing to check")
         return 1 if disp.skipped else 0
-    failed = len(disp.skipped)
+    device = torch.device("cpu" if disp.identity.key == "cpu-interpreter" else "cuda")
+    versions = dict(disp.running, torch=str(torch.__version__),
+                    date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"))
+    failed, records = len(disp.skipped), {}
     for key, entry in sorted(disp.data["entries"].items()):
-        config = KernelConfig.from_dict(entry["config"])
-        ok, message = validate_config(config, entry, disp._device(), max_T=args.max_t)
+        try:
+            ok, message = validate_config(KernelConfig.from_dict(entry["config"]), entry, device,
+                                          max_T=args.max_t)
+        except DfgenError as err:  # knobs the running templates do not take
+            ok, message = False, str(err)
         failed += not ok
+        records[key] = dict(versions, passed=ok, result=message[:300])
         print(f"{'PASS' if ok else 'FAIL'} {key}: {message}", flush=True)
     passed = len(disp.data["entries"]) + len(disp.skipped) - failed
     print(f"{passed} passed, {failed} failed ({disp.path})")
+    if args.record:
+        target = _record_target(disp.path, disp.identity.key)
+        if target != disp.path:
+            _copy_atomically(disp.path, target)
+        tuned_file.record_checks(target, records)
+        print(f"recorded in {target}" + ("" if target == disp.path else
+              f" (a copy of {disp.path}, which is not yours to change; the runtime reads the copy first)"))
     return 1 if failed else 0
+
+
+def _record_target(path, key: str):
+    """Where `dfgen check --record` writes: the file itself, unless it is inside the
+    installed package (or not writable): then a copy in the user's tuned folder."""
+    from pathlib import Path
+
+    from ..settings import packaged_dir, user_tuned_dir
+
+    packaged = packaged_dir("tuned")
+    inside_package = packaged is not None and Path(path).resolve().parent == packaged.resolve()
+    if inside_package or not os.access(path, os.W_OK):
+        return user_tuned_dir() / f"{key}.yaml"
+    return Path(path)
+
+
+def _copy_atomically(source, target) -> None:
+    from pathlib import Path
+
+    from ..files import atomic_write_text
+
+    atomic_write_text(target, Path(source).read_text())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -464,8 +485,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="with --default (default fused)")
     show.set_defaults(func=cmd_show)
 
-    check = sub.add_parser("check", help="re-validate every entry of this GPU's tuned file "
-                           "against the reference on fresh inputs")
+    check = sub.add_parser("check", help="check every entry of the tuned file that serves this "
+                           "GPU against the reference on fresh inputs (the runtime never does)")
+    check.add_argument("--record", action="store_true",
+                       help="write each entry's result into the tuned file (`checked`), so that "
+                       "the runtime stops warning about entries that passed under the running "
+                       "triton and templates and skips those that failed; a packaged file is "
+                       "copied into the user's tuned folder first")
     check.add_argument("--max-t", type=int, help="cap on T for the checks (default 1024 on a "
                        "GPU, 48 in the interpreter)")
     check.set_defaults(func=cmd_check)

@@ -9,8 +9,8 @@ import math
 
 import torch
 
-from . import codegen
-from .forward import _packing, kernel_head_dim, narrow, widen
+from . import build
+from .padding import kernel_head_dim, narrow, packing, widen
 
 
 def _per_query_head(like, group):
@@ -41,12 +41,12 @@ def reverse_sweep(q, k, do, u, a, beta, lse, knobs, *, gated: bool = True, seqs=
     dbeta = torch.empty(B, T, H, dtype=torch.float32, device=q.device) if beta is not None else None
     delta = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
     ds_diag = torch.empty_like(delta)
-    module = codegen.load("solve_bwd", q.dtype, wide, knobs)
+    module = build.load("solve_bwd", q.dtype, wide, knobs)
     n_seqs, longest = (B, T) if seqs is None else (seqs[0].numel() - 1, seqs[1])
     n_chunks = -(-longest // module.CHUNK_ROWS)
     sync = torch.zeros(1 + n_seqs * H * n_chunks, dtype=torch.int32, device=q.device)
     module.launch(q, k, do, u, a, beta, lse, dv, e, dbeta, delta, ds_diag, sync,
-                  1.0 / math.sqrt(D), gated, *_packing(seqs))
+                  1.0 / math.sqrt(D), gated, *packing(seqs))
     if wide != D:
         dv, e = narrow(dv, D), narrow(e, D)
     return dv, e, dbeta, delta, ds_diag
@@ -62,8 +62,8 @@ def query_key_grads(q, k, u, e, lse, delta, ds_diag, knobs, *, with_du: bool = F
     dq = torch.empty_like(q)
     dk = _per_query_head(q, q.shape[2] // k.shape[2])
     du = torch.empty(q.shape, dtype=torch.float32, device=q.device) if with_du else None
-    codegen.load("attn_bwd", q.dtype, wide, knobs).launch(q, k, u, e, lse, delta, ds_diag, dq, dk,
-                                                          1.0 / math.sqrt(D), du, *_packing(seqs))
+    build.load("attn_bwd", q.dtype, wide, knobs).launch(q, k, u, e, lse, delta, ds_diag, dq, dk,
+                                                          1.0 / math.sqrt(D), du, *packing(seqs))
     dk = _sum_groups(dk, k)
     if wide != D:
         dq, dk, du = narrow(dq, D), narrow(dk, D), narrow(du, D)

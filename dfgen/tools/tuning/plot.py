@@ -7,7 +7,7 @@ from pathlib import Path
 
 import optuna
 
-from ..errors import DfgenError
+from ...errors import DfgenError
 
 
 def require_matplotlib() -> None:

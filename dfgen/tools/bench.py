@@ -12,19 +12,18 @@ timings are interpreter timings, not GPU timings.
 
 from __future__ import annotations
 
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from .config import KernelConfig
-from .validation import check, passes, random_pass_inputs, reference
+from .arguments import CPU_SHAPES
+from .check import check, passes, random_pass_inputs, reference
+from .timing import timer
 
 GPU_SHAPES = [(1, 4096, 16, 128), (1, 8192, 16, 128), (4, 2048, 16, 64), (8, 1024, 32, 64),
               (2, 8192, 16, 64), (1, 16384, 8, 128)]
-CPU_SHAPES = [(1, 64, 2, 32), (2, 48, 1, 32)]
 
 
 def attention_flops(B, T, H, D) -> float:
@@ -64,24 +63,6 @@ class Row:
     @property
     def ratio(self) -> float:
         return self.dfgen_ms / self.sdpa_ms
-
-
-def timer(on_gpu: bool):
-    if on_gpu:
-        import triton.testing
-
-        return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-    def cpu_time(fn, reps=3):
-        fn()
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
-
-    return cpu_time
 
 
 def _peak_mib(fn) -> float:
@@ -226,65 +207,10 @@ def run(shapes=None, dtype=torch.bfloat16, configs=None, with_fla=True, verbose=
 
 def runtime_choice(shape, dtype, device, backward: bool):
     """The dispatcher's Choice for a [B, T, H, D] call (tuned entry or built-in default)."""
-    from .dispatch import dispatcher_for
-    from .templating import dtype_name
+    from ..select.bucket import Bucket
+    from ..select.dispatch import dispatcher_for
+    from ..settings import dtype_name
 
     B, T, H, D = shape
-    return dispatcher_for(device).choose("fwd+bwd" if backward else "fwd", dtype_name(dtype), D, T, B * H)
-
-
-def parse_shapes(text: str) -> list[tuple]:
-    """'B,T,H,D;B,T,H,D;...' as a list of (B, T, H, D); InputError naming --shapes unless
-    each is four positive integers with a supported head dim."""
-    from .config import SUPPORTED_HEAD_DIMS
-    from .errors import InputError
-
-    shapes = []
-    for item in text.split(";"):
-        try:
-            shape = tuple(int(x) for x in item.split(","))
-        except ValueError:
-            shape = ()
-        if len(shape) != 4 or min(shape) < 1:
-            raise InputError(f"--shapes expects 'B,T,H,D;B,T,H,D;...' of positive integers, "
-                             f"got {item!r} in {text!r}")
-        if shape[3] not in SUPPORTED_HEAD_DIMS:
-            raise InputError(f"--shapes {item}: head dim {shape[3]} is not supported; expected "
-                             f"one of {', '.join(map(str, SUPPORTED_HEAD_DIMS))}")
-        shapes.append(shape)
-    return shapes
-
-
-# Without a GPU the kernels run in Triton's interpreter: about a second for the CPU shapes
-# and growing with B * H * T * T * D, so a GPU-sized shape would run for hours. Shapes
-# whose work is above this bound (twice the largest CPU shape's) are refused unless forced.
-CPU_MAX_WORK = 2 * max(B * H * T * T * D for B, T, H, D in CPU_SHAPES)
-
-
-def check_cpu_sizes(shapes) -> None:
-    """InputError naming the first shape too large for the interpreter, the bound and --force."""
-    from .errors import InputError
-
-    for B, T, H, D in shapes:
-        if B * H * T * T * D > CPU_MAX_WORK:
-            raise InputError(
-                f"--shapes {B},{T},{H},{D}: no CUDA device, and B*H*T*T*D = {B * H * T * T * D} "
-                f"exceeds the interpreter's limit {CPU_MAX_WORK} (it would run for a very long "
-                "time); use shapes like 1,64,2,32, or --force to run it anyway")
-
-
-def load_configs(path) -> list[KernelConfig]:
-    """A YAML file holding one config or a list of them (sections a config lacks stay
-    empty; callers fill them from a default). ConfigError naming the file if it cannot
-    be read or holds no configs."""
-    from .errors import ConfigError
-    from .files import read_yaml
-
-    data = read_yaml(path)
-    items = data if isinstance(data, list) else [data]
-    if not items or not all(isinstance(item, dict) for item in items):
-        raise ConfigError(f"{path} must hold a config mapping or a list of them")
-    try:
-        return [KernelConfig.from_dict(item) for item in items]
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
+    return dispatcher_for(device).choose(
+        Bucket("fwd+bwd" if backward else "fwd", dtype_name(dtype), D, T, B * H))

@@ -20,12 +20,20 @@
         tuned_with: {templates, triton, torch}
                                optional: set on an entry kept by a merge whose provenance
                                differs from the one it was tuned under (the provenance
-                               then describes the newer entries); when its templates
-                               or triton differ from the running ones it is validated
-                               before first use, like a whole stale file's entries
+                               then describes the newer entries)
+        checked: {templates, triton, torch, passed, result, date}
+                               optional: what `dfgen check --record` found when it ran
+                               the entry against the reference under these versions
 
-Read with yaml.safe_load and checked against this schema; written atomically (temporary
-file, then rename) and merged with what is already there, keys sorted for clean diffs.
+An entry is stale when the templates or triton it was tuned with (its tuned_with, else
+the file's provenance) differ from the running ones. The runtime never runs the
+reference: a stale entry serves if its knobs pass the templates' spec (one warning names
+`dfgen check`), unless a check recorded under the running versions failed it.
+
+Read with yaml.safe_load and checked against this schema (an entry's knobs are checked
+against the templates' spec when it is written, and by the dispatcher when it is used:
+templates change, the file stays readable); written atomically (temporary file, then
+rename) and merged with what is already there, keys sorted for clean diffs.
 """
 
 from __future__ import annotations
@@ -36,21 +44,16 @@ from typing import Any, Mapping
 
 import yaml
 
-from .config import SUPPORTED_HEAD_DIMS, KernelConfig
-from .errors import ConfigError
-from .files import atomic_write_text, read_yaml
+from ..errors import ConfigError
+from ..files import atomic_write_text, read_yaml
+from ..kernels.config import KernelConfig
+from .bucket import Bucket
 
 FORMAT = "dfgen-tuned/1"
-PASSES = ("fwd", "fwd+bwd")
 _ENTRY_KEYS = {"pass", "dtype", "head_dim", "T", "BH", "config", "median_ms", "default_ms",
-               "trials", "failures", "variant", "tuned_with"}
+               "trials", "failures", "variant", "tuned_with", "checked"}
 _CARRIED = ("templates", "triton", "torch")  # provenance that can make an entry stale
-VARIANTS = ("", "qsolve")
-DTYPES = ("bf16", "fp16", "fp32")
-
-
-def bucket_key(pass_: str, dtype: str, head_dim: int, T: int, BH: int, variant: str = "") -> str:
-    return f"{pass_}/{dtype}/d{head_dim}/t{T}/bh{BH}" + (f"/{variant}" if variant else "")
+STALE_WHEN = ("templates", "triton")  # what, when it differs from the running one, makes an entry stale
 
 
 def empty() -> dict:
@@ -63,8 +66,9 @@ def _string_keys(mapping: Mapping, where: str) -> None:
         raise ConfigError(f"{where}: keys must be strings, got {bad[0]!r}")
 
 
-def validate(data: Any, source: str) -> dict:
-    """Raise ConfigError naming `source` and the problem unless `data` is a tuned file."""
+def validate(data: Any, source: str, knobs: bool = False) -> dict:
+    """Raise ConfigError naming `source` and the problem unless `data` is a tuned file;
+    with `knobs`, also unless every entry's config passes the running templates' spec."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{source}: a tuned file must be a mapping, got {type(data).__name__}")
     _string_keys(data, source)
@@ -82,33 +86,36 @@ def validate(data: Any, source: str) -> dict:
         if not isinstance(entry, Mapping):
             raise ConfigError(f"{where} must be a mapping")
         _string_keys(entry, where)
-        missing = {"pass", "dtype", "head_dim", "T", "BH", "config"} - set(entry)
-        if missing:
-            raise ConfigError(f"{where} lacks {sorted(missing)}")
+        if "config" not in entry:
+            raise ConfigError(f"{where} lacks ['config']")
         unknown = set(entry) - _ENTRY_KEYS
         if unknown:
             raise ConfigError(f"{where} has unknown fields {sorted(unknown)}")
-        if entry["pass"] not in PASSES:
-            raise ConfigError(f"{where}: pass must be one of {PASSES}")
-        if entry.get("variant", "") not in VARIANTS:
-            raise ConfigError(f"{where}: variant must be one of {VARIANTS}")
-        if entry["dtype"] not in DTYPES:
-            raise ConfigError(f"{where}: dtype must be one of {DTYPES}, got {entry['dtype']!r}")
-        for field in ("head_dim", "T", "BH"):  # bool is an int: true is no T
-            if type(entry[field]) is not int or entry[field] < 1:
-                raise ConfigError(f"{where}: {field} must be a positive integer, got {entry[field]!r}")
-        if entry["head_dim"] not in SUPPORTED_HEAD_DIMS:
-            raise ConfigError(f"{where}: head_dim must be one of {SUPPORTED_HEAD_DIMS}, "
-                              f"got {entry['head_dim']}")
+        bucket = Bucket.from_fields(entry, where)
         if not isinstance(entry.get("tuned_with", {}), Mapping):
             raise ConfigError(f"{where}: tuned_with must be a mapping")
         _string_keys(entry.get("tuned_with", {}), f"{where}: tuned_with")
+        if not isinstance(entry.get("checked", {}), Mapping):
+            raise ConfigError(f"{where}: checked must be a mapping")
         try:
-            KernelConfig.from_dict(entry["config"]).check(
-                entry["head_dim"], backward=entry["pass"] == "fwd+bwd")
+            config = KernelConfig.from_dict(entry["config"])
+            if knobs:
+                config.check(bucket.head_dim, backward=bucket.backward)
         except ConfigError as err:
             raise ConfigError(f"{where}: {err}") from None
     return dict(data)
+
+
+def tuned_under(data: Mapping, entry: Mapping) -> dict:
+    """The versions an entry was tuned under: its tuned_with over the file's provenance."""
+    return {**{k: v for k, v in data.get("provenance", {}).items() if k in _CARRIED},
+            **entry.get("tuned_with", {})}
+
+
+def differences(versions: Mapping, running: Mapping) -> list[str]:
+    """What of `versions` (STALE_WHEN only) differs from `running`: ['triton 3.5.0 (now 3.6.0)']."""
+    return [f"{name} {versions[name]} (now {running[name]})" for name in STALE_WHEN
+            if versions.get(name) is not None and str(versions[name]) != str(running[name])]
 
 
 def read(path: str | os.PathLike) -> dict:
@@ -132,9 +139,9 @@ def _one_line(err: BaseException) -> str:
 
 
 def write(path: str | os.PathLike, data: Mapping) -> None:
-    """Atomically replace `path` with `data` (validated first)."""
+    """Atomically replace `path` with `data` (validated first, knobs included)."""
     path = Path(path)
-    validate(data, str(path))
+    validate(data, str(path), knobs=True)
     atomic_write_text(path, yaml.safe_dump(dict(data), sort_keys=True, default_flow_style=False))
 
 
@@ -161,3 +168,19 @@ def merge(path: str | os.PathLike, provenance: Mapping, entries: Mapping[str, Ma
         out = {"format": FORMAT, "provenance": dict(provenance), "entries": merged}
         write(path, out)
     return out
+
+
+def record_checks(path: str | os.PathLike, checked: Mapping[str, Mapping]) -> None:
+    """Set the `checked` field of the entries named in `checked` ({entry key: record}) in
+    the file at `path`, keeping everything else (under the merge's lock)."""
+    from filelock import FileLock
+
+    path = Path(path)
+    with FileLock(path.with_name(path.name + ".lock")):
+        data = read(path)
+        entries = dict(data["entries"])
+        for key, record in checked.items():
+            if key in entries:
+                entries[key] = dict(entries[key], checked=dict(record))
+        atomic_write_text(path, yaml.safe_dump(dict(data, entries=entries), sort_keys=True,
+                                               default_flow_style=False))

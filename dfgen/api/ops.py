@@ -1,7 +1,7 @@
 """DeltaFormer attention as torch custom ops (torch.library), so that torch.compile traces a
 model calling it without graph breaks. The kernel config travels as a JSON string, a
-constant of the traced graph. Eager calls skip the op layer (dfgen.runtime calls the
-kernels directly); under torch.compile the runtime calls these ops.
+constant of the traced graph. Eager calls skip the op layer (dfgen.api.attention calls
+the kernels directly); under torch.compile it calls these ops.
 
     dfgen::attn_fwd(q, k, v, beta?, config) -> o
     dfgen::attn_fwd_train(q, k, v, beta?, config) -> (o, u, a, lse)   differentiable in o
@@ -17,9 +17,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backward import backward
-from .config import KernelConfig
-from .forward import forward
+from ..kernels.backward import backward
+from ..kernels.config import KernelConfig
+from ..kernels.forward import forward
+from .resolve import resolve_config
 
 
 @functools.lru_cache(maxsize=256)
@@ -29,8 +30,6 @@ def _parse(text: str) -> KernelConfig:
 
 def _config(text: str, q: Tensor, needs_grad: bool) -> KernelConfig:
     """The config a traced call carries ('' = pick the tuned one for this GPU and shape)."""
-    from .runtime import resolve_config
-
     return resolve_config(_parse(text) if text else None, q, needs_grad)
 
 

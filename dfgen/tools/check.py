@@ -1,16 +1,16 @@
 """Check a config against the naive reference on fresh random inputs: the one gate used by
-the benchmark, the tuner, `dfgen check` and the dispatcher's first-use validation."""
+the benchmark, the tuner and `dfgen check`. The runtime never imports it."""
 
 from __future__ import annotations
 
 import torch
 
-from .naive import naive_deltaformer_attn
+from ..reference import naive_deltaformer_attn
+from ..settings import torch_dtype
 
 # relative error against the reference a config must stay under, by input dtype
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 3e-3, torch.float32: 1e-4}
 GRAD_TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4}
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def relative_error(out, ref) -> float:
@@ -49,8 +49,8 @@ def _draw(shape, dtype, device, seed, extra: int) -> tuple:
 def runner(q, k, v, beta, config, backward: bool, do, q_solve=None):
     """(run, outputs): run() is one pass of dfgen under `config` (what gets timed);
     outputs() returns (o, gradients of q, k, v, beta[, q_solve] or ())."""
-    from .forward import forward, forward_q_solve
-    from .runtime import deltaformer_attn
+    from ..api.attention import deltaformer_attn
+    from ..kernels.forward import forward, forward_q_solve
 
     if not backward:
         def run():
@@ -109,7 +109,7 @@ def validate_config(config, entry: dict, device, max_T: int | None = None) -> tu
     """Check a tuned entry's config on fresh inputs at its bucket's shape (T capped at
     max_T, default 1024 on a GPU and 48 in the interpreter). (ok, message)."""
     backward = entry["pass"] == "fwd+bwd"
-    dtype = DTYPES[entry["dtype"]]
+    dtype = torch_dtype(entry["dtype"])
     cap = max_T or (1024 if device.type == "cuda" else 48)
     shape = (1, min(entry["T"], cap), min(entry["BH"], 4), entry["head_dim"])
     q, k, v, beta, do, q_solve = random_pass_inputs(shape, dtype, device,

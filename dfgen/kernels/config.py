@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
-from .errors import ConfigError
-from .templating import spec
+from ..errors import ConfigError
+from .spec import spec
 
 STRATEGIES = ("fused", "two_stage")
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)  # what the kernels take (the runtime's and tuned files' check)

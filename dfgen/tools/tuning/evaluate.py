@@ -1,4 +1,4 @@
-"""Check and time one candidate config in its own process (`python -m dfgen.tuning.evaluate`),
+"""Check and time one candidate config in its own process (`python -m dfgen.tools.tuning.evaluate`),
 so that a crash, a hang or an out-of-resources error costs only this process.
 
 Reads a JSON request on stdin: {config, pass, dtype, head_dim, T, BH, seed, variant}; prints one
@@ -40,12 +40,13 @@ def main() -> int:
 
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
-    from ..bench import timer
-    from ..config import KernelConfig
-    from ..validation import DTYPES, check, passes, random_pass_inputs, runner
+    from ...kernels.config import KernelConfig
+    from ...settings import torch_dtype
+    from ..check import check, passes, random_pass_inputs, runner
+    from ..timing import timer
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = DTYPES[request["dtype"]]
+    dtype = torch_dtype(request["dtype"])
     backward = request["pass"] == "fwd+bwd"
     config = KernelConfig.from_dict(request["config"])
     shape = (1, request["T"], request["BH"], request["head_dim"])

@@ -9,9 +9,9 @@ can run, so no trial is spent on a config the templates forbid.
 
 from __future__ import annotations
 
-from ..config import STRATEGIES, KernelConfig, float32_limits
-from ..errors import DfgenError
-from ..templating import spec
+from ...errors import DfgenError
+from ...kernels.config import STRATEGIES, KernelConfig, float32_limits
+from ...kernels.spec import spec
 
 # (config section, template stage, needed by)
 SECTIONS = (("solve", "solve_fwd", "fwd"), ("attn", "attn_fwd", "two_stage"),

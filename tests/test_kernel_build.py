@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dfgen import __version__, codegen
-from dfgen.config import default_config
-from dfgen.templating import render
+from dfgen import __version__
+from dfgen.kernels import build
+from dfgen.kernels.config import default_config
 
 KNOBS = dict(default_config(32).attn)
 
@@ -20,28 +20,28 @@ def test_cache_dir_is_versioned(tmp_path, monkeypatch):
     monkeypatch.setenv("DFGEN_CACHE_DIR", str(tmp_path))
     import triton
 
-    folder = codegen.cache_dir()
+    folder = build.cache_dir()
     assert folder.parent == tmp_path
     assert f"v{__version__}" in folder.name and f"triton{triton.__version__}" in folder.name
 
 
 def test_emit_writes_once(tmp_path, monkeypatch):
     monkeypatch.setenv("DFGEN_CACHE_DIR", str(tmp_path))
-    path, text = codegen.emit("attn_fwd", torch.float16, 32, KNOBS)
+    path, text = build.emit(build.specialize("attn_fwd", torch.float16, 32, KNOBS))
     assert path.name == "attn_fwd__fp16_d32__m64_n64_s3_w4.py" or path.name.startswith("attn_fwd__fp16_d32__")
-    assert path.read_text() == text == render("attn_fwd", "fp16", 32, KNOBS)
+    assert path.read_text() == text == build.render(build.specialize("attn_fwd", "fp16", 32, KNOBS))
     os.utime(path, (1, 1))
-    assert codegen.write_if_changed(path, text) is False
+    assert build.write_if_changed(path, text) is False
     assert path.stat().st_mtime == 1  # untouched
-    assert codegen.write_if_changed(path, text + "# changed\n") is True
+    assert build.write_if_changed(path, text + "# changed\n") is True
     assert path.read_text().endswith("# changed\n")
     assert not [p for p in path.parent.iterdir() if p.suffix == ".tmp"]
 
 
 def test_load_caches_the_module(tmp_path, monkeypatch):
     monkeypatch.setenv("DFGEN_CACHE_DIR", str(tmp_path))
-    first = codegen.load("attn_fwd", torch.float32, 32, KNOBS)
-    assert codegen.load("attn_fwd", torch.float32, 32, KNOBS) is first
+    first = build.load("attn_fwd", torch.float32, 32, KNOBS)
+    assert build.load("attn_fwd", torch.float32, 32, KNOBS) is first
     assert first.LAUNCH == dict(num_warps=KNOBS["num_warps"], num_stages=KNOBS["num_stages"])
     assert callable(first.launch)
 
@@ -50,13 +50,13 @@ def test_two_processes_render_at_once(tmp_path):
     """Both processes write and import the same file; neither sees a partial one."""
     script = textwrap.dedent("""
         import torch
-        from dfgen import codegen
-        from dfgen.config import default_config
+        from dfgen.kernels import build
+        from dfgen.kernels.config import default_config
         for _ in range(20):
-            codegen._loaded.clear()
-            path, text = codegen.emit("solve_fwd", torch.bfloat16, 64, default_config(64).solve)
+            build._loaded.clear()
+            path, text = build.emit(build.specialize("solve_fwd", torch.bfloat16, 64, default_config(64).solve))
             assert path.read_text() == text
-        module = codegen.load("solve_fwd", torch.bfloat16, 64, default_config(64).solve)
+        module = build.load("solve_fwd", torch.bfloat16, 64, default_config(64).solve)
         print(module.__file__)
     """)
     env = dict(os.environ, DFGEN_CACHE_DIR=str(tmp_path), TRITON_INTERPRET="1")
@@ -75,10 +75,10 @@ def test_waits_use_inline_ptx_only_on_nvidia_gpus():
     """The wavefront kernels poll flags with ld.acquire.gpu (inline PTX) on an NVIDIA GPU and
     take the portable atomic path elsewhere (Triton's interpreter runs no inline asm)."""
     for stage, knobs in (("solve_fwd", default_config(32).solve), ("solve_bwd", default_config(32).solve_bwd)):
-        source = render(stage, "bf16", 32, knobs)
+        source = build.render(build.specialize(stage, "bf16", 32, knobs))
         assert "ld.acquire.gpu.global.b32" in source and "PTX_WAIT=_ptx_wait(q)" in source
         assert "ld.relaxed.gpu.global.b32" in source and "fence.acq_rel.gpu" in source
-        module = codegen.load(stage, torch.bfloat16, 32, knobs)
+        module = build.load(stage, torch.bfloat16, 32, knobs)
         assert module._ptx_wait(torch.zeros(1)) is False
         if torch.cuda.is_available() and torch.version.hip is None:
             assert module._ptx_wait(torch.zeros(1, device="cuda")) is (os.environ.get("TRITON_INTERPRET") != "1")
@@ -87,11 +87,11 @@ def test_waits_use_inline_ptx_only_on_nvidia_gpus():
 # -- only what dfgen rendered runs; an unusable cache folder falls back -----------------
 
 def _fresh_load(monkeypatch, cache, stage="attn_fwd", dtype=torch.float32, knobs=KNOBS):
-    """codegen.load as a new process would run it (no module loaded yet) under `cache`."""
+    """build.load as a new process would run it (no module loaded yet) under `cache`."""
     monkeypatch.setenv("DFGEN_CACHE_DIR", str(cache))
-    monkeypatch.setattr(codegen, "_loaded", {})
-    monkeypatch.setattr(codegen, "_by_key", {})
-    return codegen.load(stage, dtype, 32, knobs)
+    monkeypatch.setattr(build, "_loaded", {})
+    monkeypatch.setattr(build, "_by_key", {})
+    return build.load(stage, dtype, 32, knobs)
 
 
 def _run_attn(module):
@@ -111,7 +111,7 @@ def test_a_planted_pyc_beside_the_source_does_not_run(tmp_path, monkeypatch):
     import importlib._bootstrap_external as bootstrap
 
     monkeypatch.setenv("DFGEN_CACHE_DIR", str(tmp_path))
-    path, _ = codegen.emit("attn_fwd", torch.float32, 32, KNOBS)
+    path, _ = build.emit(build.specialize("attn_fwd", torch.float32, 32, KNOBS))
     stat = path.stat()
     planted = compile("raise RuntimeError('planted pyc ran')\n", str(path), "exec")
     pyc = Path(importlib.util.cache_from_source(str(path)))
@@ -125,7 +125,7 @@ def test_a_planted_pyc_beside_the_source_does_not_run(tmp_path, monkeypatch):
 
 def test_a_changed_or_corrupt_source_is_rewritten_and_not_run(tmp_path, monkeypatch):
     monkeypatch.setenv("DFGEN_CACHE_DIR", str(tmp_path))
-    path, text = codegen.emit("attn_fwd", torch.float32, 32, KNOBS)
+    path, text = build.emit(build.specialize("attn_fwd", torch.float32, 32, KNOBS))
     path.write_text(text + "\nraise RuntimeError('tampered source ran')\n")
     _fresh_load(monkeypatch, tmp_path)
     assert path.read_text() == text
@@ -161,19 +161,19 @@ def test_an_unusable_cache_folder_falls_back_with_one_warning(tmp_path, monkeypa
     cache = {"parent_is_a_file": blocker / "cache", "is_a_file": blocker,
              "not_writable": tmp_path / "ro"}[how]
     if how == "not_writable":
-        real = codegen.atomic_write_text
+        real = build.atomic_write_text
 
         def refuse(path, text):
             if Path(path).is_relative_to(cache):
                 raise PermissionError(13, "Permission denied", str(path))
             return real(path, text)
 
-        monkeypatch.setattr(codegen, "atomic_write_text", refuse)
-    monkeypatch.setattr(codegen, "_private_root", None)
-    monkeypatch.setattr(codegen, "_warned_fallback", False)
+        monkeypatch.setattr(build, "atomic_write_text", refuse)
+    monkeypatch.setattr(build, "_private_root", None)
+    monkeypatch.setattr(build, "_warned_fallback", False)
     with pytest.warns(RuntimeWarning, match="cannot write the kernel cache folder") as caught:
         first = _fresh_load(monkeypatch, cache)
-        other = codegen.load("attn_fwd", torch.float16, 32, KNOBS)  # a second file
+        other = build.load("attn_fwd", torch.float16, 32, KNOBS)  # a second file
     assert len([w for w in caught if "kernel cache" in str(w.message)]) == 1
     assert Path(first.__file__).is_file() and not Path(first.__file__).is_relative_to(cache)
     assert Path(first.__file__).parent == Path(other.__file__).parent

@@ -18,23 +18,23 @@ from typing import Mapping, Sequence
 
 import optuna
 
-from .. import __version__
-from ..config import KernelConfig, default_config
-from ..dispatch import gpu_key
-from ..errors import ConfigError, DfgenError
-from ..files import read_yaml
-from ..templating import templates_hash
-from ..validation import DTYPES
-from .. import tuned_file
+from ...version import __version__
+from ...errors import ConfigError, DfgenError
+from ...files import read_yaml
+from ...kernels.config import KernelConfig, default_config
+from ...kernels.spec import templates_hash
+from ...select.bucket import Bucket
+from ...select.gpu import gpu_key
+from ...settings import torch_dtype
 from .progress import BucketBudget, TuneProgress, clock_text
-from .storage import open_storage  # noqa: F401 (dfgen.tuning.tuner.open_storage)
+from .storage import open_storage  # noqa: F401 (dfgen.tools.tuning.tuner.open_storage)
 from .space import bucket_limits, choices, config_of, grid, grid_size, params_of, suggest
 
-GPU_BUCKETS = [dict(pass_=p, dtype="bf16", head_dim=d, T=t, BH=bh)
+GPU_BUCKETS = [Bucket(p, "bf16", d, t, bh)
                for p in ("fwd", "fwd+bwd") for d in (64, 128)
                for t, bh in ((1024, 32), (2048, 16), (4096, 16), (8192, 16), (16384, 8))] + [
-    dict(pass_="fwd+bwd", dtype="bf16", head_dim=128, T=4096, BH=16, variant="qsolve")]
-CPU_BUCKETS = [dict(pass_="fwd", dtype="bf16", head_dim=32, T=40, BH=2)]
+    Bucket("fwd+bwd", "bf16", 128, 4096, 16, "qsolve")]
+CPU_BUCKETS = [Bucket("fwd", "bf16", 32, 40, 2)]
 
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)  # progress (and each failure) is reported by _report
@@ -108,7 +108,7 @@ def evaluate(request: dict, timeout_s: float, deadline: float | None = None) -> 
     if limit <= 0:
         return {"ok": False, "cut": True, "reason": "cut: no time left in the bucket"}
     started = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "dfgen.tuning.evaluate"], stdin=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "dfgen.tools.tuning.evaluate"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=os.environ.copy(), start_new_session=True)
     try:
@@ -130,7 +130,7 @@ def evaluate(request: dict, timeout_s: float, deadline: float | None = None) -> 
     return dict(json.loads(lines[-1]), seconds=time.monotonic() - started)
 
 
-def tune_bucket(bucket: dict, *, trials: int, sampler: str, seed: int, storage,
+def tune_bucket(bucket: Bucket, *, trials: int, sampler: str, seed: int, storage,
                 timeout_s: float, retime: int = 2, log=print, jobs: int = 1,
                 minutes: float | None = None, limits: dict | None = None,
                 starts: Sequence[Mapping] = (), cold_start: bool = False,
@@ -147,11 +147,9 @@ def tune_bucket(bucket: dict, *, trials: int, sampler: str, seed: int, storage,
     of the best ones gets what the search left (BucketBudget). `progress` (a TuneProgress)
     numbers the bucket and estimates the tune's time left in the line after every trial. A float32 bucket searches only the solve precisions that keep
     float32 accuracy (config.FLOAT32_ACCURATE) unless `limits` names the knobs."""
-    pass_, dtype, head_dim, T, BH = (bucket[k] for k in ("pass_", "dtype", "head_dim", "T", "BH"))
-    variant = bucket.get("variant", "")
-    key = tuned_file.bucket_key(pass_, dtype, head_dim, T, BH, variant)
-    backward = pass_ == "fwd+bwd"
-    default = default_config(head_dim, DTYPES[dtype],
+    pass_, dtype, head_dim, variant = bucket.pass_, bucket.dtype, bucket.head_dim, bucket.variant
+    key, backward = bucket.key, bucket.backward
+    default = default_config(head_dim, torch_dtype(dtype),
                              strategy="two_stage" if variant == "qsolve" else "fused")
     limits = bucket_limits(dtype, limits)  # float32: float32-accurate precisions only
     space = choices(pass_, head_dim, variant, limits)
@@ -167,7 +165,7 @@ def tune_bucket(bucket: dict, *, trials: int, sampler: str, seed: int, storage,
             else:
                 log(f"{key}: {'the default' if i == 0 else 'a start config'} lies outside "
                     "the searched space; not tried first")
-    request = dict(pass_=pass_, dtype=dtype, head_dim=head_dim, T=T, BH=BH, variant=variant)
+    request = dict(bucket.fields(), variant=variant)  # what a candidate's process is told
     budget = BucketBudget(minutes, jobs, retime_runs=2 * (1 + retime))
     if progress is None:
         progress = TuneProgress(1, trials, minutes)
@@ -180,8 +178,8 @@ def tune_bucket(bucket: dict, *, trials: int, sampler: str, seed: int, storage,
             if old.params == trial.params:  # a duplicate point is not timed twice
                 trial.set_user_attr("duplicate_of", old.number)
                 return old.value
-        result = evaluate(dict(request, config=config.to_dict(), seed=seed + trial.number,
-                               **{"pass": pass_}), timeout_s, budget.search_deadline())
+        result = evaluate(dict(request, config=config.to_dict(), seed=seed + trial.number),
+                          timeout_s, budget.search_deadline())
         if result.get("seconds") is not None:
             budget.durations.append(result["seconds"])
         if result.get("cut"):
@@ -290,7 +288,7 @@ def _finish(study, key, request, default, pass_, seed, timeout_s, retime, log, j
         if not budget.fits(budget.deadline):
             return {"ok": False, "skipped": True, "reason": "no time left to re-time"}
         return evaluate(dict(request, config=configs[run[0]].to_dict(),
-                             seed=seed + 10_000 + 2 * run[0] + run[1], **{"pass": pass_}),
+                             seed=seed + 10_000 + 2 * run[0] + run[1]),
                         timeout_s, budget.deadline)
 
     with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:  # the GPU lock serializes timing
@@ -321,9 +319,7 @@ def _finish(study, key, request, default, pass_, seed, timeout_s, retime, log, j
     for challenger in timings[1:]:
         if challenger[1] < best[1] * (1.0 - noise):
             best = challenger
-    entry = {"pass": pass_, "dtype": request["dtype"], "head_dim": request["head_dim"],
-             "T": request["T"], "BH": request["BH"], "config": best[0].to_dict(),
-             **({"variant": request["variant"]} if request["variant"] else {}),
+    entry = {**Bucket.from_fields(request, key).fields(), "config": best[0].to_dict(),
              "median_ms": round(best[1], 5),
              "default_ms": round(default_ms, 5),
              "trials": len(study.trials), "failures": failures}
@@ -347,39 +343,26 @@ def load_space(path) -> dict:
     return data
 
 
-BUCKET_FIELDS = {"pass": tuned_file.PASSES, "dtype": tuple(DTYPES), "head_dim": (16, 32, 64, 128)}
 BUCKETS_EXPECTED = ("a YAML list of buckets {pass: fwd|fwd+bwd, dtype: bf16|fp16|fp32, "
                     "head_dim: 16|32|64|128, T: >= 1, BH: >= 1, variant: qsolve (optional)}")
 
 
-def load_buckets(path) -> list[dict]:
-    """A YAML list of {pass, dtype, head_dim, T, BH[, variant]} (variant: qsolve)."""
+def load_buckets(path) -> list[Bucket]:
+    """A YAML list of buckets in their YAML form {pass, dtype, head_dim, T, BH[, variant]}."""
     data = _read_yaml(path, "--shapes", BUCKETS_EXPECTED)
     if not isinstance(data, list) or not data:
         raise DfgenError(f"--shapes {path}: expected {BUCKETS_EXPECTED}")
     out = []
     for number, item in enumerate(data, start=1):
         where = f"--shapes {path}: bucket {number}"
-        if not isinstance(item, dict):
-            raise DfgenError(f"{where} is {item!r}; expected a mapping {{pass, dtype, head_dim, T, BH}}")
-        missing = [k for k in ("pass", "dtype", "head_dim", "T", "BH") if k not in item]
-        unknown = sorted(set(item) - {"pass", "dtype", "head_dim", "T", "BH", "variant"})
-        if missing or unknown:
-            raise DfgenError(f"{where}: " + ", ".join(
-                ([f"lacks {', '.join(missing)}"] if missing else [])
-                + ([f"unknown field(s) {', '.join(map(str, unknown))}"] if unknown else [])))
-        for field, allowed in BUCKET_FIELDS.items():
-            if item[field] not in allowed or isinstance(item[field], bool):
-                raise DfgenError(f"{where}: {field} must be one of "
-                                 f"{', '.join(map(str, allowed))}, got {item[field]!r}")
-        for field in ("T", "BH"):
-            if not isinstance(item[field], int) or isinstance(item[field], bool) or item[field] < 1:
-                raise DfgenError(f"{where}: {field} must be an integer >= 1, got {item[field]!r}")
-        variant = item.get("variant") or ""
-        if variant not in tuned_file.VARIANTS:
-            raise DfgenError(f"{where}: variant must be qsolve or left out, got {variant!r}")
-        out.append(dict(pass_=item["pass"], dtype=item["dtype"], head_dim=item["head_dim"],
-                        T=item["T"], BH=item["BH"], variant=variant))
+        unknown = sorted(map(str, set(item) - {"pass", "dtype", "head_dim", "T", "BH", "variant"})) \
+            if isinstance(item, dict) else []
+        if unknown:
+            raise DfgenError(f"{where}: unknown field(s) {', '.join(unknown)}")
+        try:
+            out.append(Bucket.from_fields(item, where))
+        except ConfigError as err:
+            raise DfgenError(str(err)) from None
     return out
 
 

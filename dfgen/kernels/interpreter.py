@@ -9,13 +9,9 @@ Applied only when the interpreter is active, and only once.
 
 from __future__ import annotations
 
-import os
+from ..settings import interpreter_active
 
 _patched = False
-
-
-def interpreter_active() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _bf16_bits_to_float32(data):

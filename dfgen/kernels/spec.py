@@ -1,9 +1,11 @@
-"""Jinja templates of the kernels: where they are, what knobs they declare, rendering.
+"""What each kernel template declares: its knobs, their allowed values and constraints.
 
 Each template in templates/ starts with a Jinja comment `{#- dfgen-knobs ... -#}` holding
-YAML: the stage name, its knobs (allowed values and a doc line each) and constraints,
-Python expressions over the knobs and HEAD_DIM. That header is the single source of the
-search space: configs are validated against it here, and the tuner samples from it.
+YAML: the stage name, its knobs (allowed values and a doc line each), constraints (Python
+expressions over the knobs and HEAD_DIM) and retired knobs (a knob that was removed, with
+the value the code now always has: a config that still sets it to that value is accepted
+and the knob dropped). That header is the single source of the search space: configs are
+validated against it here, and the tuner samples from it. Rendering is dfgen.kernels.build's.
 """
 
 from __future__ import annotations
@@ -12,30 +14,28 @@ import ast
 import functools
 import hashlib
 import itertools
-import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import jinja2
 import yaml
 
-from .errors import ConfigError
+from ..errors import ConfigError
+from ..settings import packaged_dir
 
 _HEADER = re.compile(r"\{#-?\s*dfgen-knobs\s*\n(.*?)-?#\}", re.S)
 STAGES = ("solve_fwd", "attn_fwd", "solve_bwd", "attn_bwd")
 
-_DTYPE_NAMES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
-
+@functools.lru_cache(maxsize=None)
 def templates_dir() -> Path:
-    """templates/ of a source checkout, or the copy installed inside the package."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "_templates", here.parent / "templates"):
-        if (candidate / "solve_fwd.py.jinja").is_file():
-            return candidate
-    raise FileNotFoundError(f"dfgen templates not found next to {here}")
+    """The kernel templates: dfgen._templates when installed, templates/ in a checkout."""
+    found = packaged_dir("templates")
+    if found is None or not (found / "solve_fwd.py.jinja").is_file():
+        raise FileNotFoundError(f"dfgen's kernel templates are missing (looked in {found}); "
+                                "reinstall dfgen")
+    return found
 
 
 NO_DEFAULT = object()  # a knob every config must set
@@ -53,7 +53,7 @@ class Knob:
         """`value` is one of the values, of the same type: 64.0 == 64 and True == 1, but
         64.0 would reach the kernels' launch code (torch.zeros(64.0) fails) and True a
         LOOKAHEAD of 1 by accident, so equal is not enough."""
-        return any(type(value) is type(allowed) and value == allowed for allowed in self.values)
+        return any(_same(value, allowed) for allowed in self.values)
 
     def type_hint(self, value) -> str:
         """' (a float; expected int)' when `value` equals an allowed value of another type."""
@@ -70,6 +70,7 @@ class TemplateSpec:
     doc: str
     knobs: dict[str, Knob]
     constraints: tuple[str, ...]
+    retired: Mapping[str, Any] = field(default_factory=dict)  # removed knob -> its fixed value
 
     def check(self, knobs: Mapping[str, Any], head_dim: int) -> None:
         """Raise ConfigError unless `knobs` names every knob with an allowed value and
@@ -80,6 +81,11 @@ class TemplateSpec:
         bad_names = [n for n in knobs if not isinstance(n, str)]
         if bad_names:
             raise ConfigError(f"{self.stage}: knob names must be strings, got {bad_names!r}")
+        for name, fixed in self.retired.items():
+            if name in knobs and not _same(knobs[name], fixed):
+                raise ConfigError(f"{self.stage}: the knob {name} was removed (the kernel now "
+                                  f"always runs as {name}={fixed!r}); got {name}={knobs[name]!r}")
+        knobs = self._without_retired(knobs)
         missing = sorted(n for n, k in self.knobs.items() if n not in knobs and k.default is NO_DEFAULT)
         unknown = sorted(set(knobs) - set(self.knobs))
         if missing or unknown:
@@ -104,12 +110,20 @@ class TemplateSpec:
         return sorted(n for n, k in self.knobs.items() if k.default is not NO_DEFAULT)
 
     def complete(self, knobs: Mapping[str, Any]) -> Mapping[str, Any]:
-        """`knobs` with every knob it leaves out that has a default set to that default
-        (`knobs` itself, not a copy, when it leaves none out: the per-call path)."""
+        """`knobs` with every knob it leaves out that has a default set to that default,
+        and without retired knobs set to their fixed value (`knobs` itself, not a copy,
+        when there is nothing to change: the per-call path)."""
+        knobs = self._without_retired(knobs)
         if all(name in knobs for name in self.knobs):
             return knobs
         return {**{n: k.default for n, k in self.knobs.items()
                    if n not in knobs and k.default is not NO_DEFAULT}, **knobs}
+
+    def _without_retired(self, knobs: Mapping[str, Any]) -> Mapping[str, Any]:
+        if not any(name in knobs for name in self.retired):
+            return knobs
+        return {n: v for n, v in knobs.items()
+                if not (n in self.retired and _same(v, self.retired[n]))}
 
     def knob_groups(self) -> list[tuple[str, ...]]:
         """The knobs in groups that the constraints tie together (each in declaration order;
@@ -140,6 +154,11 @@ class TemplateSpec:
         except ConfigError:
             return False
         return True
+
+
+def _same(value, fixed) -> bool:
+    """Equal and of the same type (True is not 1): how a knob value matches."""
+    return type(value) is type(fixed) and value == fixed
 
 
 _ALLOWED_NODES = (ast.Expression, ast.BoolOp, ast.BinOp, ast.UnaryOp, ast.Compare, ast.Name,
@@ -179,20 +198,12 @@ def parse_header(text: str, path: Path) -> TemplateSpec:
         if knob.default is not NO_DEFAULT and knob.default not in knob.values:
             raise ConfigError(f"{path}: the default of {knob.name}, {knob.default!r}, "
                               f"is not one of its values {list(knob.values)}")
+    retired = dict(meta.get("retired") or {})
+    if set(retired) & set(knobs):
+        raise ConfigError(f"{path}: knobs {sorted(set(retired) & set(knobs))} are both "
+                          "declared and retired")
     return TemplateSpec(stage=meta["stage"], path=path, doc=meta.get("doc", ""), knobs=knobs,
-                        constraints=tuple(meta.get("constraints", ())))
-
-
-@functools.lru_cache(maxsize=None)
-def _environment() -> jinja2.Environment:
-    return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(templates_dir())),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        autoescape=False,
-    )
+                        constraints=tuple(meta.get("constraints", ())), retired=retired)
 
 
 def _template_path(stage: str) -> Path:
@@ -214,41 +225,3 @@ def templates_hash() -> str:
     for path in sorted(templates_dir().glob("*.jinja")):  # stages and the files they include
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:12]
-
-
-def dtype_name(dtype) -> str:
-    """torch.bfloat16 -> 'bf16' (accepts the short names too)."""
-    name = str(dtype).replace("torch.", "")
-    if name in _DTYPE_NAMES.values():
-        return name
-    if name not in _DTYPE_NAMES:
-        raise ConfigError(f"dtype must be one of float16, bfloat16, float32; got {dtype}")
-    return _DTYPE_NAMES[name]
-
-
-def specialization_name(stage: str, dtype, head_dim: int, knobs: Mapping[str, Any]) -> str:
-    """Readable, unique name of one specialization; also its cache key and file stem."""
-    tspec = spec(stage)
-    declared = tspec.knobs
-    parts = [f"{declared[k].abbr}{v}" if k in declared else f"{k}{v}"
-             for k, v in sorted(tspec.complete(knobs).items())]
-    return f"{stage}__{dtype_name(dtype)}_d{head_dim}__" + "_".join(parts)
-
-
-def render(stage: str, dtype, head_dim: int, knobs: Mapping[str, Any]) -> str:
-    """Triton source of `stage` for this dtype, head dim and knob values."""
-    tspec = spec(stage)
-    tspec.check(knobs, head_dim)
-    knobs = tspec.complete(knobs)
-    dt = dtype_name(dtype)
-    context = dict(
-        name=specialization_name(stage, dtype, head_dim, knobs),
-        knobs=dict(knobs),
-        dtype=dt,
-        head_dim=head_dim,
-        # fp32 inputs keep fp32 accuracy in the attention products; fp16/bf16 use the MMA.
-        dot_precision="tf32x3" if dt == "fp32" else "tf32",
-    )
-    if "CHUNK" in knobs:
-        context["log2_chunk"] = int(math.log2(knobs["CHUNK"]))
-    return _environment().get_template(f"{stage}.py.jinja").render(**context)

@@ -1,6 +1,6 @@
 """Host side of the forward pass: allocate, then launch the generated stages.
 
-Inputs are assumed validated (dfgen.runtime does that); tensors are [B, T, H, D] with a
+Inputs are assumed validated (dfgen.api.inputs does that); tensors are [B, T, H, D] with a
 unit stride on D, any other strides.
 """
 
@@ -10,37 +10,9 @@ import math
 
 import torch
 
-from . import codegen
+from . import build
 from .config import KernelConfig
-
-
-# Narrowest head dim the kernels are built for in 16-bit types. Triton 3.6 miscompiles some
-# 16-bit kernels whose tiles are 16 columns (32 bytes) wide for Hopper: the solve stage at
-# CHUNK 64 ended in an illegal memory access or wrong results on the H200 at head dim 16
-# in fp16 and bf16, while float32 (64-byte rows) and head dim 32 were right. Narrower
-# 16-bit inputs are zero-padded to this width on the way in (padded columns add nothing
-# to any score, and the extra output columns are dropped), so they run the head-dim-32
-# kernels; the softmax scale stays 1/sqrt(the real head dim).
-NARROWEST_16BIT_HEAD_DIM = 32
-
-
-def kernel_head_dim(head_dim: int, dtype) -> int:
-    """The head dim of the kernels that serve `head_dim` in `dtype`. Callers widen and
-    narrow only when it differs: every stage call asks, so the common case is one compare."""
-    if head_dim < NARROWEST_16BIT_HEAD_DIM and dtype in (torch.float16, torch.bfloat16):
-        return NARROWEST_16BIT_HEAD_DIM
-    return head_dim
-
-
-def widen(t, width: int):
-    """`t` [..., D] zero-padded to [..., width] (a new tensor); None stays None."""
-    return None if t is None else torch.nn.functional.pad(t, (0, width - t.shape[-1]))
-
-
-def narrow(t, width: int):
-    """The first `width` columns of `t` as a contiguous tensor (outputs keep the strides a
-    caller and torch.compile expect); None stays None."""
-    return None if t is None else t[..., :width].contiguous()
+from .padding import kernel_head_dim, narrow, packing, widen
 
 
 def solve_stage(q, k, v, beta, knobs, *, write_o: bool, write_a: bool = False, seqs=None):
@@ -51,9 +23,9 @@ def solve_stage(q, k, v, beta, knobs, *, write_o: bool, write_a: bool = False, s
     wide = kernel_head_dim(D, q.dtype)
     if wide != D:
         q, k, v = widen(q, wide), widen(k, wide), widen(v, wide)
-    module = codegen.load("solve_fwd", q.dtype, wide, knobs)
+    module = build.load("solve_fwd", q.dtype, wide, knobs)
     u, o, a, lse, sync = solve_buffers(q, module, write_o=write_o, write_a=write_a, seqs=seqs)
-    module.launch(q, k, v, beta, u, o, a, lse, sync, 1.0 / math.sqrt(D), *_packing(seqs))
+    module.launch(q, k, v, beta, u, o, a, lse, sync, 1.0 / math.sqrt(D), *packing(seqs))
     if wide != D:
         u, o, a = narrow(u, D), narrow(o, D), narrow(a, D)
     return u, o, lse, a
@@ -75,11 +47,6 @@ def solve_buffers(q, module, *, write_o: bool, write_a: bool = False, seqs=None)
     return u, o, a, lse, sync
 
 
-def _packing(seqs):
-    """The (cu_seqlens, max_len) launch arguments."""
-    return (None, None) if seqs is None else seqs
-
-
 def attention_stage(q, k, u, knobs, *, return_lse: bool = False, seqs=None):
     """Causal attention of q over (k, u): o_i = sum_{j<=i} softmax(s_i)_j u_j; with
     return_lse also (o, lse_i = logsumexp_{j<=i} s_ij as [B, H, T] float32)."""
@@ -87,10 +54,10 @@ def attention_stage(q, k, u, knobs, *, return_lse: bool = False, seqs=None):
     wide = kernel_head_dim(D, q.dtype)
     if wide != D:
         q, k, u = widen(q, wide), widen(k, wide), widen(u, wide)
-    module = codegen.load("attn_fwd", q.dtype, wide, knobs)
+    module = build.load("attn_fwd", q.dtype, wide, knobs)
     o = torch.empty_like(u)
     lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device) if return_lse else None
-    module.launch(q, k, u, o, 1.0 / math.sqrt(D), lse, *_packing(seqs))
+    module.launch(q, k, u, o, 1.0 / math.sqrt(D), lse, *packing(seqs))
     if wide != D:
         o = narrow(o, D)
     return (o, lse) if return_lse else o

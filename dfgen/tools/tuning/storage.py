@@ -20,7 +20,7 @@ from pathlib import Path
 
 import optuna
 
-from ..errors import DfgenError
+from ...errors import DfgenError
 
 HEARTBEAT_S = 30  # a running trial's process records that it lives this often
 GRACE_S = 120  # ... and is taken for dead after this long without a heartbeat

@@ -1,0 +1,129 @@
+"""deltaformer_attn: what models call. Checks the inputs, picks the config, and routes the
+call: eager (an autograd Function when an input requires grad), padded batches by packing,
+or, under torch.compile, the dfgen:: custom ops.
+
+Kernels are rendered and compiled at their first call; importing this module compiles,
+tunes and checks nothing, and no call ever runs the reference or the tuner.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import ConfigError, InputError
+from ..kernels.config import KernelConfig
+from ..kernels.forward import forward, forward_q_solve
+from ..settings import DEBUG
+from . import ops  # noqa: F401  (registers the dfgen:: custom ops that _traced calls)
+from .autograd import AllPaddingFunction, DeltaFormerAttnFunction, DeltaFormerAttnQSolveFunction
+from .inputs import (check_attention_mask, check_beta_range, check_cu_seqlens, check_inputs,
+                     check_large_beta, check_q_solve)
+from .resolve import CONFIG_TYPE, resolve_config, two_stage
+
+
+def deltaformer_attn(q, k, v, beta=None, *, q_solve=None, cu_seqlens=None, max_seqlen=None,
+                     attention_mask=None, config: KernelConfig | dict | None = None,
+                     large_beta: bool = False):
+    """DeltaFormer attention: o = causal_softmax(q k^T) u, u = (I + diag(beta) P)^{-1} v.
+
+    q: [B, T, H, D]; k, v: [B, T, H_kv, D], H a multiple of H_kv (grouped heads share keys
+        and values; u is per query head); float16, bfloat16 or float32 on one CUDA device
+        (or the CPU under TRITON_INTERPRET=1), unit stride on D.
+    beta: [B, T, H] or None (all ones).
+    q_solve: [B, T, H, D] queries of the solve stage's own scores (u = (I + diag(beta) P')^{-1} v,
+        P' the strict softmax of q_solve k^T); None uses q. Takes the two-stage path.
+    cu_seqlens: int32 [N+1] offsets of packed independent sequences in [1, total_T, H, D]
+        tensors (beta [1, total_T, H]), as in fla; None for a padded batch.
+    max_seqlen: with cu_seqlens, the longest sequence's length if known: the offsets are
+        then trusted, not read back (no host sync, so CUDA graphs can capture the call).
+        Bad offsets or a max_seqlen below the longest length give wrong rows, never an
+        access out of bounds (the kernels clamp them); DFGEN_DEBUG=1 checks them on the
+        host and raises InputError.
+    attention_mask: [B, T] of 0/1 (0 = padding, left or right), as in Hugging Face models:
+        padded positions influence nothing and get a zero output.
+    config: a KernelConfig or its dict form (missing sections come from the built-in
+        default); None picks the tuned config for this GPU and shape (dfgen.select).
+    large_beta: True when some |beta| may exceed 2 (a raw, un-squashed projection): the
+        solve stages then build their in-chunk inverse from float32 products (tf32x3;
+        slower). The default 16-bit configs build it from float16 products, right for
+        |beta| <= 2 (sigmoid and 2 * sigmoid models) and not past it (the products cancel;
+        NaN near beta = 8). DFGEN_DEBUG=1 checks |beta| <= 2 when large_beta is False.
+    Returns o, [B, T, H, D], in q's dtype; differentiable in q, k, v, beta and q_solve.
+    """
+    check_inputs(q, k, v, beta)
+    check_large_beta(large_beta)
+    if torch.compiler.is_compiling():
+        return _traced(q, k, v, beta, q_solve, cu_seqlens, attention_mask, config, large_beta)
+    if DEBUG and beta is not None and not large_beta:
+        check_beta_range(beta)
+    if attention_mask is not None:
+        if cu_seqlens is not None:
+            raise InputError("give attention_mask or cu_seqlens, not both")
+        return _unpadded(check_attention_mask(attention_mask, q), q, k, v, beta, q_solve,
+                         config, large_beta)
+    seqs = check_cu_seqlens(q, cu_seqlens, max_seqlen) if cu_seqlens is not None else None
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, beta, q_solve))
+    if q_solve is not None:
+        return _with_q_solve(q, q_solve, k, v, beta, config, needs_grad, seqs, large_beta)
+    config = resolve_config(config, q, needs_grad, seqs, large_beta=large_beta)
+    if needs_grad:
+        return DeltaFormerAttnFunction.apply(q, k, v, beta, config, seqs)
+    return forward(q, k, v, beta, config, seqs=seqs)[0]
+
+
+def _with_q_solve(q, q_solve, k, v, beta, config, needs_grad, seqs, large_beta):
+    """The two-stage path with the solve stage's own queries."""
+    check_q_solve(q, q_solve)
+    D = q.shape[3]
+    config = two_stage(resolve_config(config, q, needs_grad, seqs, variant="qsolve",
+                                      large_beta=large_beta), D, q.dtype).check(D, needs_grad)
+    if needs_grad:
+        return DeltaFormerAttnQSolveFunction.apply(q, q_solve, k, v, beta, config, seqs)
+    return forward_q_solve(q, q_solve, k, v, beta, config, seqs=seqs)[0]
+
+
+def _traced(q, k, v, beta, q_solve, cu_seqlens, attention_mask, config, large_beta):
+    """Under torch.compile: the call as custom ops (no graph break). The config travels as
+    a JSON constant and is resolved inside the op, where tuned files may be read."""
+    for name, given in (("attention_mask", attention_mask), ("cu_seqlens", cu_seqlens),
+                        ("q_solve", q_solve)):
+        if given is not None:
+            raise InputError(f"{name} is not supported under torch.compile yet")
+    if large_beta:
+        raise InputError("large_beta=True is not supported under torch.compile yet; pass a "
+                         "config whose solve and solve_bwd sections set INV_FP16: false")
+    if isinstance(config, dict):
+        raise InputError("under torch.compile pass config as a KernelConfig (or None)")
+    if config is not None and not isinstance(config, KernelConfig):
+        raise ConfigError(CONFIG_TYPE.format(type(config).__name__))
+    text = config.json if config is not None else ""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, beta)):
+        return torch.ops.dfgen.attn_fwd_train(q, k, v, beta, text)[0]
+    return torch.ops.dfgen.attn_fwd(q, k, v, beta, text)
+
+
+def _unpadded(keep, q, k, v, beta, q_solve, config, large_beta):
+    """Padding masks by packing: the unpadded tokens of each row (`keep`, [B, T] bool)
+    become one sequence (cu_seqlens), so padded positions reach no other position, in the
+    solve stage too; the output is zero at padded positions."""
+    B, T, H, D = q.shape
+    index = keep.flatten().nonzero().squeeze(1)
+    if index.numel() == 0:  # all padding: a zero output, still differentiable (zero grads)
+        inputs = (q, k, v, beta, q_solve)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+            return AllPaddingFunction.apply(*inputs)
+        return q.new_zeros(B, T, H, D)
+    out = q.new_zeros(B * T, H, D)
+    cu = torch.zeros(B + 1, dtype=torch.int32, device=q.device)
+    cu[1:] = keep.sum(1).cumsum(0)
+
+    def pack(t):
+        return None if t is None else t.reshape(B * T, *t.shape[2:]).index_select(0, index).unsqueeze(0)
+
+    o = deltaformer_attn(pack(q), pack(k), pack(v), pack(beta), q_solve=pack(q_solve),
+                         cu_seqlens=cu, config=config, large_beta=large_beta)
+    return out.index_copy(0, index, o[0]).view(B, T, H, D)
+
+
+__all__ = ["deltaformer_attn"]

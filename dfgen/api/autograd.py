@@ -1,0 +1,64 @@
+"""The autograd Functions of eager calls: the forward saves O(B*T*H*D) tensors (no C x C
+matrices), the backward runs the templated backward kernels."""
+
+from __future__ import annotations
+
+import torch
+
+from ..kernels.backward import backward, backward_q_solve
+from ..kernels.forward import forward, forward_q_solve
+
+
+class DeltaFormerAttnFunction(torch.autograd.Function):
+    """Saves q, k, beta, u, a = P u and the strict lse: O(B*T*H*D), no C x C matrices."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, beta, config, seqs):
+        o, u, lse, a = forward(q, k, v, beta, config, for_backward=True, seqs=seqs)
+        ctx.save_for_backward(q, k, beta, u, a, lse)
+        ctx.config, ctx.seqs = config, seqs
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, beta, u, a, lse = ctx.saved_tensors
+        if do.stride(-1) != 1:
+            do = do.contiguous()
+        dq, dk, dv, dbeta = backward(q, k, beta, u, a, lse, do, ctx.config.solve_bwd,
+                                     ctx.config.attn_bwd, seqs=ctx.seqs)
+        return dq, dk, dv, dbeta, None, None
+
+
+class DeltaFormerAttnQSolveFunction(torch.autograd.Function):
+    """The two-stage form with the solve stage's own queries."""
+
+    @staticmethod
+    def forward(ctx, q, q_solve, k, v, beta, config, seqs):
+        o, u, lse_solve, a, lse_attn = forward_q_solve(q, q_solve, k, v, beta, config,
+                                                       for_backward=True, seqs=seqs)
+        ctx.save_for_backward(q, q_solve, k, beta, u, a, lse_solve, o, lse_attn)
+        ctx.config, ctx.seqs = config, seqs
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, q_solve, k, beta, u, a, lse_solve, o, lse_attn = ctx.saved_tensors
+        if do.stride(-1) != 1:
+            do = do.contiguous()
+        dq, dq_solve, dk, dv, dbeta = backward_q_solve(q, q_solve, k, beta, u, a, lse_solve, o,
+                                                       lse_attn, do, ctx.config, seqs=ctx.seqs)
+        return dq, dq_solve, dk, dv, dbeta, None, None
+
+
+class AllPaddingFunction(torch.autograd.Function):
+    """The output of an all-padding attention_mask: zeros whose inputs get zero gradients."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, beta, q_solve):
+        ctx.shapes = [None if t is None else (t.shape, t.dtype, t.device) for t in (q, k, v, beta, q_solve)]
+        return q.new_zeros(q.shape)
+
+    @staticmethod
+    def backward(ctx, do):
+        return tuple(None if s is None else torch.zeros(s[0], dtype=s[1], device=s[2])
+                     for s in ctx.shapes)

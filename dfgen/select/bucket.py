@@ -1,0 +1,76 @@
+"""A bucket: the class of calls one tuned config serves, and its one definition.
+
+A bucket is a pass (fwd: the forward alone; fwd+bwd: a forward that saves for the
+backward, and the backward), a dtype ('bf16', 'fp16', 'fp32'), a head dim, a sequence
+length T and a number of sequences times heads BH, and a variant ('' or 'qsolve': a solve
+stage with its own queries). Tuned files key their entries by Bucket.key, the tuner's
+--shapes files list buckets in the same YAML form as a tuned entry (`pass`, `dtype`,
+`head_dim`, `T`, `BH`, optional `variant`), and the dispatcher looks calls up by one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, NamedTuple
+
+from ..errors import ConfigError
+from ..kernels.config import SUPPORTED_HEAD_DIMS
+from ..settings import DTYPE_NAMES
+
+PASSES = ("fwd", "fwd+bwd")
+VARIANTS = ("", "qsolve")
+FIELDS = ("pass", "dtype", "head_dim", "T", "BH")  # what the YAML form must give (variant optional)
+
+
+class Bucket(NamedTuple):
+    """A named tuple: the runtime builds one per call, and dictionaries key on it."""
+    pass_: str  # 'fwd' or 'fwd+bwd' (`pass` in YAML)
+    dtype: str
+    head_dim: int
+    T: int
+    BH: int
+    variant: str = ""
+
+    @property
+    def key(self) -> str:
+        """'fwd/bf16/d128/t4096/bh16' (+ '/qsolve'): the tuned file's entry key."""
+        return (f"{self.pass_}/{self.dtype}/d{self.head_dim}/t{self.T}/bh{self.BH}"
+                + (f"/{self.variant}" if self.variant else ""))
+
+    @property
+    def backward(self) -> bool:
+        return self.pass_ == "fwd+bwd"
+
+    def fields(self) -> dict[str, Any]:
+        """The YAML form (a tuned entry's bucket fields)."""
+        out = {"pass": self.pass_, "dtype": self.dtype, "head_dim": self.head_dim,
+               "T": self.T, "BH": self.BH}
+        if self.variant:
+            out["variant"] = self.variant
+        return out
+
+    @classmethod
+    def from_fields(cls, data: Mapping[str, Any], where: str) -> "Bucket":
+        """The bucket of a YAML mapping (a tuned entry or a --shapes item); ConfigError
+        naming `where` and the field if one is missing or wrong. Other keys are ignored."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{where} must be a mapping with {', '.join(FIELDS)}, "
+                              f"got {type(data).__name__}")
+        missing = [f for f in FIELDS if f not in data]
+        if missing:
+            raise ConfigError(f"{where} lacks {missing}")
+        if data["pass"] not in PASSES:
+            raise ConfigError(f"{where}: pass must be one of {list(PASSES)}, got {data['pass']!r}")
+        if data.get("variant", "") not in VARIANTS:
+            raise ConfigError(f"{where}: variant must be one of {list(VARIANTS)}, "
+                              f"got {data.get('variant')!r}")
+        if data["dtype"] not in DTYPE_NAMES:
+            raise ConfigError(f"{where}: dtype must be one of {list(DTYPE_NAMES)}, "
+                              f"got {data['dtype']!r}")
+        for name in ("head_dim", "T", "BH"):  # bool is an int: true is no T
+            if type(data[name]) is not int or data[name] < 1:
+                raise ConfigError(f"{where}: {name} must be a positive integer, got {data[name]!r}")
+        if data["head_dim"] not in SUPPORTED_HEAD_DIMS:
+            raise ConfigError(f"{where}: head_dim must be one of {list(SUPPORTED_HEAD_DIMS)}, "
+                              f"got {data['head_dim']}")
+        return cls(data["pass"], data["dtype"], data["head_dim"], data["T"], data["BH"],
+                   data.get("variant", ""))
