@@ -1,6 +1,6 @@
 """Packed variable-length throughput against an equal-length batch (issue 6's figure).
 
-    python bench/varlen.py
+    python bench/run.py varlen
 
 8 sequences of mixed lengths between 512 and 4096 (16384 tokens), H = 16, D = 128, bf16,
 packed with cu_seqlens, against the batch B = 8, T = 2048 (the same tokens). Useful work is
@@ -12,9 +12,9 @@ also checked against dfgen run on each sequence alone.
 
 import torch
 
-from dfgen.tools.bench import timer
 from dfgen.runtime import deltaformer_attn
 from dfgen.tools.check import random_pass_inputs, relative_error
+from dfgen.tools.timing import timer
 
 LENGTHS = [512, 1024, 4096, 2048, 3072, 1536, 2560, 1536]  # sum 16384
 H, D, DTYPE = 16, 128, torch.bfloat16
@@ -39,7 +39,7 @@ def passes(q, k, v, beta, do, **kw):
 
 
 def main():
-    assert torch.cuda.is_available(), "bench/varlen.py measures GPU throughput"
+    assert torch.cuda.is_available(), "varlen measures GPU throughput: it needs a CUDA device"
     total = sum(LENGTHS)
     cu = torch.tensor([0] + list(torch.tensor(LENGTHS).cumsum(0)), device="cuda", dtype=torch.int32)
     packed = inputs(1, total, seed=0)

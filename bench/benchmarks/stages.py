@@ -7,18 +7,20 @@ already solved (from a first run): the same work without the wavefront's chain, 
 gap to "solve_fwd (o)" is what the sequential dependency costs (it includes one small
 copy that sets the flags).
 
-    python bench/stages.py [--shapes "1,4096,16,128;8,1024,32,64"] [--config cfg.yaml]
+    python bench/run.py stages [--shapes "1,4096,16,128;8,1024,32,64"] [--config cfg.yaml]
 """
 import argparse
 import math
 
-
 import torch
 import triton
-from dfgen import backward, codegen, forward
-from dfgen.tools.bench import GPU_SHAPES, timer, load_configs, parse_shapes, sdpa_causal
+
+from dfgen.kernels import backward, build, forward
 from dfgen.kernels.config import default_config
+from dfgen.tools.arguments import load_configs, parse_shapes
+from dfgen.tools.bench import GPU_SHAPES, sdpa_causal
 from dfgen.tools.check import random_pass_inputs
+from dfgen.tools.timing import timer
 
 
 median_ms = timer(on_gpu=True)  # do_bench medians, as `dfgen bench` times
@@ -28,7 +30,7 @@ def _without_waits(q, k, v, beta, knobs):
     """A launch of the forward solve whose flags are all set and whose u is already the
     solution: every wait passes at once and each program rewrites the same u."""
     D = q.shape[3]
-    module = codegen.load("solve_fwd", q.dtype, D, knobs)
+    module = build.load("solve_fwd", q.dtype, D, knobs)
     u, o, _, lse, sync = forward.solve_buffers(q, module, write_o=True)
     module.launch(q, k, v, beta, u, o, None, lse, sync, 1.0 / math.sqrt(D))  # solves u
     expected = o.clone()

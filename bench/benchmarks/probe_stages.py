@@ -3,7 +3,7 @@ dims, shapes and knob overrides; report per case: ok (with the relative error ag
 reference), wrong, or crashed (with the last error line). A crash (an illegal memory
 access poisons the CUDA context) costs only its own process.
 
-    python bench/probe_stages.py [--dtypes fp16,bf16,fp32] [--head-dims 16,32]
+    python bench/run.py probe-stages [--dtypes fp16,bf16,fp32] [--head-dims 16,32]
         [--stages fused,two_stage,backward] [--shapes 1,64,1;1,999,3]
         [--variants "solve.CHUNK=16;solve.num_warps=8"] [--jobs 8] [--sanitize]
 
@@ -34,9 +34,10 @@ def run_case(case: dict) -> dict:
     if not torch.cuda.is_available():  # the same pipeline in Triton's interpreter
         os.environ["TRITON_INTERPRET"] = "1"
     from dfgen.kernels.config import KernelConfig, default_config
-    from dfgen.tools.check import DTYPES, check, passes, random_pass_inputs
+    from dfgen.settings import torch_dtype
+    from dfgen.tools.check import check, passes, random_pass_inputs
 
-    dtype = DTYPES[case["dtype"]]
+    dtype = torch_dtype(case["dtype"])
     B, T, H = case["shape"]
     D = case["head_dim"]
     strategy = "two_stage" if case["stage"] == "two_stage" else "fused"

@@ -8,7 +8,7 @@ A variant is `name: knob=value,...` over the built-in default's solve knobs.
 older checkout of the templates) as a last column for the shapes of that head dim, run
 at its own knobs: an A/B of template versions in one process.
 
-    python bench/solve_variants.py [--shapes "1,4096,16,128;..."] [--variants "a: ;b: maxnreg=168"] \
+    python bench/run.py variants [d128|d64] [--shapes "1,4096,16,128;..."] [--variants "a: ;b: maxnreg=168"] \
         [--module d128=old_d128.py]
 """
 import argparse
@@ -17,14 +17,16 @@ import math
 import os
 import sys
 
-
 import torch
-import yaml
 import triton
+import yaml
+
 from dfgen.kernels import build, forward
-from dfgen.tools.bench import GPU_SHAPES, timer, parse_shapes, sdpa_causal
 from dfgen.kernels.config import default_config
+from dfgen.tools.arguments import parse_shapes
+from dfgen.tools.bench import GPU_SHAPES, sdpa_causal
 from dfgen.tools.check import random_inputs
+from dfgen.tools.timing import timer
 
 
 median_ms = timer(on_gpu=True)  # do_bench medians, as `dfgen bench` times
@@ -84,7 +86,7 @@ def main():
                     module = load_file(files[f"d{D}"])
                 else:
                     knobs = dict(default_config(D, torch.bfloat16).solve, **over)
-                    module = codegen.load("solve_fwd", torch.bfloat16, D, knobs)
+                    module = build.load("solve_fwd", torch.bfloat16, D, knobs)
                 run, o = runner(module, q, k, v, beta)
                 run()
                 torch.cuda.synchronize()

@@ -1,14 +1,13 @@
-"""Optuna against an exhaustive sweep (bench/gpu-check.sh sweep): for each bucket, where the
+"""Optuna against an exhaustive sweep (bench/run.py sweep): for each bucket, where the
 config each sampler study picked ranks in the sweep, and its time there (so both sides come
 from the sweep's own timings, one process, one GPU session).
 
-    python bench/sweep_compare.py GRID_JOURNAL TPE_JOURNAL [TPE_JOURNAL ...]
+    python bench/run.py sweep-compare GRID_JOURNAL TPE_JOURNAL [TPE_JOURNAL ...]
 
 Each journal holds the studies of one `dfgen tune` run; studies are matched by bucket key.
 """
 import os
 import sys
-
 
 import optuna
 

@@ -9,18 +9,17 @@ reports, per step of one head's chain, medians over the heads and chunks:
   window  c ready to wait - c's prefix done         (tail scores, inverse, far product)
   prefix  c's prefix done - c started
 
-    python bench/step_trace.py [--shapes "1,4096,16,128;8,1024,32,64"] [--config cfg.yaml]
+    python bench/run.py step-trace [--shapes "1,4096,16,128;8,1024,32,64"] [--config cfg.yaml]
 """
 import argparse
 import math
 import sys
 
-
 import torch
 
 from dfgen.kernels import build, forward
-from dfgen.tools.bench import load_configs, parse_shapes
 from dfgen.kernels.config import default_config
+from dfgen.tools.arguments import load_configs, parse_shapes
 from dfgen.tools.check import random_inputs
 
 START, PREFIX, INVERSE, READY, WOKE, RELEASED, DONE, SM = range(8)
@@ -29,7 +28,7 @@ START, PREFIX, INVERSE, READY, WOKE, RELEASED, DONE, SM = range(8)
 def traced_run(shape, dtype, knobs):
     B, T, H, D = shape
     q, k, v, beta = random_inputs(shape, dtype, "cuda", seed=0)
-    module = codegen.load("solve_fwd", dtype, D, knobs)
+    module = build.load("solve_fwd", dtype, D, knobs)
     n_chunks = -(-T // module.CHUNK_ROWS)
     programs = B * H * n_chunks
     for _ in range(3):  # compile, warm up, then keep the last run's stamps
@@ -60,7 +59,7 @@ def main():
     ap.add_argument("--config", default=None, help="YAML file with one kernel config")
     args = ap.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("bench/step_trace.py reads the GPU's timer: it needs a CUDA device")
+        sys.exit("step-trace reads the GPU's timer: it needs a CUDA device")
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; "
           "µs, medians over heads and chunks (mean in brackets); late > 0 share: chunks that "
           "became ready to wait only after their predecessor released")

@@ -1,6 +1,6 @@
 """Per-call CPU overhead of dfgen.runtime.deltaformer_attn above the kernels.
 
-    python bench/overhead.py
+    python bench/run.py overhead
 
 Measures (median of many calls, CPU time):
   dispatch   input checks + tuned-config lookup + config check (what runtime adds before
@@ -22,7 +22,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-from dfgen import runtime
+from dfgen.api.inputs import check_inputs
+from dfgen.api.resolve import resolve_config
+from dfgen.kernels.config import KernelConfig
+from dfgen.runtime import deltaformer_attn
 from dfgen.tools.check import random_inputs
 
 
@@ -46,29 +49,28 @@ def main():
     q, k, v, beta = random_inputs((1, 256, 4, 64), torch.bfloat16, device, seed=0)
 
     def dispatch():
-        runtime._check_inputs(q, k, v, beta)
-        runtime.resolve_config(None, q, False)
+        check_inputs(q, k, v, beta)
+        resolve_config(None, q, False)
 
     print(f"dispatch: {cpu_us(dispatch):.2f} us per call (input checks + lookup + config check)")
-    given = runtime.KernelConfig("fused", dict(runtime.resolve_config(None, q, False).solve))
+    given = KernelConfig("fused", dict(resolve_config(None, q, False).solve))
 
     def dispatch_given():
-        runtime._check_inputs(q, k, v, beta)
-        runtime.resolve_config(given, q, False)
+        check_inputs(q, k, v, beta)
+        resolve_config(given, q, False)
 
     print(f"dispatch with a config passed: {cpu_us(dispatch_given):.2f} us per call")
     if device.type != "cuda":
         print("no GPU: call and launch overheads need one")
         return
-    from dfgen.kernels import build
+    from dfgen.kernels import build, forward
 
-    cfg = runtime.resolve_config(None, q, False)
+    cfg = resolve_config(None, q, False)
     sync = torch.cuda.synchronize
     with torch.no_grad():
-        module = codegen.load("solve_fwd", q.dtype, 64, cfg.solve)
-        call = cpu_us(lambda: runtime.deltaformer_attn(q, k, v, beta), n=100, sync=sync)
-        u, o, lse = torch.empty_like(q), torch.empty_like(q), q.new_empty(1, 4, 256, dtype=torch.float32)
-        flags = torch.zeros(1 + 4 * (256 // module.CHUNK_ROWS + 1), dtype=torch.int32, device=device)
+        module = build.load("solve_fwd", q.dtype, 64, cfg.solve)
+        call = cpu_us(lambda: deltaformer_attn(q, k, v, beta), n=100, sync=sync)
+        u, o, _, lse, flags = forward.solve_buffers(q, module, write_o=True)
 
         def launch():
             flags.zero_()
@@ -77,7 +79,7 @@ def main():
         real_launch = module.launch
         module.launch = lambda *args, **kwargs: None  # everything dfgen does but the launch
         try:
-            python_only = cpu_us(lambda: runtime.deltaformer_attn(q, k, v, beta), n=100, sync=sync)
+            python_only = cpu_us(lambda: deltaformer_attn(q, k, v, beta), n=100, sync=sync)
         finally:
             module.launch = real_launch
         sync()
