@@ -65,7 +65,7 @@ def test_large_beta_takes_float32_solves(dtype):
 
 
 def test_large_beta_sets_float32_solves_on_any_config():
-    from dfgen.runtime import resolve_config
+    from dfgen.api.resolve import resolve_config
 
     q = torch.zeros(1, 8, 1, D, dtype=torch.bfloat16, device=DEVICE)
     config = resolve_config(None, q, True, large_beta=True)
@@ -75,10 +75,10 @@ def test_large_beta_sets_float32_solves_on_any_config():
 
 
 def test_debug_mode_refuses_beta_past_2_without_large_beta(monkeypatch):
-    from dfgen import runtime
+    from dfgen import settings
     from dfgen.errors import InputError
 
-    monkeypatch.setattr(runtime, "DEBUG", True)
+    monkeypatch.setattr(settings, "DEBUG", True)
     q, k, v, _, b = _inputs(torch.bfloat16, 3.0, 1.0)
     with pytest.raises(InputError, match="large_beta=True"):
         deltaformer_attn(q, k, v, b)

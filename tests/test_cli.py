@@ -92,7 +92,19 @@ def test_show_and_check_with_a_user_tuned_folder(tmp_path, monkeypatch):
     assert out.returncode == 1 and "FAIL fwd/fp32/d32/t40/bh8: relative error" in out.stdout
     # the merge kept the first entry from another triton: show says so
     out = dfgen("show")
-    assert "fwd/fp32/d32/t40/bh2 ->" in out.stdout and "[tuned with triton 0.0.1: checked" in out.stdout
+    line = next(line for line in out.stdout.splitlines() if "fwd/fp32/d32/t40/bh2 ->" in line)
+    assert "[tuned with triton 0.0.1 (now " in line and line.endswith("; unchecked]")
+    # --record keeps each result in the file: the passed stale entry serves without a
+    # warning, the failed one is served by the default from then on
+    out = dfgen("check", "--max-t", "40", "--record")
+    assert out.returncode == 1 and f"recorded in {tmp_path / (key + '.yaml')}" in out.stdout
+    entries = tuned_file.read(tmp_path / f"{key}.yaml")["entries"]
+    assert entries["fwd/fp32/d32/t40/bh2"]["checked"]["passed"] is True
+    assert entries["fwd/fp32/d32/t40/bh8"]["checked"]["passed"] is False
+    out = dfgen("show")
+    assert "; `dfgen check` passed it here]" in out.stdout
+    assert "fwd/fp32/d32/t40/bh8 -> built-in default" in out.stdout
+    assert "unchecked" not in out.stdout and "UserWarning" not in out.stderr
 
 
 def _no_traceback(out):
@@ -188,7 +200,7 @@ def test_bench_refuses_gpu_sizes_in_the_interpreter():
     at once, naming the limit and --force; the interpreter's own shapes fit under it."""
     import time
 
-    from dfgen.tools.bench import CPU_MAX_WORK, CPU_SHAPES
+    from dfgen.tools.arguments import CPU_MAX_WORK, CPU_SHAPES
 
     assert all(B * H * T * T * D <= CPU_MAX_WORK for B, T, H, D in CPU_SHAPES)
     if torch.cuda.is_available():
@@ -213,3 +225,18 @@ def test_a_reader_that_leaves_early_is_no_error():
         os.close(write_end)
     assert proc.returncode == 0, proc.stderr
     assert "error" not in proc.stderr.lower() and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_check_records_into_a_copy_when_the_file_is_packaged(tmp_path, monkeypatch):
+    """`dfgen check --record` never writes inside the installed package: a packaged file's
+    results go to a copy in the user's tuned folder (searched first)."""
+    from dfgen.settings import packaged_dir, user_tuned_dir
+    from dfgen.tools.cli import _record_target
+
+    monkeypatch.setenv("DFGEN_TUNED_DIR", str(tmp_path))
+    packaged = packaged_dir("tuned") / "h200.yaml"
+    assert _record_target(packaged, "h200") == user_tuned_dir() / "h200.yaml" == tmp_path / "h200.yaml"
+    mine = tmp_path / "other" / "h200.yaml"
+    mine.parent.mkdir()
+    mine.write_text("")
+    assert _record_target(mine, "h200") == mine

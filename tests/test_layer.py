@@ -119,9 +119,9 @@ def test_past_key_values_pass_through_with_one_warning(monkeypatch):
     cache comes back unchanged, attention covers the given tokens, one warning."""
     import warnings
 
-    import dfgen.layers
+    import dfgen.api.layers
 
-    monkeypatch.setattr(dfgen.layers, "_warned_cache", False)
+    monkeypatch.setattr(dfgen.api.layers, "_warned_cache", False)
     torch.manual_seed(3)
     layer = DeltaFormerAttention(hidden_size=64, num_heads=2).to(DEVICE).eval()
     x = torch.randn(1, 12, 64, device=DEVICE)

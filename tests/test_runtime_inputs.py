@@ -72,7 +72,7 @@ def test_bad_config_names_the_knob():
 
 def test_a_config_section_may_leave_out_knobs():
     """The knobs a section leaves out come from the built-in default's section."""
-    from dfgen.runtime import resolve_config
+    from dfgen.api.resolve import resolve_config
 
     q, k, v = qkv()
     default = default_config(32, torch.float32)

@@ -7,7 +7,8 @@ import torch
 
 from conftest import DEVICE, ON_GPU
 from dfgen.runtime import SUPPORTED_HEAD_DIMS, deltaformer_attn
-from dfgen.tools.check import DTYPES, GRAD_TOLERANCE, TOLERANCE, random_pass_inputs, reference, relative_error
+from conftest import DTYPES
+from dfgen.tools.check import GRAD_TOLERANCE, TOLERANCE, random_pass_inputs, reference, relative_error
 
 REF = torch.float32 if ON_GPU else torch.float64
 PADDED = (2, 777, 4) if ON_GPU else (1, 19, 2)  # (B, T, H)

@@ -12,7 +12,8 @@ from dfgen.kernels.config import KernelConfig, default_config
 from dfgen.errors import DfgenError
 from dfgen.tools.tuning import tuner
 from dfgen.tools.tuning.space import params_of
-from dfgen.tools.check import DTYPES
+from dfgen.select.bucket import Bucket
+from dfgen.settings import torch_dtype
 from conftest import dfgen_command
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU interpreter tune")
@@ -126,7 +127,7 @@ def test_default_and_earlier_entry_go_first_unless_cold_start(tmp_path, cold_sta
     timeout): only the order matters."""
     db = f"sqlite:///{tmp_path / 'order.db'}"
     bucket = tuner.CPU_BUCKETS[0]
-    default = default_config(bucket["head_dim"], DTYPES[bucket["dtype"]])
+    default = default_config(bucket.head_dim, torch_dtype(bucket.dtype))
     earlier = dict(default.to_dict(), solve=dict(default.solve, CHUNK=16, BLOCK_N=16))
     logs = []
     with pytest.raises(DfgenError, match="no candidate"):
@@ -140,8 +141,8 @@ def test_default_and_earlier_entry_go_first_unless_cold_start(tmp_path, cold_sta
     if cold_start:
         assert enqueued == [None] * 3
     else:
-        assert enqueued == [params_of(default, bucket["pass_"]),
-                            params_of(KernelConfig.from_dict(earlier), bucket["pass_"]), None]
+        assert enqueued == [params_of(default, bucket.pass_),
+                            params_of(KernelConfig.from_dict(earlier), bucket.pass_), None]
         assert any("start config 2 does not fit" in line for line in logs)
 
 
@@ -200,7 +201,7 @@ def test_a_float32_tune_evaluates_float32_accurate_candidates_only(tmp_path, mon
         return {"ok": True, "median_ms": 1.0 + len(seen) % 5, "error": 0.0}
 
     monkeypatch.setattr(tuner, "evaluate", fake_evaluate)
-    bucket = dict(pass_="fwd+bwd", dtype="fp32", head_dim=32, T=24, BH=1)
+    bucket = Bucket("fwd+bwd", "fp32", 32, 24, 1)
     tuner.tune_bucket(bucket, trials=12, sampler="random", seed=0,
                       storage=f"sqlite:///{tmp_path / 'f32.db'}", timeout_s=1, log=lambda *a: None)
     assert len(seen) >= 12
@@ -356,8 +357,7 @@ def test_a_trial_left_running_by_a_killed_worker_is_failed_and_retried(tmp_path,
     _stub_evaluate(monkeypatch)
     db = f"sqlite:///{tmp_path / 'hb.db'}"
     bucket = tuner.CPU_BUCKETS[0]
-    key = tuned_file.bucket_key(bucket["pass_"], bucket["dtype"], bucket["head_dim"], bucket["T"],
-                                bucket["BH"])
+    key = bucket.key
     name = tuner.study_name(key, "random", None)
     worker = subprocess.Popen([sys.executable, "-c", f"""
 import time, optuna
@@ -500,8 +500,8 @@ def test_the_default_is_timed_first_and_alone(tmp_path, monkeypatch):
     """Under a short budget the default would be cut while candidates compete: it runs
     first, by itself, then the search runs its jobs in parallel."""
     bucket = tuner.CPU_BUCKETS[0]
-    default = default_config(bucket["head_dim"], DTYPES[bucket["dtype"]])
-    state = _fake_evaluations(monkeypatch, default, bucket["pass_"], slow_default=0.3)
+    default = default_config(bucket.head_dim, torch_dtype(bucket.dtype))
+    state = _fake_evaluations(monkeypatch, default, bucket.pass_, slow_default=0.3)
     result = tuner.tune_bucket(bucket, trials=6, sampler="tpe", seed=0, timeout_s=60, jobs=3,
                                storage=f"sqlite:///{tmp_path / 'alone.db'}", log=lambda *a: None)
     assert state["log"][:2] == [("start", True, 1), ("end", True, 0)], state["log"][:4]  # alone
@@ -513,8 +513,8 @@ def test_no_challenger_wins_without_the_defaults_time(tmp_path, monkeypatch):
     """A default cut at the budget (not timed): a challenger, however fast it looked, is
     not written, since nothing shows it beats the default."""
     bucket = tuner.CPU_BUCKETS[0]
-    default = default_config(bucket["head_dim"], DTYPES[bucket["dtype"]])
-    _fake_evaluations(monkeypatch, default, bucket["pass_"], default_ok=False)
+    default = default_config(bucket.head_dim, torch_dtype(bucket.dtype))
+    _fake_evaluations(monkeypatch, default, bucket.pass_, default_ok=False)
     with pytest.raises(DfgenError, match="default was not timed"):
         tuner.tune_bucket(bucket, trials=4, sampler="tpe", seed=0, timeout_s=60, jobs=2,
                           storage=f"sqlite:///{tmp_path / 'nodefault.db'}", log=lambda *a: None)

@@ -105,7 +105,7 @@ EXPECTED = {"invalid utf-8": "UTF-8", "deep nesting": "nested too deeply",
             "list config": "must be a mapping", "list section": "must be a mapping",
             "list tuned_with": "tuned_with must be a mapping", "list provenance": "provenance",
             "unknown dtype": "dtype must be one of", "list dtype": "dtype must be one of",
-            "bool T": "T must be a positive integer", "float BH": "BH must be a positive integer",
+            "bool T": "T must be an integer >= 1", "float BH": "BH must be an integer >= 1",
             "head dim 48": "head_dim must be one of",
             "list pass": "pass must be one of", "impossible date": "ValueError"}
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import dfgen.kernels.forward
-import dfgen.runtime
+import dfgen.settings
 from conftest import DEVICE
 from dfgen.errors import InputError
 from dfgen.runtime import deltaformer_attn
@@ -103,7 +103,7 @@ def test_offsets_far_past_the_packed_length_do_not_crash(tmp_path):
 @pytest.mark.parametrize("case", list(BAD))
 def test_debug_mode_checks_the_offsets(case, monkeypatch):
     offsets, max_seqlen = BAD[case]
-    monkeypatch.setattr(dfgen.runtime, "DEBUG", True)
+    monkeypatch.setattr(dfgen.settings, "DEBUG", True)
     q, k, v, beta = _inputs()
     cu = torch.tensor(offsets, dtype=torch.int32, device=DEVICE)
     name = "max_seqlen" if case == "short_max_seqlen" else "cu_seqlens"

@@ -13,7 +13,7 @@ import torch
 from ..errors import ConfigError, InputError
 from ..kernels.config import KernelConfig
 from ..kernels.forward import forward, forward_q_solve
-from ..settings import DEBUG
+from .. import settings
 from . import ops  # noqa: F401  (registers the dfgen:: custom ops that _traced calls)
 from .autograd import AllPaddingFunction, DeltaFormerAttnFunction, DeltaFormerAttnQSolveFunction
 from .inputs import (check_attention_mask, check_beta_range, check_cu_seqlens, check_inputs,
@@ -54,7 +54,7 @@ def deltaformer_attn(q, k, v, beta=None, *, q_solve=None, cu_seqlens=None, max_s
     check_large_beta(large_beta)
     if torch.compiler.is_compiling():
         return _traced(q, k, v, beta, q_solve, cu_seqlens, attention_mask, config, large_beta)
-    if DEBUG and beta is not None and not large_beta:
+    if settings.DEBUG and beta is not None and not large_beta:
         check_beta_range(beta)
     if attention_mask is not None:
         if cu_seqlens is not None:

@@ -8,7 +8,8 @@ import torch
 
 from ..errors import InputError
 from ..kernels.config import SUPPORTED_HEAD_DIMS
-from ..settings import DEBUG, interpreter_active
+from .. import settings
+from ..settings import interpreter_active
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _VALID_SIGNATURES: set = set()  # inputs already checked, by what the checks look at
@@ -109,7 +110,7 @@ def check_cu_seqlens(q, cu_seqlens, max_seqlen=None):
     if max_seqlen is not None:
         if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 1:
             raise InputError(f"max_seqlen must be a positive int, got {max_seqlen!r}")
-        if DEBUG:  # one host sync; without it bad offsets give wrong rows (clamped, in bounds)
+        if settings.DEBUG:  # one host sync; without it bad offsets give wrong rows (clamped, in bounds)
             _check_offsets(cu_seqlens.tolist(), q.shape[1], max_seqlen)
         return cu_seqlens.to(torch.int32).contiguous(), max_seqlen
     bounds = cu_seqlens.tolist()  # one host sync, as the longest length sizes the launch

@@ -23,6 +23,7 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)  # what the kernels take (the runtime's 
 _SCALARS = (bool, int, float, str)  # knob values: anything else is rejected when a config is built
 _SECTIONS = ("solve", "attn", "solve_bwd", "attn_bwd")
 _STAGE_OF = {"solve": "solve_fwd", "attn": "attn_fwd", "solve_bwd": "solve_bwd", "attn_bwd": "attn_bwd"}
+SECTION_OF_STAGE = {stage: section for section, stage in _STAGE_OF.items()}  # "solve_fwd" -> "solve"
 _checked: set = set()  # (config key, head dim, backward) already validated: checks are pure
 _filled: dict = {}  # (config key, defaults key) -> the config with empty sections filled
 _parsed: dict = {}  # (id(defaults), dict form with value types) -> (defaults, config): from_dict

@@ -58,19 +58,18 @@ class Bucket(NamedTuple):
         missing = [f for f in FIELDS if f not in data]
         if missing:
             raise ConfigError(f"{where} lacks {missing}")
-        if data["pass"] not in PASSES:
-            raise ConfigError(f"{where}: pass must be one of {list(PASSES)}, got {data['pass']!r}")
+        if not isinstance(data["pass"], str) or data["pass"] not in PASSES:
+            raise ConfigError(f"{where}: pass must be one of {', '.join(PASSES)}, got {data['pass']!r}")
         if data.get("variant", "") not in VARIANTS:
-            raise ConfigError(f"{where}: variant must be one of {list(VARIANTS)}, "
-                              f"got {data.get('variant')!r}")
-        if data["dtype"] not in DTYPE_NAMES:
-            raise ConfigError(f"{where}: dtype must be one of {list(DTYPE_NAMES)}, "
+            raise ConfigError(f"{where}: variant must be qsolve or left out, got {data.get('variant')!r}")
+        if not isinstance(data["dtype"], str) or data["dtype"] not in DTYPE_NAMES:
+            raise ConfigError(f"{where}: dtype must be one of {', '.join(DTYPE_NAMES)}, "
                               f"got {data['dtype']!r}")
         for name in ("head_dim", "T", "BH"):  # bool is an int: true is no T
             if type(data[name]) is not int or data[name] < 1:
-                raise ConfigError(f"{where}: {name} must be a positive integer, got {data[name]!r}")
+                raise ConfigError(f"{where}: {name} must be an integer >= 1, got {data[name]!r}")
         if data["head_dim"] not in SUPPORTED_HEAD_DIMS:
-            raise ConfigError(f"{where}: head_dim must be one of {list(SUPPORTED_HEAD_DIMS)}, "
-                              f"got {data['head_dim']}")
+            raise ConfigError(f"{where}: head_dim must be one of "
+                              f"{', '.join(map(str, SUPPORTED_HEAD_DIMS))}, got {data['head_dim']}")
         return cls(data["pass"], data["dtype"], data["head_dim"], data["T"], data["BH"],
                    data.get("variant", ""))

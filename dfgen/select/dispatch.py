@@ -142,10 +142,19 @@ class Dispatcher:
         """What of the versions `entry` was tuned under differs from the running ones."""
         return tuned_file.differences(tuned_file.tuned_under(self.data, entry), self.running)
 
+    def checked_here(self, entry: dict):
+        """The result `dfgen check --record` recorded for `entry` under the running triton
+        and templates: True (passed), False (failed), or None (no such record)."""
+        checked = entry.get("checked")
+        if not checked or tuned_file.differences(checked, self.running):
+            return None
+        return checked.get("passed") is True
+
     def _warn_if_stale(self) -> None:
-        """One warning for the file when any entry was tuned with other templates or triton."""
+        """One warning for the file when an entry was tuned with other templates or triton
+        and no check under the running ones vouches for it."""
         stale = {difference for entry in self.data["entries"].values()
-                 for difference in self.stale(entry)}
+                 if self.checked_here(entry) is None for difference in self.stale(entry)}
         if stale:
             warnings.warn(f"dfgen: {self.path} was tuned with {', '.join(sorted(stale))}; its "
                           "entries serve where their knobs fit the running templates, unchecked: "
@@ -171,7 +180,7 @@ class Dispatcher:
         if entry is None:
             return self._log(bucket, Choice(default, "built-in default"))
         source = f"{self.path} [{key}] ({self.match})"
-        if self._failed_check(entry):
+        if self.checked_here(entry) is False:
             return self._log(bucket, Choice(default, f"built-in default ({source} failed "
                                                      "`dfgen check` under the running versions)"))
         try:
@@ -181,12 +190,6 @@ class Dispatcher:
             warnings.warn(f"dfgen: {source} does not fit the running templates ({err}); the "
                           "built-in default serves it (re-tune with `dfgen tune`)", stacklevel=6)
             return self._log(bucket, Choice(default, f"built-in default ({source} unusable)"))
-
-    def _failed_check(self, entry: dict) -> bool:
-        """`dfgen check --record` failed this entry under the running versions."""
-        checked = entry.get("checked")
-        return bool(checked) and checked.get("passed") is False and \
-            not tuned_file.differences(checked, self.running)
 
     def _log(self, bucket: Bucket, choice: Choice) -> Choice:
         if choice.source not in self._logged:

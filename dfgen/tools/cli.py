@@ -8,6 +8,7 @@ import os
 import sys
 
 from ..errors import DfgenError
+from ..settings import DTYPE_NAMES
 
 
 def _default_for(head_dim: int, dtype: str, strategy: str = "fused"):
@@ -32,13 +33,10 @@ def _use_interpreter_without_gpu() -> bool:
     return True
 
 
-_STAGE_SECTIONS = {"solve_fwd": "solve", "attn_fwd": "attn", "solve_bwd": "solve_bwd",
-                   "attn_bwd": "attn_bwd"}
-
-
 def cmd_emit(args) -> int:
     from ..errors import InputError
     from ..kernels.build import emit, specialize
+    from ..kernels.config import SECTION_OF_STAGE
     from ..kernels.spec import STAGES
     from .arguments import parse_sets
 
@@ -50,7 +48,7 @@ def cmd_emit(args) -> int:
     stages = [args.stage] if args.stage else list(STAGES)
     parts = []
     for stage in stages:
-        knobs = {**getattr(defaults, _STAGE_SECTIONS[stage]), **sets}
+        knobs = {**getattr(defaults, SECTION_OF_STAGE[stage]), **sets}
         path, text = emit(specialize(stage, args.dtype, head_dim, knobs))
         if not args.stage:  # all four, one after another: say which is which
             text = (f"# dfgen emit: {stage}, {args.dtype}, head dim {head_dim}, knobs "
@@ -330,9 +328,11 @@ def cmd_show(args) -> int:
 
     for key, entry in sorted(disp.data["entries"].items()):
         choice = disp.choose(Bucket.from_fields(entry, key))
-        stale = disp.stale(entry)
-        note = (f" [tuned with {', '.join(stale)}: unchecked unless `dfgen check` passed it]"
-                if stale else "")
+        stale, checked = disp.stale(entry), disp.checked_here(entry)
+        note = ("" if not stale and checked is None else
+                " [" + (f"tuned with {', '.join(stale)}; " if stale else "")
+                + {None: "unchecked", True: "`dfgen check` passed it here",
+                   False: "`dfgen check` failed it here"}[checked] + "]")
         print(f"  {key} -> {choice.source}: {choice.config}{note}")
     return 0
 
@@ -408,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     emit.add_argument("--stage", choices=["solve_fwd", "attn_fwd", "solve_bwd", "attn_bwd"],
                       help="the stage to print (default: all four, each headed by a comment "
                       "naming it and its knobs)")
-    emit.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    emit.add_argument("--dtype", choices=DTYPE_NAMES, default="bf16")
     emit.add_argument("--head-dim", type=int, default=128)
     emit.add_argument("--set", action="append", metavar="KNOB=VALUE",
                       help="override a knob of --stage's section of the default config "
@@ -418,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmark against torch SDPA and fla")
     bench.add_argument("--shapes", help="'B,T,H,D;B,T,H,D;...' (default: the standard set)")
-    bench.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    bench.add_argument("--dtype", choices=DTYPE_NAMES, default="bf16")
     bench.add_argument("--configs", help="YAML file with a forward config or a list of them; "
                        "each is checked against the reference, the fastest is reported "
                        "(default: the built-in config)")
@@ -463,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "into DIR (needs matplotlib: pip install 'dfgen[plot]')")
     tune.add_argument("--try", dest="try_configs", metavar="FILE",
                       help="YAML config or list of configs to try first in every bucket, after "
-                      "the default and the --out file's entry (e.g. bench/candidates-h200.yaml)")
+                      "the default and the --out file's entry (e.g. `python bench/run.py --write candidates h200 FILE` writes the H200 candidates)")
     tune.add_argument("--cold-start", action="store_true",
                       help="try neither the shipped default, the --out file's config for the "
                       "bucket nor --try configs first (to measure what the sampler finds on "
@@ -479,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--default", action="store_true",
                       help="print the built-in default config (YAML) instead")
     show.add_argument("--head-dim", type=int, default=128, help="with --default (default 128)")
-    show.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16",
+    show.add_argument("--dtype", choices=DTYPE_NAMES, default="bf16",
                       help="with --default (default bf16)")
     show.add_argument("--strategy", choices=["fused", "two_stage"], default="fused",
                       help="with --default (default fused)")
