@@ -10,14 +10,14 @@ from dfgen.naive import (naive_deltaformer_attn, naive_deltaformer_u, naive_stri
 
 
 def solve(C, N, L=1, fp16_inverse=False, precision="tf32x3", warps=4, stages=2, maxnreg=None,
-          helpers=None, poll=None):
+          split_prefix=None, poll=None):
     knobs = dict(CHUNK=C, BLOCK_N=N, LOOKAHEAD=L, INV_FP16=fp16_inverse,
                  SOLVE_PRECISION=precision, num_warps=warps, num_stages=stages)
     # left out when None: the knobs' defaults fill them
     if maxnreg is not None:
         knobs["maxnreg"] = maxnreg
-    if helpers is not None:
-        knobs["SPLIT_PREFIX"] = helpers
+    if split_prefix is not None:
+        knobs["SPLIT_PREFIX"] = split_prefix
     if poll is not None:
         knobs["POLL"] = poll
     return knobs
@@ -39,14 +39,14 @@ CPU_CASES = [
     # interpreter ignores it, the GPU cases run it)
     (1, 70, 2, 32, solve(16, 16, L=2, fp16_inverse=True, precision="fp16", maxnreg=168)),
     (2, 50, 1, 32, solve(16, 16, L=3, fp16_inverse=True, precision="bf16")),
-    # helper programs take the first part of the prefix (chunks 4 on): even and odd chunk
-    # counts (an odd count leaves the last step's second helper without a chunk), every
-    # lookahead, key blocks of one and of two chunks
-    (1, 150, 2, 32, solve(16, 16, L=2, helpers=True)),
-    (2, 130, 1, 32, solve(16, 32, L=1, fp16_inverse=True, precision="fp16", helpers=True)),
-    (1, 100, 2, 64, solve(16, 16, L=3, helpers=True)),
+    # prefix-split programs take the first part of the prefix (chunks 4 on): even and odd
+    # chunk counts (an odd count leaves the last step's second prefix-split program without
+    # a chunk), every lookahead, key blocks of one and of two chunks
+    (1, 150, 2, 32, solve(16, 16, L=2, split_prefix=True)),
+    (2, 130, 1, 32, solve(16, 32, L=1, fp16_inverse=True, precision="fp16", split_prefix=True)),
+    (1, 100, 2, 64, solve(16, 16, L=3, split_prefix=True)),
     # relaxed polls with one fence per wait (NVIDIA only: the interpreter's waits are portable)
-    (1, 90, 2, 32, solve(16, 16, L=2, helpers=True, poll="relaxed")),
+    (1, 90, 2, 32, solve(16, 16, L=2, split_prefix=True, poll="relaxed")),
 ]
 GPU_CASES = [
     (2, 1000, 3, 64, solve(64, 64, precision="tf32")),
@@ -57,11 +57,11 @@ GPU_CASES = [
     (2, 2500, 3, 64, solve(64, 64, L=1, fp16_inverse=True, precision="fp16", stages=4, maxnreg=168)),
     (1, 4100, 2, 128, solve(64, 64, L=2, fp16_inverse=True, precision="bf16", maxnreg=168)),
     (2, 4000, 2, 64, solve(64, 128, L=2, fp16_inverse=True, precision="fp16", maxnreg=128)),
-    (1, 4097, 3, 128, solve(64, 64, L=2, fp16_inverse=True, precision="fp16", helpers=True)),
-    (2, 3001, 4, 64, solve(64, 128, L=1, fp16_inverse=True, precision="fp16", stages=3, helpers=True)),
-    (1, 8192, 2, 128, solve(32, 32, L=3, fp16_inverse=True, precision="tf32", helpers=True)),
+    (1, 4097, 3, 128, solve(64, 64, L=2, fp16_inverse=True, precision="fp16", split_prefix=True)),
+    (2, 3001, 4, 64, solve(64, 128, L=1, fp16_inverse=True, precision="fp16", stages=3, split_prefix=True)),
+    (1, 8192, 2, 128, solve(32, 32, L=3, fp16_inverse=True, precision="tf32", split_prefix=True)),
     (4, 1024, 32, 64, solve(64, 64, L=1, fp16_inverse=True, precision="fp16", stages=4, maxnreg=168, poll="relaxed")),
-    (2, 3001, 3, 64, solve(64, 128, L=2, fp16_inverse=True, precision="fp16", helpers=True, poll="relaxed")),
+    (2, 3001, 3, 64, solve(64, 128, L=2, fp16_inverse=True, precision="fp16", split_prefix=True, poll="relaxed")),
     (1, 8192, 2, 128, solve(32, 32, L=3, fp16_inverse=True, precision="tf32", poll="relaxed")),
 ]
 
@@ -70,7 +70,7 @@ def case_id(case, dtype):
     B, T, H, D, k = case
     extra = "".join(f"-{v}" for v in (k["SOLVE_PRECISION"],) if v in ("fp16", "bf16"))
     extra += f"-r{k['maxnreg']}" if k.get("maxnreg") else ""
-    extra += "-helpers" if k.get("SPLIT_PREFIX") else ""
+    extra += "-split-prefix" if k.get("SPLIT_PREFIX") else ""
     extra += f"-{k['POLL']}" if k.get("POLL") else ""
     return f"B{B}-T{T}-H{H}-D{D}-C{k['CHUNK']}-N{k['BLOCK_N']}-L{k['LOOKAHEAD']}{extra}-{dtype}"
 
