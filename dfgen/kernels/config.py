@@ -227,7 +227,7 @@ def default_config(head_dim: int, dtype=None, strategy: str = "fused") -> Kernel
 def _default_config(head_dim: int, dtype: str, strategy: str) -> KernelConfig:
     """Built-in config, used when no tuned entry applies: the H200's best forward knobs
     where they also fit smaller GPUs (at head dim 128 two pipeline stages, about 80 KB of
-    shared memory, instead of three, about 112 KB). At head dim 128 helper programs take
+    shared memory, instead of three, about 112 KB). At head dim 128 prefix-split programs take
     the first half of each prefix (SPLIT_PREFIX: 3 to 17 % faster at T = 4096 to 16384
     on the H200); at head dim 64 they win only at long T, where a tuned entry picks them."""
     fp32 = dtype.endswith("float32")
