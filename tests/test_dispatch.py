@@ -319,3 +319,17 @@ def test_a_training_call_served_by_a_forward_entry_runs(tmp_path, monkeypatch):
         assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
     finally:
         dispatch.reset()
+
+
+def test_the_serving_config_is_logged_once_at_info_and_every_lookup_at_debug(tmp_path, caplog):
+    import logging
+
+    write(tmp_path, "h200", {"e": entry(1024)})
+    disp = Dispatcher(H200, [tmp_path])
+    with caplog.at_level(logging.DEBUG, logger="dfgen"):
+        for T in (1024, 1024, 1100, 900):  # one entry serves all four
+            disp.choose(Bucket("fwd", "fp32", 64, T, 16))
+    info = [r for r in caplog.records if r.levelno == logging.INFO]
+    debug = [r for r in caplog.records if r.levelno == logging.DEBUG]
+    assert len(info) == 1 and "[e]" in info[0].getMessage()
+    assert len(debug) == 4
