@@ -36,6 +36,7 @@ from ...errors import DfgenError
 from ...kernels.config import SECTION_OF_STAGE, KernelConfig
 from ...kernels.spec import templates_hash
 from . import worker
+from .storage import ask_trial, end_heartbeat
 from .evaluate import SLOTS
 from .space import grid_size, stage_choices, stage_knobs, stage_limits, stage_params, stage_points, strategies
 
@@ -184,46 +185,59 @@ class StageSearch:
         `hard_deadline` (the bucket's search's end) is cut. With `ahead` (CompileAhead),
         its number of jobs are asked for early and compiled while one is timed."""
         lookahead = ahead.jobs if ahead is not None else 0
-        queue: collections.deque = collections.deque()
+        queue: collections.deque = collections.deque()  # (trial, params, heartbeat) asked for
         asked = 0
-        while soft_deadline is None or time.monotonic() < soft_deadline:
-            while len(queue) < 1 + lookahead and asked < self.remaining:
-                if self.exhaustive and not self._waiting():  # other processes took the rest
-                    self.remaining = asked
+        try:
+            while soft_deadline is None or time.monotonic() < soft_deadline:
+                while len(queue) < 1 + lookahead and asked < self.remaining:
+                    if self.exhaustive and not self._waiting():  # other processes took the rest
+                        self.remaining = asked
+                        break
+                    trial, beat = ask_trial(self.study)
+                    queue.append((trial, {name: trial.suggest_categorical(name, values)
+                                          for name, values in self.space.items()}, beat))
+                    asked += 1
+                    if ahead is not None and len(queue) > 1:
+                        ahead.submit(self.stage_request(queue[-1][1]))
+                if not queue:
                     break
-                trial = self.study.ask()
-                params = {name: trial.suggest_categorical(name, values)
-                          for name, values in self.space.items()}
-                queue.append((trial, params))
-                asked += 1
-                if ahead is not None and len(queue) > 1:
-                    ahead.submit(self.stage_request(params))
-            if not queue:
-                break
-            trial, params = queue.popleft()
-            finished = self._evaluate(trial, params, hard_deadline)
-            on_trial(self, finished)
-            if finished.user_attrs.get("cut"):
-                break
-        for trial, _ in queue:  # asked for ahead, never timed: recorded as cut (a resume retries)
-            trial.set_user_attr("cut", True)
-            trial.set_user_attr("failure", "asked for ahead; the stage's time ran out first")
-            self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        if ahead is not None:
-            ahead.forget()
+                trial, params, beat = queue.popleft()
+                try:
+                    result = self._evaluate(trial, params, hard_deadline)
+                finally:
+                    end_heartbeat(beat)
+                finished = self._tell(trial, params, result)
+                on_trial(self, finished)
+                if finished.user_attrs.get("cut"):
+                    break
+        finally:  # asked for ahead, never timed: recorded as cut (a resume retries them)
+            for trial, _, beat in queue:
+                end_heartbeat(beat)
+                trial.set_user_attr("cut", True)
+                trial.set_user_attr("failure", "asked for ahead; the stage's time ran out first")
+                self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            if ahead is not None:
+                ahead.forget()
 
-    def _evaluate(self, trial, params: dict, hard_deadline: float | None):
-        """Time one candidate and tell the study; returns the finished trial (FrozenTrial)."""
+    def _evaluate(self, trial, params: dict, hard_deadline: float | None) -> dict:
+        """The worker's reply for one candidate ({"duplicate_of": n} for a point the study
+        already timed: it is not timed twice)."""
         self.evaluated += 1
         for old in self.study.get_trials(deepcopy=False, states=DONE):
-            if old.params == params:  # a point already timed is not timed twice
-                trial.set_user_attr("duplicate_of", old.number)
-                return self.study.tell(trial, old.value)
+            if old.params == params:
+                return {"ok": True, "duplicate_of": old.number, "median_ms": old.value}
         result = worker.evaluate(self.stage_request(params), self.timeout_s, hard_deadline)
+        if not result.get("cut"):
+            self.ran += 1
+        return result
+
+    def _tell(self, trial, params: dict, result: dict):
+        """Record a reply in the study; returns the finished trial (a FrozenTrial)."""
+        if "duplicate_of" in result:
+            trial.set_user_attr("duplicate_of", result["duplicate_of"])
+            return self.study.tell(trial, result["median_ms"])
         if result.get("cut"):
             trial.set_user_attr("cut", True)
-        else:
-            self.ran += 1
         if not result["ok"]:
             trial.set_user_attr("failure", result["reason"])
             return self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
