@@ -104,9 +104,29 @@ def _point(params: dict) -> str:
     return json.dumps(params, sort_keys=True)
 
 
+def _taken(trials) -> set:
+    """The points of a swept study that need no (other) run: timed, failed for a reason
+    of their own, queued or running (a point cut at a time limit is run again)."""
+    State = optuna.trial.TrialState
+    out = set()
+    for t in trials:
+        if t.state in (State.COMPLETE, State.RUNNING) or (
+                t.state == State.FAIL and not t.user_attrs.get("cut")):
+            out.add(_point(t.params or t.system_attrs.get("fixed_params", {})))
+        elif t.state == State.WAITING:
+            out.add(_point(t.system_attrs.get("fixed_params", {})))
+    return out
+
+
 class StageSearch:
     """One stage's study in one bucket. Made, it knows how many trials it has left
-    (`remaining`); `run()` then evaluates them until they are done or its time is up."""
+    (`remaining`); `run()` then evaluates them until they are done or its time is up.
+
+    A swept stage queues its points one at a time, just before asking for a trial (so
+    that the study holds no long queue that every read of it would reread), skipping the
+    points the study already has: processes sharing the study split the sweep between
+    them. A point left running by a killed process is not run again in a journal study
+    (no heartbeat tells it from a live one); a database study fails and retries it."""
 
     def __init__(self, slot: Slot, bucket, *, storage, sampler: str, seed: int, trials: int,
                  sweep_max: int, limits: dict | None, cold_start: bool,
@@ -121,13 +141,21 @@ class StageSearch:
             load_if_exists=True, direction="minimize", sampler=make_sampler(sampler, seed, trials))
         self.ran = 0  # candidates this process evaluated to the end (trials per minute)
         self.evaluated = 0  # trials this process finished (duplicates and cut ones too)
-        firsts = [] if cold_start else list(firsts)
-        if self.exhaustive:
-            self.remaining = self._queue_sweep(firsts, seed)
-        else:
-            self.remaining = self._queue_firsts(firsts, trials)
+        firsts = self._first_points([] if cold_start else firsts)
+        trials_now = self.study.get_trials(deepcopy=False)
+        if self.exhaustive:  # the start points first, then the rest in a seeded random order
+            points = stage_points(self.space)
+            random.Random(f"{seed}:{slot.name}").shuffle(points)
+            self.points = list({_point(p): p for p in firsts + points}.values())
+            taken = _taken(trials_now)
+            self.remaining = len([p for p in self.points if _point(p) not in taken])
+        else:  # a new study's first trials are the start points
+            if not trials_now:
+                for params in firsts:
+                    self.study.enqueue_trial(params, skip_if_exists=True)
+            self.remaining = max(0, trials - len([t for t in trials_now if t.state.is_finished()]))
         # what the progress line counts to: the study's finished trials and those to come
-        self.total = len([t for t in self.study.trials if t.state.is_finished()]) + self.remaining
+        self.total = len([t for t in trials_now if t.state.is_finished()]) + self.remaining
 
     def _fits(self, params: dict) -> bool:
         return all(value in self.space.get(name, [value]) for name, value in params.items())
@@ -145,35 +173,17 @@ class StageSearch:
                          "lies outside the searched space; not tried first")
         return out
 
-    def _queue_firsts(self, firsts, trials: int) -> int:
-        """A sampled stage: a new study's first trials are the start points."""
-        if not self.study.trials:
-            for params in self._first_points(firsts):
-                self.study.enqueue_trial(params, skip_if_exists=True)
-        done = len([t for t in self.study.trials if t.state.is_finished()])
-        return max(0, trials - done)
-
-    def _queue_sweep(self, firsts, seed: int) -> int:
-        """A swept stage: every point not yet timed or failed is queued (the start points
-        first, then the rest in a seeded random order); returns how many there are."""
-        points = stage_points(self.space)
-        random.Random(f"{seed}:{self.slot.name}").shuffle(points)
+    def _queue_next_point(self, asked: set) -> bool:
+        """A swept stage: queue the next point no trial has (False: none is left)."""
         trials = self.study.get_trials(deepcopy=False)
-        done = {_point(t.params) for t in trials if t.state == optuna.trial.TrialState.COMPLETE
-                or (t.state == optuna.trial.TrialState.FAIL and not t.user_attrs.get("cut"))}
-        waiting = {_point(t.system_attrs.get("fixed_params", {})) for t in trials
-                   if t.state == optuna.trial.TrialState.WAITING}
-        queued = set()
-        for params in self._first_points(firsts) + points:
-            point = _point(params)
-            if point not in done and point not in queued:
-                queued.add(point)
-                if point not in waiting:  # another process may have queued it already
-                    self.study.enqueue_trial(params)
-        return len(queued)
-
-    def _waiting(self) -> bool:
-        return bool(self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
+        if any(t.state == optuna.trial.TrialState.WAITING for t in trials):
+            return True  # one queued already (here or by another process): ask() takes it
+        taken = _taken(trials) | asked
+        following = next((p for p in self.points if _point(p) not in taken), None)
+        if following is None:
+            return False
+        self.study.enqueue_trial(following)
+        return True
 
     def stage_request(self, params: dict) -> dict:
         return dict(self.request, knobs=stage_knobs(self.slot.stage, params))
@@ -186,27 +196,28 @@ class StageSearch:
         its number of jobs are asked for early and compiled while one is timed."""
         lookahead = ahead.jobs if ahead is not None else 0
         queue: collections.deque = collections.deque()  # (trial, params, heartbeat) asked for
-        asked = 0
+        asked, asked_points = 0, set()
         try:
             while soft_deadline is None or time.monotonic() < soft_deadline:
                 while len(queue) < 1 + lookahead and asked < self.remaining:
-                    if self.exhaustive and not self._waiting():  # other processes took the rest
-                        self.remaining = asked
+                    if self.exhaustive and not self._queue_next_point(asked_points):
+                        self.remaining = asked  # other processes took the rest
                         break
                     trial, beat = ask_trial(self.study)
-                    queue.append((trial, {name: trial.suggest_categorical(name, values)
-                                          for name, values in self.space.items()}, beat))
-                    asked += 1
+                    params = {name: trial.suggest_categorical(name, values)
+                              for name, values in self.space.items()}
+                    queue.append((trial, params, beat))
+                    asked, _ = asked + 1, asked_points.add(_point(params))
                     if ahead is not None and len(queue) > 1:
-                        ahead.submit(self.stage_request(queue[-1][1]))
+                        ahead.submit(self.stage_request(params))
                 if not queue:
                     break
                 trial, params, beat = queue.popleft()
                 try:
-                    result = self._evaluate(trial, params, hard_deadline)
+                    result = self._evaluate(params, hard_deadline)
                 finally:
                     end_heartbeat(beat)
-                finished = self._tell(trial, params, result)
+                finished = self._tell(trial, result)
                 on_trial(self, finished)
                 if finished.user_attrs.get("cut"):
                     break
@@ -219,7 +230,7 @@ class StageSearch:
             if ahead is not None:
                 ahead.forget()
 
-    def _evaluate(self, trial, params: dict, hard_deadline: float | None) -> dict:
+    def _evaluate(self, params: dict, hard_deadline: float | None) -> dict:
         """The worker's reply for one candidate ({"duplicate_of": n} for a point the study
         already timed: it is not timed twice)."""
         self.evaluated += 1
@@ -231,7 +242,7 @@ class StageSearch:
             self.ran += 1
         return result
 
-    def _tell(self, trial, params: dict, result: dict):
+    def _tell(self, trial, result: dict):
         """Record a reply in the study; returns the finished trial (a FrozenTrial)."""
         if "duplicate_of" in result:
             trial.set_user_attr("duplicate_of", result["duplicate_of"])
@@ -246,17 +257,21 @@ class StageSearch:
             trial.set_user_attr("first_s", round(result["first_s"], 3))
         return self.study.tell(trial, result["median_ms"])
 
-    def best(self) -> tuple[dict, float] | None:
-        """(knobs, median ms) of the fastest checked trial; None if none passed."""
-        timed = [t for t in self.study.get_trials(deepcopy=False, states=DONE)
-                 if "duplicate_of" not in t.user_attrs]
+    def best(self, trials=None) -> tuple[dict, float] | None:
+        """(knobs, median ms) of the fastest checked trial (of `trials`, default: the
+        study's); None if none passed."""
+        trials = self.study.get_trials(deepcopy=False) if trials is None else trials
+        timed = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE
+                 and "duplicate_of" not in t.user_attrs]
         if not timed:
             return None
         top = min(timed, key=lambda t: t.value)
         return stage_knobs(self.slot.stage, top.params), top.value
 
-    def counts(self) -> tuple[int, int, int]:
-        """(trials in the study, failed ones, cut ones)."""
-        failed = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
+    def counts(self, trials=None) -> tuple[int, int, int, int]:
+        """(trials in the study, finished ones, failed ones, cut ones) of `trials`
+        (default: the study's)."""
+        trials = self.study.get_trials(deepcopy=False) if trials is None else trials
+        failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
         cut = len([t for t in failed if t.user_attrs.get("cut")])
-        return len(self.study.trials), len(failed) - cut, cut
+        return len(trials), len([t for t in trials if t.state.is_finished()]), len(failed) - cut, cut

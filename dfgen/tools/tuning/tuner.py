@@ -102,7 +102,7 @@ def tune_bucket(bucket: Bucket, *, trials: int, sampler: str, seed: int, storage
     check_limits(limits)
     slots = bucket_slots(bucket, limits)
     fixed = _forward_of(bucket, forward, default, log) if bucket.backward else None
-    firsts = _start_configs(default, starts, bucket, log)
+    starts = _start_configs(default, starts, bucket, log)
     combos = 1 if bucket.backward else len({s.strategy for s in slots})
     budget = BucketBudget(minutes, retime_runs=2 * (1 + combos))
     progress = progress or TuneProgress(1, trials, minutes)
@@ -113,7 +113,7 @@ def tune_bucket(bucket: Bucket, *, trials: int, sampler: str, seed: int, storage
         searches = [StageSearch(slot, bucket, storage=storage, sampler=sampler, seed=seed,
                                 trials=trials, sweep_max=sweep_max, limits=limits,
                                 cold_start=cold_start, request=tune.stage_request,
-                                firsts=[c for c in firsts if slot.strategy in (None, c.strategy)],
+                                firsts=_firsts(slot, bucket, starts),
                                 timeout_s=timeout_s, log=log)
                     for slot in slots]
         tune.search(searches, ahead)
@@ -138,9 +138,8 @@ def _forward_of(bucket: Bucket, forward: Mapping | None, default: KernelConfig, 
 
 
 def _start_configs(default: KernelConfig, starts, bucket: Bucket, log) -> list[KernelConfig]:
-    """The configs whose knobs each stage tries first: the default, then each of `starts`
-    that fits this bucket (sections it lacks taken from the default)."""
-    out = [default]
+    """Each of `starts` that fits this bucket (sections it lacks taken from the default)."""
+    out = []
     for i, start in enumerate(starts):
         try:
             out.append(KernelConfig.from_dict(start, defaults=default)
@@ -149,6 +148,13 @@ def _start_configs(default: KernelConfig, starts, bucket: Bucket, log) -> list[K
             log(f"{bucket.key}: start config {i + 1} does not fit this bucket or the templates "
                 f"({err}); not tried")
     return out
+
+
+def _firsts(slot, bucket: Bucket, starts: list[KernelConfig]) -> list[KernelConfig]:
+    """The configs whose knobs a stage tries first: the default of its strategy, then the
+    start configs of that strategy (a backward stage: all of them)."""
+    default = default_config(bucket.head_dim, torch_dtype(bucket.dtype), slot.strategy or "fused")
+    return [default] + [c for c in starts if slot.strategy in (None, c.strategy)]
 
 
 def _pass_sections(config: KernelConfig, backward: bool) -> KernelConfig:
@@ -221,14 +227,14 @@ class _BucketTune:
             search.run(soft, search_deadline, ahead, self.on_trial)
 
     def on_trial(self, search, trial) -> None:
-        trials, failed, cut = search.counts()
-        done = len([t for t in search.study.trials if t.state.is_finished()])
+        trials = search.study.get_trials(deepcopy=False)
+        _, done, failed, cut = search.counts(trials)
         state = "cut" if trial.user_attrs.get("cut") else trial.state.name.lower()
         note = f"{search.slot.name} trial {trial.number} {state}" + (
             "" if trial.value is None else f" {trial.value:.4f} ms") + (
             f" ({trial.user_attrs['failure'][:100]})" if "failure" in trial.user_attrs and
             not trial.user_attrs.get("cut") else "")
-        best = search.best()
+        best = search.best(trials)
         left = sum(max(0, s.remaining - s.evaluated) for s in self.searched)
         self.log(self.progress.line(self.key, note, done, max(search.total, done), failed, cut,
                                     best[1] if best else None,
@@ -263,7 +269,7 @@ class _BucketTune:
 
     def finish(self, searches: list) -> BucketResult:
         counts = [s.counts() for s in searches]
-        failures, cut = sum(c[1] for c in counts), sum(c[2] for c in counts)
+        failures, cut = sum(c[2] for c in counts), sum(c[3] for c in counts)
         combos = self.combinations(searches)
         configs = [self.default] + combos
         for rep in range(2):  # interleaved: d, c1, c2, d, c1, c2 (drift spreads over all)
