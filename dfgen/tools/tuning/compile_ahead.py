@@ -3,8 +3,8 @@
 The stage search asks its sampler for the next few candidates before the current one is
 timed and hands them to N compile-only worker processes (worker.py, requests of op
 "compile"). Each makes the stage's inputs at the bucket's shape as the timing worker does
-and runs the stage with every Triton launch turned into a compile (`no_launch`): the same
-arguments give the same specialization, so the kernels land in Triton's on-disk cache
+and runs the stage with every Triton launch turned into a compile (evaluate.no_launch):
+the same arguments give the same specialization, so the kernels land in Triton's on-disk cache
 under the key the timing worker's first launch looks up, and that launch loads them
 instead of compiling. Nothing is launched, so the GPU's timing is left alone. A compile
 that fails or hangs costs nothing but its process (the timing worker then compiles, and
@@ -15,28 +15,9 @@ from __future__ import annotations
 
 import atexit
 import collections
-import contextlib
 import time
 
 from .worker import Worker
-
-
-@contextlib.contextmanager
-def no_launch():
-    """Inside: a launch of any Triton kernel (`kernel[grid](...)`) compiles it for the
-    current device, as a launch would, and stops there (Triton's warmup path)."""
-    from triton.runtime.jit import JITFunction
-
-    original = JITFunction.run
-
-    def compile_only(self, *args, grid, warmup, **kwargs):
-        return original(self, *args, grid=grid, warmup=True, **kwargs)
-
-    JITFunction.run = compile_only
-    try:
-        yield
-    finally:
-        JITFunction.run = original
 
 
 class CompileAhead:

@@ -147,7 +147,6 @@ def compile_stage(request: dict) -> dict:
     them: its inputs are made as for timing (same shapes, strides and alignment, hence
     the same specialization and cache key) with every Triton launch turned into a compile."""
     from ...kernels.spec import spec
-    from .compile_ahead import no_launch
 
     if _device().type != "cuda":
         return {"ok": True, "skipped": "the interpreter compiles nothing"}
@@ -156,6 +155,24 @@ def compile_stage(request: dict) -> dict:
     with no_launch():
         stage_bench(request, compile_only=True).run(request["knobs"])
     return {"ok": True, "seconds": time.perf_counter() - started}
+
+
+@contextlib.contextmanager
+def no_launch():
+    """Inside: a launch of any Triton kernel (`kernel[grid](...)`) compiles it for the
+    current device, as a launch would, and stops there (Triton's warmup path)."""
+    from triton.runtime.jit import JITFunction
+
+    original = JITFunction.run
+
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        return original(self, *args, grid=grid, warmup=True, **kwargs)
+
+    JITFunction.run = compile_only
+    try:
+        yield
+    finally:
+        JITFunction.run = original
 
 
 def stage_bench(request: dict, compile_only: bool = False) -> "StageBench":
