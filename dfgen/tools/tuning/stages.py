@@ -146,9 +146,10 @@ class StageSearch:
         if self.exhaustive:  # the start points first, then the rest in a seeded random order
             points = stage_points(self.space)
             random.Random(f"{seed}:{slot.name}").shuffle(points)
-            self.points = list({_point(p): p for p in firsts + points}.values())
+            self.points = list({_point(p): p for p in firsts + points}.items())  # (key, params)
+            self.cursor = 0  # the points before it were taken when last looked at
             taken = _taken(trials_now)
-            self.remaining = len([p for p in self.points if _point(p) not in taken])
+            self.remaining = len([key for key, _ in self.points if key not in taken])
         else:  # a new study's first trials are the start points
             if not trials_now:
                 for params in firsts:
@@ -179,10 +180,11 @@ class StageSearch:
         if any(t.state == optuna.trial.TrialState.WAITING for t in trials):
             return True  # one queued already (here or by another process): ask() takes it
         taken = _taken(trials) | asked
-        following = next((p for p in self.points if _point(p) not in taken), None)
-        if following is None:
+        while self.cursor < len(self.points) and self.points[self.cursor][0] in taken:
+            self.cursor += 1
+        if self.cursor == len(self.points):
             return False
-        self.study.enqueue_trial(following)
+        self.study.enqueue_trial(self.points[self.cursor][1])
         return True
 
     def stage_request(self, params: dict) -> dict:
