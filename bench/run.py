@@ -76,64 +76,11 @@ def bucket_key(fields: dict) -> str:
             + (f"/{fields['variant']}" if fields.get("variant") else ""))
 
 
-def space_for_cli(space: dict) -> dict:
-    """The space as `dfgen tune --space` takes it: a pin of a knob the installed templates
-    have retired, at the value the kernel now always has, is dropped (the tuner would
-    reject it as unknown); every other entry goes as written."""
-    from dfgen.kernels.spec import spec
-    from dfgen.tools.tuning.space import SECTIONS
-
-    stages = {section: stage for section, stage, _ in SECTIONS}
-    out = {}
-    for param, value in space.items():
-        section, _, knob = param.partition(".")
-        retired = spec(stages[section]).retired if section in stages else {}
-        if knob in retired and value in (retired[knob], [retired[knob]]):
-            continue
-        out[param] = value
-    return out
-
-
-def candidates_for_cli(configs: list) -> list:
-    """The candidates as `dfgen bench --configs` / `dfgen tune --try` take them: a knob the
-    installed templates require (no default) that a candidate leaves out is taken from the
-    built-in default, if that is the same at head dims 64 and 128 (suites.yaml leaves out
-    SPLIT_SOLVE, which the templates are retiring); other knobs go as written."""
-    from dfgen.kernels.config import default_config
-    from dfgen.kernels.spec import NO_DEFAULT, spec
-    from dfgen.tools.tuning.space import SECTIONS
-
-    defaults = [default_config(d, "bfloat16").to_dict() for d in (64, 128)]
-    out = []
-    for number, config in enumerate(configs, start=1):
-        config = dict(config)
-        for section, stage, _ in SECTIONS:
-            if not isinstance(config.get(section), dict):
-                continue
-            knobs = dict(config[section])
-            for name, knob in spec(stage).knobs.items():
-                if name in knobs or knob.default is not NO_DEFAULT:
-                    continue
-                values = {json.dumps(d.get(section, {}).get(name)) for d in defaults}
-                if len(values) != 1 or values == {"null"}:
-                    raise SystemExit(f"bench/run.py: candidate {number} leaves out {section}.{name}, "
-                                     "which the templates require and whose default depends on "
-                                     "the head dim: give it in suites.yaml")
-                knobs[name] = json.loads(values.pop())
-            config[section] = knobs
-        out.append(config)
-    return out
-
-
 def suite_for_cli(suites: dict, kind: str, name: str):
     """What --write and the benchmarks hand to the `dfgen` command for a suite."""
     found = suite(suites, kind, name)
     if kind == "shapes":
         return shapes_text(found)
-    if kind == "spaces":
-        return space_for_cli(found)
-    if kind == "candidates":
-        return candidates_for_cli(found)
     return found
 
 

@@ -131,31 +131,39 @@ def test_runtime_path_never_reaches_tools_reference_or_optuna(tmp_path):
     """A forward and a backward call through deltaformer_attn, with a stale tuned entry
     serving (tuned with other templates and triton): the entry's knobs serve, one warning
     names `dfgen check`, and nothing of the tools, the reference or optuna is imported."""
+    import torch
+
+    from dfgen.select.gpu import gpu_key
+
+    on_gpu = torch.cuda.is_available()  # the GPU where there is one, else the interpreter
+    key = gpu_key(torch.cuda.get_device_name()) if on_gpu else "cpu-interpreter"
     tuned = tmp_path / "tuned"
     tuned.mkdir()
     entry_config = {"strategy": "fused", "solve": {"CHUNK": 16, "BLOCK_N": 16, "LOOKAHEAD": 1,
                     "INV_FP16": False, "SOLVE_PRECISION": "ieee", "num_warps": 4, "num_stages": 2}}
-    (tuned / "cpu-interpreter.yaml").write_text(json.dumps({
+    (tuned / f"{key}.yaml").write_text(json.dumps({
         "format": "dfgen-tuned/1",
-        "provenance": {"gpu": "cpu-interpreter", "triton": "0.0.1", "templates": "000000000000"},
+        "provenance": {"gpu": key, "triton": "0.0.1", "templates": "000000000000"},
         "entries": {"fwd+bwd/fp32/d32/t40/bh2": {"pass": "fwd+bwd", "dtype": "fp32", "head_dim": 32,
                                                   "T": 40, "BH": 2, "config": entry_config}}}))
-    code = """
+    code = f"""
 import sys, warnings, torch
 from dfgen.runtime import deltaformer_attn
+from dfgen.select.bucket import Bucket
 from dfgen.select.dispatch import dispatcher_for
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    q, k, v = (torch.randn(1, 40, 2, 32, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(1, 40, 2, 32, device="{'cuda' if on_gpu else 'cpu'}", requires_grad=True)
+               for _ in range(3))
     deltaformer_attn(q, k, v).sum().backward()
-    choice = dispatcher_for(q.device).choose(__import__("dfgen.select.bucket", fromlist=["Bucket"]).Bucket("fwd+bwd", "fp32", 32, 40, 2))
+    choice = dispatcher_for(q.device).choose(Bucket("fwd+bwd", "fp32", 32, 40, 2))
 print(sorted(m for m in sys.modules if m.split(".")[0] == "optuna" or m.startswith(("dfgen.tools", "dfgen.reference"))))
 print(choice.source)
 print(choice.config.solve["CHUNK"])
 print(sum("dfgen check" in str(w.message) for w in caught))
 """
-    env = dict(os.environ, TRITON_INTERPRET="1", DFGEN_TUNED_DIR=str(tuned),
-               DFGEN_CACHE_DIR=str(tmp_path / "cache"))
+    env = dict(os.environ, DFGEN_TUNED_DIR=str(tuned), DFGEN_CACHE_DIR=str(tmp_path / "cache"),
+               TRITON_INTERPRET="0" if on_gpu else "1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          cwd=tmp_path, timeout=600)
     assert out.returncode == 0, out.stderr

@@ -8,9 +8,9 @@ from dfgen.kernels.config import KernelConfig, default_config
 from dfgen.reference import naive_deltaformer_attn
 from dfgen.runtime import deltaformer_attn
 
-SOLVE_A = dict(CHUNK=16, BLOCK_N=16, LOOKAHEAD=2, INV_FP16=False, SPLIT_SOLVE=True, SOLVE_PRECISION="tf32x3",
+SOLVE_A = dict(CHUNK=16, BLOCK_N=16, LOOKAHEAD=2, INV_FP16=False, SOLVE_PRECISION="tf32x3",
                num_warps=4, num_stages=2)
-SOLVE_B = dict(CHUNK=32, BLOCK_N=16, LOOKAHEAD=1, INV_FP16=True, SPLIT_SOLVE=False, SOLVE_PRECISION="tf32",
+SOLVE_B = dict(CHUNK=32, BLOCK_N=16, LOOKAHEAD=1, INV_FP16=True, SOLVE_PRECISION="tf32",
                num_warps=4, num_stages=3)
 ATTN = dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=2)
 CONFIGS = {

@@ -6,6 +6,7 @@ import random
 
 import jinja2
 import pytest
+import torch
 
 from dfgen.kernels.config import KernelConfig, default_config
 from dfgen.errors import ConfigError
@@ -231,3 +232,22 @@ def test_from_dict_parses_an_equal_dict_once_but_tells_types_apart():
     with pytest.raises(ConfigError, match="CHUNK=32.0"):
         floats.check(64)
     assert first.check(64) is first
+
+
+def test_a_retired_knob_at_its_fixed_value_is_dropped_and_any_other_is_refused():
+    """solve_fwd retired SPLIT_SOLVE (the kernel always runs as False): an old tuned entry
+    that still says SPLIT_SOLVE: false loads as if it did not, True names the removal."""
+    from dfgen.errors import ConfigError
+    from dfgen.kernels.config import KernelConfig, default_config
+
+    tspec = spec("solve_fwd")
+    assert tspec.retired == {"SPLIT_SOLVE": False} and "SPLIT_SOLVE" not in tspec.knobs
+    knobs = dict(default_config(64, torch.bfloat16).solve)
+    old = dict(knobs, SPLIT_SOLVE=False)
+    tspec.check(old, 64)
+    assert dict(tspec.complete(old)) == dict(knobs)
+    assert KernelConfig.from_dict({"solve": old}).solve == knobs
+    assert specialization_name("solve_fwd", "bf16", 64, old) == specialization_name("solve_fwd", "bf16", 64, knobs)
+    for value in (True, 0):  # 0 equals False but is not the same value
+        with pytest.raises(ConfigError, match="SPLIT_SOLVE was removed"):
+            tspec.check(dict(knobs, SPLIT_SOLVE=value), 64)

@@ -9,15 +9,15 @@ from dfgen.reference import (naive_deltaformer_attn, naive_deltaformer_u, naive_
                          naive_strict_lse)
 
 
-def solve(C, N, L=1, fp16_inverse=False, precision="tf32x3", warps=4, stages=2, split=False, maxnreg=None,
-          helpers=None, poll=None):
-    knobs = dict(CHUNK=C, BLOCK_N=N, LOOKAHEAD=L, INV_FP16=fp16_inverse, SPLIT_SOLVE=split,
+def solve(C, N, L=1, fp16_inverse=False, precision="tf32x3", warps=4, stages=2, maxnreg=None,
+          split_prefix=None, poll=None):
+    knobs = dict(CHUNK=C, BLOCK_N=N, LOOKAHEAD=L, INV_FP16=fp16_inverse,
                  SOLVE_PRECISION=precision, num_warps=warps, num_stages=stages)
     # left out when None: the knobs' defaults fill them
     if maxnreg is not None:
         knobs["maxnreg"] = maxnreg
-    if helpers is not None:
-        knobs["SPLIT_PREFIX"] = helpers
+    if split_prefix is not None:
+        knobs["SPLIT_PREFIX"] = split_prefix
     if poll is not None:
         knobs["POLL"] = poll
     return knobs
@@ -29,51 +29,50 @@ CPU_CASES = [
     (1, 1, 1, 32, solve(16, 16)),
     (2, 45, 2, 32, solve(16, 16)),
     (1, 70, 1, 32, solve(32, 16, L=2, fp16_inverse=True)),
-    (1, 83, 2, 64, solve(16, 16, L=3, split=True)),
-    (2, 77, 1, 32, solve(32, 32, L=2, split=True, precision="tf32")),
+    (1, 83, 2, 64, solve(16, 16, L=3)),
+    (2, 77, 1, 32, solve(32, 32, L=2, precision="tf32")),
     (1, 20, 1, 64, solve(64, 32)),
     # key blocks of two chunks: odd and even prefix lengths, so some blocks are half masked
     (1, 70, 1, 32, solve(16, 32)),
     (2, 83, 2, 32, solve(16, 32, L=2, fp16_inverse=True)),
-    # the solve's products in 16-bit types (split too: every product goes through them), and
-    # a register cap (a launch option; the interpreter ignores it, the GPU cases run it)
+    # the solve's products in 16-bit types, and a register cap (a launch option; the
+    # interpreter ignores it, the GPU cases run it)
     (1, 70, 2, 32, solve(16, 16, L=2, fp16_inverse=True, precision="fp16", maxnreg=168)),
-    (2, 50, 1, 32, solve(16, 16, L=3, fp16_inverse=True, precision="bf16", split=True)),
-    # helper programs take the first part of the prefix (chunks 4 on): even and odd chunk
-    # counts (an odd count leaves the last step's second helper without a chunk), every
-    # lookahead, key blocks of one and of two chunks
-    (1, 150, 2, 32, solve(16, 16, L=2, helpers=True)),
-    (2, 130, 1, 32, solve(16, 32, L=1, fp16_inverse=True, precision="fp16", helpers=True)),
-    (1, 100, 2, 64, solve(16, 16, L=3, split=True, helpers=True)),
+    (2, 50, 1, 32, solve(16, 16, L=3, fp16_inverse=True, precision="bf16")),
+    # prefix-split programs take the first part of the prefix (chunks 4 on): even and odd
+    # chunk counts (an odd count leaves the last step's second prefix-split program without
+    # a chunk), every lookahead, key blocks of one and of two chunks
+    (1, 150, 2, 32, solve(16, 16, L=2, split_prefix=True)),
+    (2, 130, 1, 32, solve(16, 32, L=1, fp16_inverse=True, precision="fp16", split_prefix=True)),
+    (1, 100, 2, 64, solve(16, 16, L=3, split_prefix=True)),
     # relaxed polls with one fence per wait (NVIDIA only: the interpreter's waits are portable)
-    (1, 90, 2, 32, solve(16, 16, L=2, helpers=True, poll="relaxed")),
+    (1, 90, 2, 32, solve(16, 16, L=2, split_prefix=True, poll="relaxed")),
 ]
 GPU_CASES = [
     (2, 1000, 3, 64, solve(64, 64, precision="tf32")),
-    (1, 4097, 2, 128, solve(64, 64, L=2, fp16_inverse=True, precision="tf32", split=True)),
+    (1, 4097, 2, 128, solve(64, 64, L=2, fp16_inverse=True, precision="tf32")),
     (1, 8192, 2, 128, solve(32, 32, L=3, fp16_inverse=True, precision="tf32")),
     (2, 2049, 2, 64, solve(128, 64, fp16_inverse=True, precision="tf32", warps=8)),
     (2, 3001, 4, 64, solve(64, 128, L=2, fp16_inverse=True, precision="tf32", stages=3)),
     (2, 2500, 3, 64, solve(64, 64, L=1, fp16_inverse=True, precision="fp16", stages=4, maxnreg=168)),
     (1, 4100, 2, 128, solve(64, 64, L=2, fp16_inverse=True, precision="bf16", maxnreg=168)),
     (2, 4000, 2, 64, solve(64, 128, L=2, fp16_inverse=True, precision="fp16", maxnreg=128)),
-    (1, 4097, 3, 128, solve(64, 64, L=2, fp16_inverse=True, precision="fp16", helpers=True)),
-    (2, 3001, 4, 64, solve(64, 128, L=1, fp16_inverse=True, precision="fp16", stages=3, helpers=True)),
-    (1, 8192, 2, 128, solve(32, 32, L=3, fp16_inverse=True, precision="tf32", helpers=True)),
+    (1, 4097, 3, 128, solve(64, 64, L=2, fp16_inverse=True, precision="fp16", split_prefix=True)),
+    (2, 3001, 4, 64, solve(64, 128, L=1, fp16_inverse=True, precision="fp16", stages=3, split_prefix=True)),
+    (1, 8192, 2, 128, solve(32, 32, L=3, fp16_inverse=True, precision="tf32", split_prefix=True)),
     (4, 1024, 32, 64, solve(64, 64, L=1, fp16_inverse=True, precision="fp16", stages=4, maxnreg=168, poll="relaxed")),
-    (2, 3001, 3, 64, solve(64, 128, L=2, fp16_inverse=True, precision="fp16", helpers=True, poll="relaxed")),
+    (2, 3001, 3, 64, solve(64, 128, L=2, fp16_inverse=True, precision="fp16", split_prefix=True, poll="relaxed")),
     (1, 8192, 2, 128, solve(32, 32, L=3, fp16_inverse=True, precision="tf32", poll="relaxed")),
 ]
 
 
 def case_id(case, dtype):
     B, T, H, D, k = case
-    split = "-split" if k["SPLIT_SOLVE"] else ""
     extra = "".join(f"-{v}" for v in (k["SOLVE_PRECISION"],) if v in ("fp16", "bf16"))
     extra += f"-r{k['maxnreg']}" if k.get("maxnreg") else ""
-    extra += "-helpers" if k.get("SPLIT_PREFIX") else ""
+    extra += "-split-prefix" if k.get("SPLIT_PREFIX") else ""
     extra += f"-{k['POLL']}" if k.get("POLL") else ""
-    return f"B{B}-T{T}-H{H}-D{D}-C{k['CHUNK']}-N{k['BLOCK_N']}-L{k['LOOKAHEAD']}{split}{extra}-{dtype}"
+    return f"B{B}-T{T}-H{H}-D{D}-C{k['CHUNK']}-N{k['BLOCK_N']}-L{k['LOOKAHEAD']}{extra}-{dtype}"
 
 
 def _params(cases, dtypes, marks=()):
@@ -123,11 +122,10 @@ def test_beta_above_one_grows_with_chunk():
     assert rel_err(u, ref) < 1e-4
 
 
-@pytest.mark.parametrize("split", [False, True], ids=["plain", "split"])
-def test_a_without_o(split):
+def test_a_without_o():
     """The two-stage strategy's solve writes a (for the backward) without o."""
     q, k, v, b = make_inputs(1, 45, 2, 32, torch.float32, seed=7)
-    u, o, _, a = solve_stage(q, k, v, b, solve(16, 16, L=2, split=split), write_o=False,
+    u, o, _, a = solve_stage(q, k, v, b, solve(16, 16, L=2), write_o=False,
                              write_a=True)
     assert o is None
     assert_close(a, naive_strict_attention(q, k, naive_deltaformer_u(q, k, v, b)),

@@ -93,8 +93,9 @@ def test_narrow_16bit_head_dims_run_the_32_wide_kernels():
 
 def test_one_stage_solve_is_refused_below_head_dim_64():
     """The unpipelined solve_fwd kernel is miscompiled for Hopper at 32-column 16-bit tiles
-    (H200: wrong results, an illegal memory access with SPLIT_SOLVE): a config asking for
-    it at head dims 16 and 32 is a ConfigError, and the tuner never samples it there."""
+    (H200: wrong results, an illegal memory access with the retired SPLIT_SOLVE): a config
+    asking for it at head dims 16 and 32 is a ConfigError, and the tuner never samples it
+    there."""
     from dfgen.kernels.config import default_config
     from dfgen.errors import ConfigError
     from dfgen.kernels.spec import spec

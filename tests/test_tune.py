@@ -335,7 +335,7 @@ def _grid_sweep(tmp_path, chunk, block_n, trials, *flags):
     CHUNK and BLOCK_N; returns (its output, its one stage study)."""
     space = tmp_path / "space.yaml"
     space.write_text(f"strategy: fused\nsolve.CHUNK: {chunk}\nsolve.BLOCK_N: {block_n}\n"
-                     "solve.LOOKAHEAD: 1\nsolve.SPLIT_SOLVE: false\nsolve.SOLVE_PRECISION: tf32\n"
+                     "solve.LOOKAHEAD: 1\nsolve.SOLVE_PRECISION: tf32\n"
                      "solve.INV_FP16: false\nsolve.num_warps: 4\nsolve.num_stages: 2\nsolve.maxnreg: 0\n"
                      "solve.SPLIT_PREFIX: false\nsolve.POLL: acquire\n")
     journal = tmp_path / "sweep.journal"

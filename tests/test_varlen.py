@@ -74,7 +74,7 @@ def test_varlen_forward_and_gradients(variant, lengths_name, dtype_name):
 
 
 @gpu_only
-@pytest.mark.parametrize("variant", ["fused", "gqa", "helpers", "relaxed"])
+@pytest.mark.parametrize("variant", ["fused", "gqa", "split-prefix", "relaxed"])
 def test_many_chunks_in_flight(variant):
     """Wavefront ordering under real concurrency: hundreds of 16-row chunk programs of
     several heads and sequences at once, so that every wait (prefix, far and near tail in
@@ -85,8 +85,8 @@ def test_many_chunks_in_flight(variant):
     q, k, v, beta, cu, _ = _packed(lengths, H, H_kv, 32, torch.float32, seed=7)
     leaves = [t.requires_grad_() for t in (q, k, v, beta)]
     config = CONFIGS["fused"]
-    if variant in ("helpers", "relaxed"):  # helper programs; relaxed polls with a fence per wait
-        extra = dict(SPLIT_PREFIX=True) if variant == "helpers" else dict(POLL="relaxed")
+    if variant in ("split-prefix", "relaxed"):  # prefix-split programs; relaxed polls, a fence per wait
+        extra = dict(SPLIT_PREFIX=True) if variant == "split-prefix" else dict(POLL="relaxed")
         config = KernelConfig("fused", dict(SOLVE, **extra), **BWD)
     o = deltaformer_attn(q, k, v, beta, cu_seqlens=cu, config=config)
     do = torch.randn(o.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
@@ -101,8 +101,8 @@ def test_many_chunks_in_flight(variant):
 
 
 @pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])
-def test_varlen_with_prefix_helpers(dtype_name):
-    """SPLIT_PREFIX's helper programs in packed sequences: a helper exists only for chunks
+def test_varlen_with_prefix_split(dtype_name):
+    """SPLIT_PREFIX's prefix-split programs in packed sequences: one exists only for chunks
     its sequence has; sequences of 1 to 7 chunks of 16 rows."""
     dtype = DTYPES[dtype_name]
     lengths = [100, 17, 70, 1, 64]

@@ -30,9 +30,8 @@ INT_POINTERS = {"SYNC", "CU"}
 FIXED = {"TRACE": False, "PTX_WAIT": True}  # constexprs compiled at one value (TRACE: a GPU-only timing aid; PTX_WAIT: what a GPU runs)
 UNALIGNED = {"T", "H", "GROUP", "n_bh", "n_chunks", "sm_scale"}
 # knob settings that take other code paths, compiled besides each stage's default (at every
-# switch on, to keep CI's time down; the default compiles at every switch setting); a variant
-# naming a knob the templates no longer declare (SPLIT_SOLVE, being retired) is left out
-VARIANTS = {"solve_fwd": ({}, {"SPLIT_PREFIX": True}, {"SPLIT_PREFIX": False}, {"POLL": "relaxed"}, {"SPLIT_SOLVE": True}, {"BLOCK_N": 128, "SOLVE_PRECISION": "fp16"})}
+# switch on, to keep CI's time down; the default compiles at every switch setting)
+VARIANTS = {"solve_fwd": ({}, {"SPLIT_PREFIX": True}, {"SPLIT_PREFIX": False}, {"POLL": "relaxed"}, {"BLOCK_N": 128, "SOLVE_PRECISION": "fp16"})}
 
 
 def signature(fn, dtype, constexprs):

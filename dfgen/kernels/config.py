@@ -233,7 +233,7 @@ def _default_config(head_dim: int, dtype: str, strategy: str) -> KernelConfig:
     fp32 = dtype.endswith("float32")
     precision = dict(  # float32 inputs keep float32 accuracy in the solve; fp16/bf16 need only tf32's
         SOLVE_PRECISION=FLOAT32_ACCURATE["SOLVE_PRECISION"][0] if fp32 else "tf32", INV_FP16=not fp32)
-    solve = dict(CHUNK=64, BLOCK_N=64, LOOKAHEAD=2, SPLIT_SOLVE=False, **precision,
+    solve = dict(CHUNK=64, BLOCK_N=64, LOOKAHEAD=2, **precision,
                  num_warps=4, num_stages=2 if head_dim > 64 else 3, SPLIT_PREFIX=head_dim > 64)
     attn = dict(BLOCK_M=64, BLOCK_N=32 if head_dim > 64 else 64, num_warps=4, num_stages=2)
     solve_bwd = dict(CHUNK=64, BLOCK_M=32, **precision, num_warps=4, num_stages=2)
