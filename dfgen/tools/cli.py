@@ -472,9 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--space", help="YAML mapping that limits the space: {strategy: fused, "
                       "solve.CHUNK: [32, 64], ...}; each list a subset of the template's values")
     tune.add_argument("--minutes", type=float, help="wall-clock budget per bucket, the final "
-                      "re-timing included: candidates still running at its end are stopped and "
-                      f"recorded as cut (default {GPU_MINUTES:g} on a GPU, {INTERPRETER_MINUTES:g} "
-                      "in the interpreter; 0: no cap)")
+                      "end-to-end timing included: candidates still running at its end are "
+                      f"stopped and recorded as cut (default {GPU_MINUTES:g} on a GPU, "
+                      f"{INTERPRETER_MINUTES:g} in the interpreter; 0: no cap)")
     tune.add_argument("--jobs", type=int, help="compile-only processes that compile the next "
                       "candidates while one worker times them, one at a time (default: half the "
                       "CPU cores, at most 8; 0: none; the interpreter compiles nothing ahead)")
