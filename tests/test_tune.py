@@ -76,9 +76,9 @@ def test_interpreter_tune_writes_and_resumes(tmp_path):
     assert f"search plotted in {png}" in out and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("kind", ["journal", "sqlite"])
-def test_two_workers_share_one_study(tmp_path, kind):
-    db = str(tmp_path / "shared.journal") if kind == "journal" else f"sqlite:///{tmp_path / 'shared.db'}"
+def test_two_workers_share_one_study(tmp_path):
+    """Two tune processes on one SQLite study (a journal shared by two: the --workers test)."""
+    db = f"sqlite:///{tmp_path / 'shared.db'}"
     procs = [dfgen("tune", "--trials", "3", "--seed", str(seed), "--space", fused_only(tmp_path),
                    "--out", str(tmp_path / f"w{seed}.yaml"), "--storage", db) for seed in (1, 2)]
     for proc in procs:

@@ -93,8 +93,9 @@ def test_forward_then_backward_per_stage_sweeps_resume_and_pass_the_reference(tm
     ok, message = validate_config(KernelConfig.from_dict(both["config"]), both, torch.device("cpu"))
     assert ok, message
 
-    again = run(*args, cwd=tmp_path)  # resumed: the sweeps are complete
+    again = run(*args, "--passes", "fwd+bwd", cwd=tmp_path)  # resumed: the sweeps are complete
     assert "attn_bwd: every point of 4 (4 already in the study)" in again
+    assert "fwd+bwd/bf16/d32/t24/bh1 solve_bwd: every point of 2 (2 already in the study)" in again
     assert sum(len(s.trials) for s in studies_of(journal).values()) == \
         sum(len(s.trials) for s in studies.values())
 
