@@ -84,8 +84,9 @@ def tune_bucket(bucket: Bucket, *, trials: int, sampler: str, seed: int, storage
     default's knobs, then `starts`' (configs such as the tuned file's entry for the
     bucket; sections they lack come from the default), unless `cold_start`. Then the
     stages' bests are combined (one combination per strategy), and the default and each
-    combination timed end to end twice more: the default stays unless a combination
-    beats it by more than the measured spread.
+    combination timed end to end twice more, interleaved: the default stays unless a
+    combination beats it by more than the spread of these runs (the default's first time
+    stands in only where none of its final runs fitted the budget).
 
     `minutes` is a hard wall-clock budget: the search, shared among the stages by their
     trials left, ends early enough to leave the final timing its reserve (BucketBudget),
@@ -186,7 +187,8 @@ class _BucketTune:
         self.base = dict(bucket.fields(), variant=bucket.variant)
         self.stage_request = dict(self.base, seed=seed,
                                   forward=fixed.to_dict() if fixed is not None else None)
-        self.times: dict[str, list] = {}  # config (JSON) -> its end-to-end medians
+        self.times: dict[str, list] = {}  # config (JSON) -> its final end-to-end medians
+        self.first_default: float | None = None  # the default's time before the search
 
     def time_pass(self, config: KernelConfig, seed: int, deadline) -> dict:
         """Check `config` against the reference and time it end to end (fresh inputs)."""
@@ -194,14 +196,13 @@ class _BucketTune:
                                  self.timeout_s, deadline)
         if result.get("seconds") is not None and result["ok"]:
             self.budget.durations.append(result["seconds"])
-        if result["ok"]:
-            self.times.setdefault(config.json, []).append(result["median_ms"])
         return result
 
     def time_default(self) -> None:
         result = self.time_pass(self.default, self.seed + 10_000, self.budget.deadline)
         self.budget.restart_s = worker.startup_seconds()
         if result["ok"]:
+            self.first_default = result["median_ms"]
             self.log(f"{self.key}: the default, end to end: {result['median_ms']:.4f} ms")
         else:
             self.log(f"{self.key}: the default failed end to end ({result['reason']}); "
@@ -278,8 +279,12 @@ class _BucketTune:
                     self.log(f"{self.key}: no time left to time {describe(config)} end to end")
                     continue
                 result = self.time_pass(config, self.seed + 10_001 + 2 * i + rep, self.budget.deadline)
-                if not result["ok"] and not result.get("cut"):
+                if result["ok"]:
+                    self.times.setdefault(config.json, []).append(result["median_ms"])
+                elif not result.get("cut"):
                     self.log(f"{self.key}: {describe(config)} failed end to end: {result['reason']}")
+        if not self.times.get(self.default.json) and self.first_default is not None:
+            self.times[self.default.json] = [self.first_default]  # no final time: the first one
         timings = [(c, self.times[c.json]) for c in configs if self.times.get(c.json)]
         default_times = self.times.get(self.default.json)
         if not timings:
@@ -291,7 +296,7 @@ class _BucketTune:
             raise DfgenError(f"{self.key}: the built-in default was not timed within the bucket's "
                              "budget, so no candidate can be shown to beat it; nothing written "
                              "for this bucket (give it more --minutes)")
-        noise = max(max(t) / min(t) - 1.0 for _, t in timings)
+        noise = max(max(t) / min(t) - 1.0 for _, t in timings)  # of the final, interleaved runs
         best, best_ms = self.default, min(default_times)
         for config, times in timings[1:]:
             if min(times) < best_ms * (1.0 - noise):
