@@ -221,11 +221,16 @@ class _BucketTune:
                 break
             if not search.remaining:
                 continue
-            soft = None
+            soft = hard = None
             if search_deadline is not None:  # the stage's share: its trials of those left
                 later = sum(s.remaining for s in searches[i:])
-                soft = self.budget.clock() + self.budget.left(search_deadline) * search.remaining / later
-            search.run(soft, search_deadline, ahead, self.on_trial)
+                share = self.budget.left(search_deadline) * search.remaining / later
+                soft = self.budget.clock() + share
+                # a trial may run past its stage's share by one share at most: one slow
+                # candidate (H200: a 40 s solve_bwd compile) must not take the later stages'
+                # time (attn_bwd ran no trial at all)
+                hard = min(search_deadline, soft + share)
+            search.run(soft, hard, ahead, self.on_trial)
 
     def on_trial(self, search, trial) -> None:
         trials = search.study.get_trials(deepcopy=False)
@@ -248,7 +253,9 @@ class _BucketTune:
         for search in searches:
             best = bests[search.slot.name]
             self.log(f"{self.key} {search.slot.name}: " + (
-                "no candidate passed" if best is None else
+                ("no candidate passed" if search.evaluated else
+                 "no trial ran in its share of the time: the default's knobs stay")
+                if best is None else
                 f"best {best[1]:.4f} ms " + " ".join(f"{k}={v}" for k, v in sorted(best[0].items()))))
         out = []
         if self.bucket.backward:
