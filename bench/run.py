@@ -302,8 +302,9 @@ def run_tune(args, ctx):
     return call(cmd + rest)
 
 
-@benchmark("sweep", NEEDS_GPU, "Optuna against an exhaustive sweep per sweeps suite: the grid, "
-           "then TPE (3 seeds, cold start, a quarter of the grid's trials), then sweep-compare")
+@benchmark("sweep", NEEDS_GPU, "Optuna against an exhaustive sweep per sweeps suite: every stage "
+           "swept, then TPE (3 seeds, cold start, a quarter of the largest stage's points per "
+           "stage), then sweep-compare")
 def run_sweep(args, ctx):
     p = parser_for("sweep")
     p.add_argument("sweeps", nargs="*", help="sweeps suites (default: all)")
@@ -314,7 +315,8 @@ def run_sweep(args, ctx):
     p.add_argument("--jobs", type=int, default=8, help="candidates the grid compiles at once (8)")
     p.add_argument("--seeds", type=int, default=3, help="TPE seeds (default 3)")
     known = p.parse_args(args)
-    from dfgen.tools.tuning.space import bucket_limits, grid, grid_size
+    from dfgen.tools.tuning.space import bucket_limits, grid_size, stage_choices
+    from dfgen.tools.tuning.stages import bucket_slots
     from dfgen.tools.tuning.tuner import load_buckets, load_space
 
     logs = Path(known.logs or tempfile.mkdtemp(prefix="dfgen-sweep-"))
@@ -330,13 +332,14 @@ def run_sweep(args, ctx):
             logs / "sweep-grid.journal", "--out", logs / "sweep.yaml"], known.grid_cap,
             logs / f"sweep-{name}-grid.txt")
         bucket = load_buckets(buckets)[0]
-        points = grid_size(grid(bucket.pass_, bucket.head_dim, bucket.variant,
-                                bucket_limits(bucket.dtype, load_space(space))))
-        for seed in range(known.seeds):
+        limits = bucket_limits(bucket.dtype, load_space(space))
+        points = max(grid_size(stage_choices(slot.stage, bucket.head_dim, limits))
+                     for slot in bucket_slots(bucket, limits))  # the largest stage's
+        for seed in range(known.seeds):  # every stage sampled (--sweep-max 0), a quarter of its points
             failed |= call(tune + [
-                "--trials", str(max(1, points // 4)), "--jobs", "1", "--seed", str(seed),
-                "--cold-start", "--storage", logs / f"sweep-tpe-seed{seed}.journal", "--out",
-                logs / "optuna.yaml"], known.tpe_cap, logs / f"sweep-{name}-tpe-seed{seed}.txt")
+                "--trials", str(max(1, points // 4)), "--sweep-max", "0", "--jobs", "1", "--seed",
+                str(seed), "--cold-start", "--storage", logs / f"sweep-tpe-seed{seed}.journal",
+                "--out", logs / "optuna.yaml"], known.tpe_cap, logs / f"sweep-{name}-tpe-seed{seed}.txt")
         status = status or (1 if failed else 0)
         for log in sorted(logs.glob(f"sweep-{name}-*.txt")):
             print("".join(line for line in log.read_text().splitlines(True) if ": best" in line), end="")

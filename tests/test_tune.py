@@ -1,5 +1,7 @@
-"""dfgen tune without a GPU: the interpreter pipeline, resuming, shared studies, failures."""
+"""dfgen tune without a GPU: the interpreter pipeline, resuming, shared studies, failures.
+(The per-stage search itself: test_tune_stages.py; the worker process: test_tune_worker.py.)"""
 
+import itertools
 import os
 import subprocess
 
@@ -10,8 +12,8 @@ import torch
 from dfgen.select import tuned_file
 from dfgen.kernels.config import KernelConfig, default_config
 from dfgen.errors import DfgenError
-from dfgen.tools.tuning import tuner
-from dfgen.tools.tuning.space import params_of
+from dfgen.tools.tuning import stages, tuner, worker
+from dfgen.tools.tuning.space import stage_params
 from dfgen.select.bucket import Bucket
 from dfgen.settings import torch_dtype
 from conftest import dfgen_command
@@ -35,34 +37,55 @@ def run(*args, env=None):
     return out
 
 
+def stage_studies(storage) -> dict:
+    """{slot name: study} of a storage holding one bucket's stage studies."""
+    storage = tuner.open_storage(storage) if isinstance(storage, str) and "://" not in storage \
+        else storage
+    return {s.study_name.split(":")[2]: optuna.load_study(study_name=s.study_name, storage=storage)
+            for s in optuna.get_all_study_summaries(storage)}
+
+
+def finished(study) -> list:
+    return [t for t in study.trials if t.state.is_finished()]
+
+
+def fused_only(tmp_path) -> str:
+    """A --space file that keeps the fused strategy: the CPU bucket then has one stage
+    study (its solve_fwd's), for tests about studies rather than stages."""
+    path = tmp_path / "fused.yaml"
+    path.write_text("strategy: fused\n")
+    return str(path)
+
+
 def test_interpreter_tune_writes_and_resumes(tmp_path):
-    out_file, db = tmp_path / "tuned.yaml", f"sqlite:///{tmp_path / 'study.db'}"
-    out = run("tune", "--trials", "3", "--out", str(out_file), "--storage", db)
+    """The CPU bucket's three stages (fused solve; two-stage solve and attention), 2 trials
+    each; the entry counts them all. A resumed tune asking for 3 runs 1 more per stage."""
+    out_file, db = tmp_path / "tuned.yaml", str(tmp_path / "study.journal")
+    out = run("tune", "--trials", "2", "--out", str(out_file), "--storage", db)
     assert "NOT GPU TIMINGS" in out
     entry = tuned_file.read(out_file)["entries"]["fwd/bf16/d32/t40/bh2"]
-    assert entry["trials"] == 3 and entry["median_ms"] > 0 and entry["default_ms"] > 0
-    # an interrupted or shorter tune resumes: asking for 5 runs only 2 more
-    out = run("tune", "--trials", "5", "--out", str(out_file), "--storage", db,
+    assert entry["trials"] == 6 and entry["median_ms"] > 0 and entry["default_ms"] > 0
+    studies = stage_studies(db)
+    assert sorted(studies) == ["attn_fwd", "solve_fwd(fused)", "solve_fwd(two_stage)"]
+    assert all(len(finished(study)) == 2 for study in studies.values())
+    out = run("tune", "--trials", "3", "--out", str(out_file), "--storage", db,
               "--plot", str(tmp_path / "plots"))
-    assert tuned_file.read(out_file)["entries"]["fwd/bf16/d32/t40/bh2"]["trials"] == 5
+    assert out.count("1 trials of ") == 3 and out.count("(2 already in the study)") == 3, out
+    assert tuned_file.read(out_file)["entries"]["fwd/bf16/d32/t40/bh2"]["trials"] == 9
     png = tmp_path / "plots" / "fwd_bf16_d32_t40_bh2.png"
     assert f"search plotted in {png}" in out and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("kind", ["journal", "sqlite"])
-def test_two_workers_share_one_study(tmp_path, kind):
-    db = str(tmp_path / "shared.journal") if kind == "journal" else f"sqlite:///{tmp_path / 'shared.db'}"
-    procs = [dfgen("tune", "--trials", "4", "--seed", str(seed),
+def test_two_workers_share_one_study(tmp_path):
+    """Two tune processes on one SQLite study (a journal shared by two: the --workers test)."""
+    db = f"sqlite:///{tmp_path / 'shared.db'}"
+    procs = [dfgen("tune", "--trials", "3", "--seed", str(seed), "--space", fused_only(tmp_path),
                    "--out", str(tmp_path / f"w{seed}.yaml"), "--storage", db) for seed in (1, 2)]
     for proc in procs:
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err
-    storage = tuner.open_storage(db)
-    studies = optuna.get_all_study_summaries(storage)
-    assert len(studies) == 1
-    study = optuna.load_study(study_name=studies[0].study_name, storage=storage)
-    finished = [t for t in study.trials if t.state.is_finished()]
-    assert 4 <= len(finished) <= 8  # both workers added trials to the one study
+    (study,) = stage_studies(tuner.open_storage(db)).values()
+    assert 3 <= len(finished(study)) <= 6  # both workers added trials to the one study
 
 
 POSTGRES_URL = os.environ.get("DFGEN_TEST_POSTGRES_URL")
@@ -86,73 +109,100 @@ def test_two_workers_share_a_postgres_study(tmp_path):
     key = f"dfgen:fwd/bf16/d32/t{entry['T']}/bh1"
     storage = tuner.open_storage(POSTGRES_URL)
     names = [s.study_name for s in optuna.get_all_study_summaries(storage) if s.study_name.startswith(key + ":")]
-    assert len(names) == 1
-    study = optuna.load_study(study_name=names[0], storage=storage)
-    assert 3 <= len([t for t in study.trials if t.state.is_finished()]) <= 6
+    assert len(names) == 3  # one per stage
+    for name in names:
+        study = optuna.load_study(study_name=name, storage=storage)
+        assert 3 <= len(finished(study)) <= 6
 
 
 def test_workers_flag_runs_processes_on_one_study(tmp_path):
     journal = tmp_path / "w.journal"
-    out = run("tune", "--trials", "4", "--workers", "2", "--storage", str(journal),
-              "--out", str(tmp_path / "w.yaml"))
+    out = run("tune", "--trials", "3", "--workers", "2", "--storage", str(journal),
+              "--space", fused_only(tmp_path), "--out", str(tmp_path / "w.yaml"))
     assert "2 workers finished with exit codes [0, 0]" in out
-    storage = tuner.open_storage(str(journal))
-    (summary,) = optuna.get_all_study_summaries(storage)
-    study = optuna.load_study(study_name=summary.study_name, storage=storage)
-    assert 4 <= len([t for t in study.trials if t.state.is_finished()]) <= 8
+    (study,) = stage_studies(str(journal)).values()
+    assert 3 <= len(finished(study)) <= 6
     assert "fwd/bf16/d32/t40/bh2" in tuned_file.read(tmp_path / "w.yaml")["entries"]
 
 
 def test_failing_candidates_are_recorded_and_the_search_goes_on(tmp_path):
-    """A timeout too short for any candidate: every trial fails with its reason, the
-    search still runs all its trials, and no config is written."""
-    db = f"sqlite:///{tmp_path / 'fail.db'}"
+    """A timeout too short for any candidate (the worker's start-up is not counted): every
+    trial fails with its reason, the search still runs all its trials, and no config is
+    written."""
+    db = tuner.open_storage(str(tmp_path / "fail.journal"))
     with pytest.raises(DfgenError, match="no candidate"):
         tuner.tune_bucket(tuner.CPU_BUCKETS[0], trials=3, sampler="random", seed=0, storage=db,
-                          timeout_s=0.05, log=lambda *a: None)
-    study = optuna.load_study(study_name=optuna.get_all_study_summaries(db)[0].study_name,
-                              storage=db)
+                          timeout_s=0.05, log=lambda *a: None, limits={"strategy": "fused"})
+    (study,) = stage_studies(db).values()
     assert len(study.trials) == 3
     for trial in study.trials:
         assert trial.state == optuna.trial.TrialState.FAIL
-    assert any("timed out" in t.user_attrs.get("failure", "") for t in study.trials)
+        assert "timed out after 0.05 s" in trial.user_attrs["failure"]
+
+
+def _failing_evaluations(monkeypatch):
+    """The worker replaced by one whose every candidate fails at once (only the order of
+    the trials matters); the requests are returned as they come."""
+    requests = []
+
+    def fake(request, timeout_s, deadline=None):
+        requests.append(request)
+        return {"ok": False, "reason": "stub"}
+
+    monkeypatch.setattr(worker, "evaluate", fake)
+    return requests
 
 
 @pytest.mark.parametrize("cold_start", [False, True])
-def test_default_and_earlier_entry_go_first_unless_cold_start(tmp_path, cold_start):
-    """A new study tries the shipped default, then the start configs (the tuned file's
-    entry for the bucket, --try configs) that fit: here an earlier winner, and a broken
-    config that is skipped; a cold start lets the sampler pick every point (how a sweep
-    comparison measures it), in a study of its own. Candidates fail fast here (tiny
-    timeout): only the order matters."""
-    db = f"sqlite:///{tmp_path / 'order.db'}"
+def test_default_and_earlier_entry_go_first_unless_cold_start(tmp_path, monkeypatch, cold_start):
+    """A new stage study tries the shipped default's knobs, then those of the start configs
+    (the tuned file's entry for the bucket, --try configs) that fit: here an earlier
+    two-stage winner (its solve knobs go to the two-stage solve's study, its attention
+    knobs to attn_fwd's, not to the fused solve's), and a broken config that is skipped; a
+    cold start lets the sampler pick every point (how a sweep comparison measures it), in
+    studies of their own. The default is timed end to end first either way."""
+    requests = _failing_evaluations(monkeypatch)
+    db = tuner.open_storage(str(tmp_path / "order.journal"))
     bucket = tuner.CPU_BUCKETS[0]
     default = default_config(bucket.head_dim, torch_dtype(bucket.dtype))
-    earlier = dict(default.to_dict(), solve=dict(default.solve, CHUNK=16, BLOCK_N=16))
+    earlier = dict(default.to_dict(), strategy="two_stage",
+                   solve=dict(default.solve, CHUNK=16, BLOCK_N=16), attn=dict(default.attn, BLOCK_M=128))
     logs = []
     with pytest.raises(DfgenError, match="no candidate"):
-        tuner.tune_bucket(bucket, trials=3, sampler="tpe", seed=0, storage=db, timeout_s=0.05,
+        tuner.tune_bucket(bucket, trials=3, sampler="tpe", seed=0, storage=db, timeout_s=1,
                           log=logs.append, starts=[earlier, {"solve": {"CHUNK": 7}}],
-                          cold_start=cold_start)
-    (summary,) = optuna.get_all_study_summaries(db)
-    assert summary.study_name.endswith(":cold-start") == cold_start
-    study = optuna.load_study(study_name=summary.study_name, storage=db)
-    enqueued = [t.system_attrs.get("fixed_params") for t in study.trials]
+                          cold_start=cold_start, sweep_max=0)
+    assert requests[0]["op"] == "pass" and requests[0]["config"]["solve"] == dict(default.solve)
+    names = [s.study_name for s in optuna.get_all_study_summaries(db)]
+    assert len(names) == 3 and all(n.endswith(":cold-start") == cold_start for n in names)
+    studies = stage_studies(db)
+    enqueued = {slot: [t.system_attrs.get("fixed_params") for t in study.trials]
+                for slot, study in studies.items()}
     if cold_start:
-        assert enqueued == [None] * 3
-    else:
-        assert enqueued == [params_of(default, bucket.pass_),
-                            params_of(KernelConfig.from_dict(earlier), bucket.pass_), None]
-        assert any("start config 2 does not fit" in line for line in logs)
+        assert all(e == [None] * 3 for e in enqueued.values())
+        return
+    two = KernelConfig.from_dict(earlier)
+    assert enqueued["solve_fwd(fused)"] == [stage_params("solve_fwd", default.solve), None, None]
+    assert enqueued["solve_fwd(two_stage)"] == [stage_params("solve_fwd", default.solve),
+                                                stage_params("solve_fwd", two.solve), None]
+    assert enqueued["attn_fwd"] == [stage_params("attn_fwd", default.attn),
+                                    stage_params("attn_fwd", two.attn), None]
+    assert any("start config 2 does not fit" in line for line in logs)
 
 
 def test_evaluate_reports_a_candidate_that_fails_to_compile():
     """Head dim 48 passes the knob constraints but Triton refuses the kernel (tl.arange
-    needs a power of two): the evaluation process reports it instead of dying."""
-    request = {"pass": "fwd", "dtype": "bf16", "head_dim": 48, "T": 8, "BH": 1, "seed": 0,
-               "config": default_config(64).to_dict()}
-    result = tuner.evaluate(request, timeout_s=300)
-    assert result["ok"] is False and "power of 2" in result["reason"]
+    needs a power of two): the worker reports it instead of dying, and serves on."""
+    request = {"op": "pass", "pass": "fwd", "dtype": "bf16", "head_dim": 48, "T": 8, "BH": 1,
+               "seed": 0, "config": default_config(64).to_dict()}
+    process = worker.Worker()
+    try:
+        result = process.call(request, timeout_s=300)
+        assert result["ok"] is False and "power of 2" in result["reason"]
+        again = process.call(dict(request, head_dim=32, config=default_config(32).to_dict()), 300)
+        assert again["ok"] and again["pid"] == result["pid"]
+    finally:
+        process.close()
 
 
 def test_tune_a_q_solve_bucket(tmp_path):
@@ -171,7 +221,7 @@ def test_a_float32_bucket_searches_float32_accurate_precisions_only():
     """16-bit inverses and products cannot keep float32 accuracy; a float32 bucket does
     not spend trials on them (a user's limits may still ask for them)."""
     from dfgen.kernels.config import FLOAT32_ACCURATE
-    from dfgen.tools.tuning.space import bucket_limits, choices, config_of
+    from dfgen.tools.tuning.space import bucket_limits, choices, config_of, params_of
 
     assert bucket_limits("bf16") is None
     space = choices("fwd+bwd", 32, "qsolve", bucket_limits("fp32"))
@@ -190,25 +240,27 @@ def test_a_float32_bucket_searches_float32_accurate_precisions_only():
 
 
 def test_a_float32_tune_evaluates_float32_accurate_candidates_only(tmp_path, monkeypatch):
-    """What tune_bucket sends to be checked for a float32 bucket (evaluation stubbed: only
-    the configs the search picks matter here)."""
+    """What tune_bucket sends to be checked for float32 buckets (evaluation stubbed: only
+    the knobs the search picks matter here): the forward's and the backward's solves."""
     from dfgen.kernels.config import FLOAT32_ACCURATE
 
     seen = []
 
     def fake_evaluate(request, timeout_s, deadline=None):
-        seen.append(request["config"])
+        seen.append(request)
         return {"ok": True, "median_ms": 1.0 + len(seen) % 5, "error": 0.0}
 
-    monkeypatch.setattr(tuner, "evaluate", fake_evaluate)
-    bucket = Bucket("fwd+bwd", "fp32", 32, 24, 1)
-    tuner.tune_bucket(bucket, trials=12, sampler="random", seed=0,
-                      storage=f"sqlite:///{tmp_path / 'f32.db'}", timeout_s=1, log=lambda *a: None)
-    assert len(seen) >= 12
-    for config in seen:
-        for section in ("solve", "solve_bwd"):
-            assert config[section]["SOLVE_PRECISION"] in FLOAT32_ACCURATE["SOLVE_PRECISION"]
-            assert config[section]["INV_FP16"] is False
+    monkeypatch.setattr(worker, "evaluate", fake_evaluate)
+    for pass_ in ("fwd", "fwd+bwd"):
+        tuner.tune_bucket(Bucket(pass_, "fp32", 32, 24, 1), trials=12, sampler="random", seed=0,
+                          storage=tuner.open_storage(str(tmp_path / "f32.journal")), timeout_s=1,
+                          log=lambda *a: None, sweep_max=0)
+    solves = [r["knobs"] for r in seen if r["op"] == "stage" and r["slot"].startswith("solve")]
+    assert len(solves) >= 30  # two forward solve stages and the backward's, 12 trials each (less repeats)
+    for knobs in solves + [r["config"][s] for r in seen if r["op"] == "pass"
+                           for s in ("solve", "solve_bwd") if s in r["config"]]:
+        assert knobs["SOLVE_PRECISION"] in FLOAT32_ACCURATE["SOLVE_PRECISION"]
+        assert knobs["INV_FP16"] is False
 
 
 def test_a_seed_fixes_every_input_of_a_checked_pass():
@@ -230,7 +282,7 @@ def test_gpu_keys():
 
 
 def test_space_limits_are_checked():
-    from dfgen.tools.tuning.space import choices, grid
+    from dfgen.tools.tuning.space import choices, stage_choices
 
     space = choices("fwd", 32, limits={"strategy": "fused", "solve.CHUNK": [32, 16]})
     assert space["strategy"] == ["fused"]
@@ -242,10 +294,14 @@ def test_space_limits_are_checked():
         choices("fwd", 32, limits={"solve.CHUNK": [48]})
     with pytest.raises(DfgenError, match="no combination of solve"):  # BLOCK_N = 4 * CHUNK only
         choices("fwd", 32, limits={"solve.CHUNK": 16, "solve.BLOCK_N": 64})
-    with pytest.raises(DfgenError, match="one strategy"):
-        grid("fwd", 32)
     # a backward limit is accepted (and unused) for a forward-only bucket
     assert not any(p.startswith("solve_bwd.") for p in choices("fwd", 32, limits={"solve_bwd.CHUNK": 32}))
+    # one stage's space: its own section's parameters, within the limits that name it
+    attn = stage_choices("attn_bwd", 128, {"attn_bwd.BLOCK_M": [32, 64], "solve.CHUNK": [32]})
+    assert list(attn) == ["attn_bwd.BLOCK_M", "attn_bwd.BLOCK_N", "attn_bwd.num_warps",
+                          "attn_bwd.num_stages"] and attn["attn_bwd.BLOCK_M"] == [32, 64]
+    with pytest.raises(DfgenError, match="unknown parameters"):
+        stage_choices("attn_bwd", 128, {"attn_bwd.BLOCK_K": [32]})
 
 
 def test_space_holds_only_feasible_points_and_round_trips():
@@ -275,8 +331,8 @@ def test_space_holds_only_feasible_points_and_round_trips():
 
 
 def _grid_sweep(tmp_path, chunk, block_n, trials, *flags):
-    """Run `dfgen tune --sampler grid` over a solve space that fixes every knob but CHUNK
-    and BLOCK_N; returns (its output, its one study)."""
+    """Run `dfgen tune --sampler grid` over a fused solve space that fixes every knob but
+    CHUNK and BLOCK_N; returns (its output, its one stage study)."""
     space = tmp_path / "space.yaml"
     space.write_text(f"strategy: fused\nsolve.CHUNK: {chunk}\nsolve.BLOCK_N: {block_n}\n"
                      "solve.LOOKAHEAD: 1\nsolve.SOLVE_PRECISION: tf32\n"
@@ -287,15 +343,16 @@ def _grid_sweep(tmp_path, chunk, block_n, trials, *flags):
               str(trials), *flags, "--storage", str(journal), "--out", str(tmp_path / "s.yaml"))
     storage = tuner.open_storage(str(journal))
     (summary,) = optuna.get_all_study_summaries(storage)
-    assert ":grid-space-" in summary.study_name
+    assert ":solve_fwd(fused):" in summary.study_name and ":grid-space-" in summary.study_name
     return out, optuna.load_study(study_name=summary.study_name, storage=storage)
 
 
-def test_grid_sweep_is_exhaustive_and_runs_jobs_in_parallel(tmp_path):
-    """An exhaustive sweep of a 2-point space, two candidates at a time: exactly the grid's
-    points are evaluated, once each, even when more trials are asked for."""
-    out, study = _grid_sweep(tmp_path, [16, 32], 16, 10, "--jobs", "2")
-    assert "2 trials (0 already in the study), 2 at a time" in out
+def test_grid_sweep_is_exhaustive(tmp_path):
+    """An exhaustive sweep of a 2-point space: exactly the grid's points are evaluated,
+    once each, whatever --trials asks for (--jobs is accepted; the interpreter compiles
+    nothing ahead)."""
+    out, study = _grid_sweep(tmp_path, [16, 32], 16, 1, "--jobs", "2")
+    assert "solve_fwd(fused): every point of 2 (0 already in the study)" in out
     chunks = sorted(int(t.params["solve.CHUNK/BLOCK_N/LOOKAHEAD"].split("/")[0]) for t in study.trials)
     assert chunks == [16, 32] and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     entry = tuned_file.read(tmp_path / "s.yaml")["entries"]["fwd/bf16/d32/t40/bh2"]
@@ -307,7 +364,7 @@ def test_a_sweep_times_only_feasible_points(tmp_path):
     divides the chunk or is two chunks): the sweep times that one and nothing is spent on
     the other."""
     out, study = _grid_sweep(tmp_path, 16, [16, 64], 5)
-    assert "1 trials (0 already in the study)" in out
+    assert "every point of 1 (0 already in the study)" in out
     (trial,) = study.trials
     assert trial.params["solve.CHUNK/BLOCK_N/LOOKAHEAD"] == "16/16/1"
     assert trial.state == optuna.trial.TrialState.COMPLETE
@@ -315,8 +372,11 @@ def test_a_sweep_times_only_feasible_points(tmp_path):
 
 def _stub_evaluate(monkeypatch):
     """Evaluation stubbed out (a fixed fast time): only what the tuner records matters."""
-    monkeypatch.setattr(tuner, "evaluate", lambda request, timeout_s, deadline=None:
+    monkeypatch.setattr(worker, "evaluate", lambda request, timeout_s, deadline=None:
                         {"ok": True, "median_ms": 1.0, "error": 0.0})
+
+
+FUSED = {"strategy": "fused"}  # one stage study (the fused solve's) for a forward bucket
 
 
 def test_a_torn_journal_tail_is_moved_aside_and_the_study_resumes(tmp_path, monkeypatch):
@@ -326,12 +386,13 @@ def test_a_torn_journal_tail_is_moved_aside_and_the_study_resumes(tmp_path, monk
     journal = tmp_path / "s.journal"
     bucket, logs = tuner.CPU_BUCKETS[0], []
     tuner.tune_bucket(bucket, trials=2, sampler="random", seed=0, log=logs.append,
-                      storage=tuner.open_storage(str(journal)), timeout_s=10)
+                      storage=tuner.open_storage(str(journal)), timeout_s=10, limits=FUSED)
     torn = b'{"op_code": 4, "worker_id": "ab'
     with open(journal, "ab") as handle:
         handle.write(torn)
     tuner.tune_bucket(bucket, trials=4, sampler="random", seed=0, log=logs.append,
-                      storage=tuner.open_storage(str(journal), log=logs.append), timeout_s=10)
+                      storage=tuner.open_storage(str(journal), log=logs.append), timeout_s=10,
+                      limits=FUSED)
     (aside,) = tmp_path.glob("s.journal.torn-*")
     assert aside.read_bytes() == torn
     assert any("torn record" in line and str(aside) in line for line in logs)
@@ -357,8 +418,7 @@ def test_a_trial_left_running_by_a_killed_worker_is_failed_and_retried(tmp_path,
     _stub_evaluate(monkeypatch)
     db = f"sqlite:///{tmp_path / 'hb.db'}"
     bucket = tuner.CPU_BUCKETS[0]
-    key = bucket.key
-    name = tuner.study_name(key, "random", None)
+    name = stages.study_name(bucket.key, stages.slot("solve_fwd(fused)"), "random", FUSED, False)
     worker = subprocess.Popen([sys.executable, "-c", f"""
 import time, optuna
 storage = optuna.storages.RDBStorage({db!r}, heartbeat_interval=1, grace_period=2)
@@ -383,7 +443,8 @@ study.optimize(lambda trial: time.sleep(600), n_trials=1)
         worker.wait()
     time.sleep(2.5)  # past the grace period
     tuner.tune_bucket(bucket, trials=3, sampler="random", seed=0, log=lambda *a: None,
-                      storage=tuner.open_storage(db, heartbeat_s=1, grace_s=2), timeout_s=10)
+                      storage=tuner.open_storage(db, heartbeat_s=1, grace_s=2), timeout_s=10,
+                      limits=FUSED)
     trials = optuna.load_study(study_name=name, storage=db).trials
     assert trials[0].state == optuna.trial.TrialState.FAIL
     retries = [t for t in trials if t.system_attrs.get("failed_trial") == 0]
@@ -430,7 +491,8 @@ def test_default_output_is_the_folder_the_runtime_searches(tmp_path):
     says the runtime reads it from there, and `dfgen show` then names that file."""
     env = {"XDG_CONFIG_HOME": str(tmp_path / "config")}
     expected = tmp_path / "config" / "dfgen" / "tuned" / "cpu-interpreter.yaml"
-    out = run("tune", "--trials", "2", "--storage", str(tmp_path / "s.journal"), env=env)
+    out = run("tune", "--trials", "2", "--storage", str(tmp_path / "s.journal"),
+              "--space", fused_only(tmp_path), env=env)
     assert f"wrote {expected}" in out
     assert f"the runtime reads it from {expected.parent}" in out
     assert "fwd/bf16/d32/t40/bh2" in tuned_file.read(expected)["entries"]
@@ -454,67 +516,74 @@ def test_minutes_is_a_hard_budget_and_cut_trials_are_counted(tmp_path):
     assert bucket_s, out
     assert int(bucket_s[1]) * 60 + int(bucket_s[2]) <= 18 + 3, out
     assert wall < 18 + 30, out  # start-up (importing torch) aside
-    assert "1 bucket x at most 30 trials, at most 0.3 min each: at most 0.3 min" in out
-    lines = [line for line in out.splitlines() if line.startswith("[bucket 1/1] fwd/bf16/d32/t40/bh2 trial")]
-    assert lines and all(re.search(r"\| \d+/30 trials \(\d+ failed, \d+ cut\) \| best .* elapsed", line)
+    assert "1 bucket x at most 30 trials per searched stage" in out
+    assert "at most 0.3 min each: at most 0.3 min" in out
+    lines = [line for line in out.splitlines() if line.startswith("[bucket 1/1] fwd/bf16/d32/t40/bh2 ")]
+    assert lines and all(re.search(r" trial \d+ .*\| \d+/30 trials \(\d+ failed, \d+ cut\) \| "
+                                   r"best .* elapsed.* \| \d+\.\d trials/min$", line)
                          for line in lines), out
-    storage = tuner.open_storage(str(journal))
-    (summary,) = optuna.get_all_study_summaries(storage)
-    study = optuna.load_study(study_name=summary.study_name, storage=storage)
-    assert len(study.trials) < 30  # the budget, not the trial count, ended the search
-    cut = [t for t in study.trials if t.user_attrs.get("cut")]
+    trials = [t for study in stage_studies(str(journal)).values() for t in study.trials]
+    assert len(trials) < 3 * 30  # the budget, not the trial count, ended the search
+    cut = [t for t in trials if t.user_attrs.get("cut")]
     assert all(t.state == optuna.trial.TrialState.FAIL for t in cut)
     row = next(line for line in out.splitlines() if line.startswith("| fwd/"))
-    assert row.endswith(f"| {len(cut)} |"), out  # the summary's cut column
+    assert re.search(rf"\| {len(cut)} \| \d+\.\d \|$", row), out  # the cut and trials/min columns
 
 
-def _fake_evaluations(monkeypatch, default, pass_, slow_default=0.0, default_ok=True):
-    """tuner.evaluate replaced by a quick stand-in that records how many run at once; the
-    default is `slow_default` s long, the others 0.05 s, the default timed at 2 ms, the
-    others at 1 ms (every challenger looks faster)."""
-    import threading
-    import time
-
-
-    state = {"running": 0, "log": []}
-    lock = threading.Lock()
+def _fake_evaluations(monkeypatch, default, default_ok=True):
+    """worker.evaluate replaced by a quick stand-in that records the requests: the default's
+    knobs (and the default end to end) time 2 ms, every other candidate 1 ms (every
+    challenger looks faster); with default_ok False the default is cut end to end."""
+    requests = []
 
     def fake(request, timeout_s, deadline=None):
-        is_default = request["config"].get("solve") == default.to_dict()["solve"]
-        with lock:
-            state["running"] += 1
-            state["log"].append(("start", is_default, state["running"]))
-        time.sleep(slow_default if is_default else 0.05)
-        with lock:
-            state["running"] -= 1
-            state["log"].append(("end", is_default, state["running"]))
-        if is_default and not default_ok:
-            return {"ok": False, "cut": True, "reason": "cut"}
-        return {"ok": True, "median_ms": 2.0 if is_default else 1.0, "error": 0.0, "seconds": 0.05}
+        requests.append(request)
+        if request["op"] == "pass":
+            is_default = request["config"]["solve"] == dict(default.solve) and \
+                request["config"]["strategy"] == default.strategy
+            if is_default and not default_ok:
+                return {"ok": False, "cut": True, "reason": "cut"}
+        else:
+            section = {"solve_fwd": "solve", "attn_fwd": "attn"}.get(request["slot"].split("(")[0],
+                                                                    request["slot"])
+            is_default = request["knobs"] == dict(getattr(default, section))
+        return {"ok": True, "median_ms": 2.0 if is_default else 1.0, "error": 0.0, "seconds": 0.01}
 
-    monkeypatch.setattr(tuner, "evaluate", fake)
-    return state
+    monkeypatch.setattr(worker, "evaluate", fake)
+    return requests
 
 
-def test_the_default_is_timed_first_and_alone(tmp_path, monkeypatch):
-    """Under a short budget the default would be cut while candidates compete: it runs
-    first, by itself, then the search runs its jobs in parallel."""
+def test_the_default_is_timed_first_then_each_stage_then_the_combinations(tmp_path, monkeypatch):
+    """The default goes first, end to end (so that no budget leaves a challenger without it
+    to beat); then each stage's trials, starting with the default's knobs; then the default
+    and the stages' bests put together, one combination per strategy, twice each."""
     bucket = tuner.CPU_BUCKETS[0]
     default = default_config(bucket.head_dim, torch_dtype(bucket.dtype))
-    state = _fake_evaluations(monkeypatch, default, bucket.pass_, slow_default=0.3)
-    result = tuner.tune_bucket(bucket, trials=6, sampler="tpe", seed=0, timeout_s=60, jobs=3,
-                               storage=f"sqlite:///{tmp_path / 'alone.db'}", log=lambda *a: None)
-    assert state["log"][:2] == [("start", True, 1), ("end", True, 0)], state["log"][:4]  # alone
-    assert max(running for _, _, running in state["log"]) > 1  # then in parallel
+    requests = _fake_evaluations(monkeypatch, default)
+    result = tuner.tune_bucket(bucket, trials=4, sampler="tpe", seed=0, timeout_s=60, sweep_max=0,
+                               storage=tuner.open_storage(str(tmp_path / "order.journal")),
+                               log=lambda *a: None)
+    assert requests[0]["op"] == "pass" and requests[0]["config"]["strategy"] == "fused"
+    searched = [r for r in requests if r["op"] == "stage"]  # a point sampled twice is timed once
+    assert [slot for slot, _ in itertools.groupby(r["slot"] for r in searched)] == \
+        ["solve_fwd(fused)", "solve_fwd(two_stage)", "attn_fwd"]
+    assert searched[0]["knobs"] == dict(default.solve)
+    final = requests[1 + len(searched):]
+    assert all(r["op"] == "pass" for r in final)
+    assert [(r["config"]["strategy"], r["config"]["solve"] == dict(default.solve)) for r in final] \
+        == [("fused", True), ("fused", False), ("two_stage", False)] * 2
     assert result.entry["default_ms"] == 2.0 and result.entry["median_ms"] == 1.0
+    assert result.entry["trials"] == 12 and result.entry["config"]["strategy"] == "fused"
+    assert set(result.studies) == {"solve_fwd(fused)", "solve_fwd(two_stage)", "attn_fwd"}
 
 
 def test_no_challenger_wins_without_the_defaults_time(tmp_path, monkeypatch):
-    """A default cut at the budget (not timed): a challenger, however fast it looked, is
+    """A default cut at the budget (not timed): a combination, however fast it looked, is
     not written, since nothing shows it beats the default."""
     bucket = tuner.CPU_BUCKETS[0]
     default = default_config(bucket.head_dim, torch_dtype(bucket.dtype))
-    _fake_evaluations(monkeypatch, default, bucket.pass_, default_ok=False)
+    _fake_evaluations(monkeypatch, default, default_ok=False)
     with pytest.raises(DfgenError, match="default was not timed"):
-        tuner.tune_bucket(bucket, trials=4, sampler="tpe", seed=0, timeout_s=60, jobs=2,
-                          storage=f"sqlite:///{tmp_path / 'nodefault.db'}", log=lambda *a: None)
+        tuner.tune_bucket(bucket, trials=4, sampler="tpe", seed=0, timeout_s=60, sweep_max=0,
+                          storage=tuner.open_storage(str(tmp_path / "nodefault.journal")),
+                          log=lambda *a: None)

@@ -1,10 +1,11 @@
-"""Optuna against an exhaustive sweep (bench/run.py sweep): for each bucket, where the
-config each sampler study picked ranks in the sweep, and its time there (so both sides come
-from the sweep's own timings, one process, one GPU session).
+"""Optuna against an exhaustive sweep (bench/run.py sweep): for each bucket and stage, where
+the knobs each sampler study picked rank in the sweep, and their time there (so both sides
+come from the sweep's own timings, one process, one GPU session).
 
     python bench/run.py sweep-compare GRID_JOURNAL TPE_JOURNAL [TPE_JOURNAL ...]
 
-Each journal holds the studies of one `dfgen tune` run; studies are matched by bucket key.
+Each journal holds the studies of one `dfgen tune` run, one per bucket and stage
+(dfgen:{bucket}:{stage}:...); studies are matched by bucket key and stage.
 """
 import os
 import sys
@@ -18,18 +19,18 @@ DONE = (optuna.trial.TrialState.COMPLETE,)
 
 
 def studies(path):
-    """{bucket key: study} of one journal."""
+    """{"bucket key stage": study} of one journal."""
     storage = open_storage(path)
     out = {}
     for summary in optuna.get_all_study_summaries(storage):
-        key = summary.study_name.split(":")[1]
-        out[key] = optuna.load_study(study_name=summary.study_name, storage=storage)
+        _, bucket, stage = summary.study_name.split(":")[:3]
+        out[f"{bucket} {stage}"] = optuna.load_study(study_name=summary.study_name, storage=storage)
     return out
 
 
 def main(grid_path, *tpe_paths):
     grids = studies(grid_path)
-    print("| bucket | sweep trials | sweep best ms | sampler run | trials | its pick's sweep ms | "
+    print("| bucket and stage | sweep trials | sweep best ms | sampler run | trials | its pick's sweep ms | "
           "pick / best | rank in sweep |")
     print("|---|---|---|---|---|---|---|---|")
     for key, grid in sorted(grids.items()):

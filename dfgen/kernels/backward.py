@@ -80,14 +80,12 @@ def backward(q, k, beta, u, a, lse, do, solve_knobs, attn_knobs, seqs=None):
     return dq, dk, _sum_groups(dv, k), dbeta
 
 
-def backward_q_solve(q, q_solve, k, beta, u, a, lse_solve, o, lse_attn, do, config, seqs=None):
-    """(dq, dq_solve, dk, dv, dbeta or None) for o = causal_softmax(q k^T) u with
-    u = (I + diag(beta) P')^{-1} v, P' from q_solve k^T. The attention stage's backward
-    (e = do, delta = do . o, the diagonal in ds_ii) gives dq, part of dk and
-    du = P^T do; the solve stage's reverse sweep without the gate (do := du) gives dv,
-    dbeta and, through a second dq/dk pass over q_solve, dq_solve and the rest of dk."""
-    B, T, H, D = q.shape
-    group = H // k.shape[2]
+def attention_stage_grads(q, k, u, o, lse_attn, do, attn_knobs, seqs=None):
+    """The two-stage backward's first part, the attention stage's: (dq, dk of that stage,
+    du = P^T do float32 per query head, the diagonal included), one attn_bwd launch pair
+    (e = do, delta = do . o, the diagonal in ds_ii)."""
+    D = q.shape[3]
+    group = q.shape[2] // k.shape[2]
     k_q = k if group == 1 else k.repeat_interleave(group, dim=2)  # per query head, for s_ii
     do32, u32 = do.float(), u.float()
     big_delta = (do32 * o.float()).sum(-1)  # [B, T, H]
@@ -95,9 +93,19 @@ def backward_q_solve(q, q_solve, k, beta, u, a, lse_solve, o, lse_attn, do, conf
     p_ii = torch.exp(s_ii - lse_attn.transpose(1, 2))  # the diagonal of the inclusive softmax
     ds_ii = p_ii * ((do32 * u32).sum(-1) - big_delta)
     dq, dk_attn, du = query_key_grads(q, k, u, do, lse_attn, big_delta.transpose(1, 2).contiguous(),
-                                      ds_ii.transpose(1, 2).contiguous(), config.attn_bwd,
+                                      ds_ii.transpose(1, 2).contiguous(), attn_knobs,
                                       with_du=True, seqs=seqs)
     du += p_ii.unsqueeze(-1) * do32
+    return dq, dk_attn, du
+
+
+def backward_q_solve(q, q_solve, k, beta, u, a, lse_solve, o, lse_attn, do, config, seqs=None):
+    """(dq, dq_solve, dk, dv, dbeta or None) for o = causal_softmax(q k^T) u with
+    u = (I + diag(beta) P')^{-1} v, P' from q_solve k^T. The attention stage's backward
+    (e = do, delta = do . o, the diagonal in ds_ii) gives dq, part of dk and
+    du = P^T do; the solve stage's reverse sweep without the gate (do := du) gives dv,
+    dbeta and, through a second dq/dk pass over q_solve, dq_solve and the rest of dk."""
+    dq, dk_attn, du = attention_stage_grads(q, k, u, o, lse_attn, do, config.attn_bwd, seqs=seqs)
     dv, e, dbeta, delta, ds_diag = reverse_sweep(q_solve, k, du, u, a, beta, lse_solve,
                                                  config.solve_bwd, gated=False, seqs=seqs)
     dq_solve, dk_solve = query_key_grads(q_solve, k, u, e, lse_solve, delta, ds_diag,

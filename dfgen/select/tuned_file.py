@@ -11,10 +11,11 @@
         T: 4096                the bucket's sequence length
         BH: 16                 the bucket's batch * heads
         config: {strategy, solve, attn, solve_bwd, attn_bwd}
-        median_ms: ...         tuned config's median time at the bucket's shape
-        default_ms: ...        the built-in default's, measured in the same study
-        trials: ...            trials run (failed ones included)
-        failures: ...
+        median_ms: ...         tuned config's median time at the bucket's shape, end to
+                               end (the pass, every stage of it)
+        default_ms: ...        the built-in default's, measured in the same tune
+        trials: ...            trials of the bucket's stage studies (failed ones included)
+        failures: ...          failed ones of them (cut at the time limit not counted)
         variant: qsolve        optional: the case the entry was tuned for (qsolve: a
                                solve stage with its own queries, two-stage path)
         tuned_with: {templates, triton, torch}

@@ -90,7 +90,9 @@ def cmd_bench(args) -> int:
 
 GPU_MINUTES = 3.0  # a plain `dfgen tune`'s cap per bucket on a GPU
 INTERPRETER_MINUTES = 10.0  # ... and in the interpreter (its one tiny bucket: about a minute)
-CANDIDATE_TIMEOUT_S = 120.0  # one candidate: a fresh process imports torch, compiles, checks, times
+CANDIDATE_TIMEOUT_S = 120.0  # one candidate in the worker: compiling (unless compiled ahead), checking, timing
+GPU_SWEEP_MAX = 128  # stages.SWEEP_MAX (named here so that `dfgen --help` imports no optuna)
+INTERPRETER_SWEEP_MAX = 16  # the interpreter's times show only that the pipeline runs: sample its stages
 
 
 def _tune_workers(args) -> int:
@@ -167,7 +169,8 @@ def _check_gpu(args, provenance: dict, interpreted: bool) -> str:
 
 def _check_numbers(args) -> None:
     for flag, value, low, strict in (("--trials", args.trials, 1, False),
-                                     ("--jobs", args.jobs, 1, False),
+                                     ("--jobs", args.jobs, 0, False),
+                                     ("--sweep-max", args.sweep_max, 0, False),
                                      ("--workers", args.workers, 1, False),
                                      ("--minutes", args.minutes, 0, False),
                                      ("--timeout", args.timeout, 0, True)):
@@ -255,35 +258,51 @@ def cmd_tune(args) -> int:
         from .tuning import plot
 
         plot.require_matplotlib()
-    jobs = args.jobs or (1 if interpreted else max(1, min(8, (os.cpu_count() or 2) // 2)))
+    from .tuning.compile_ahead import CompileAhead
+
+    jobs = 0 if interpreted else (args.jobs if args.jobs is not None else
+                                  max(1, min(8, (os.cpu_count() or 2) // 2)))
+    sweep_max = args.sweep_max if args.sweep_max is not None else \
+        (INTERPRETER_SWEEP_MAX if interpreted else GPU_SWEEP_MAX)
     storage_spec = args.storage or str(cache_root() / "studies" / f"{key}.journal")
     storage = tuner.open_storage(storage_spec)
     progress = TuneProgress(len(buckets), trials, minutes)
-    print(f"dfgen tune: {progress.budget_text(jobs, args.timeout)}; {jobs} candidate(s) at a "
-          f"time, sampler {args.sampler}" + (f", space limited by {args.space}" if args.space else "")
+    ahead = CompileAhead.for_device(jobs, args.timeout)
+    print(f"dfgen tune: {progress.budget_text(args.timeout, sweep_max)}; one timing worker"
+          + (f", {jobs} compiling ahead" if ahead else "") + f", sampler {args.sampler}"
+          + (f", space limited by {args.space}" if args.space else "")
           + f", study storage {storage_spec} (optuna-dashboard reads it); results go to {out}",
           flush=True)
     earlier = _earlier_entries(out)
-    results, failed = [], []
+    results, failed, chosen = [], [], {}
     for bucket in buckets:
         bucket_key = bucket.key
+        forward = None
+        if bucket.backward:  # the forward bucket's choice for this shape: this tune's, else the file's
+            forward_key = bucket._replace(pass_="fwd").key
+            forward = chosen.get(forward_key) or earlier.get(forward_key, {}).get("config")
         try:
             result = tuner.tune_bucket(bucket, trials=trials, sampler=args.sampler, seed=args.seed,
-                                       storage=storage, timeout_s=args.timeout, jobs=jobs,
+                                       storage=storage, timeout_s=args.timeout,
                                        minutes=minutes, limits=limits,
                                        starts=([earlier[bucket_key]["config"]] if bucket_key in earlier
                                                else []) + tried_first,
-                                       cold_start=args.cold_start, progress=progress)
+                                       cold_start=args.cold_start, progress=progress,
+                                       forward=forward, sweep_max=sweep_max, ahead=ahead)
         except DfgenError as err:  # this bucket found nothing; the others may
             print(f"dfgen tune: {err}", flush=True)
             failed.append(bucket_key)
             continue
         results.append(result)
+        chosen[bucket_key] = result.entry["config"]
         # written after every bucket: an interrupted tune keeps what it finished
         tuned_file.merge(out, provenance, {result.key: result.entry})
         if args.plot:
             print(f"{result.key}: search plotted in "
-                  f"{plot.plot_search(result.study, result.key, result.entry, args.plot)}", flush=True)
+                  f"{plot.plot_search(result.studies, result.key, result.entry, args.plot)}", flush=True)
+    if ahead is not None:
+        print(f"dfgen tune: {ahead.summary()}")
+        ahead.close()
     if results:
         print(tuner.summary_table(results))
         print(f"wrote {out} ({len(results)} bucket(s))")
@@ -440,25 +459,31 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--shapes", help="YAML list of buckets {pass: fwd|fwd+bwd, dtype: "
                       "bf16|fp16|fp32, head_dim: 16|32|64|128, T, BH, variant: qsolve (optional)}")
     tune.add_argument("--passes", help="comma list of fwd, fwd+bwd (default: both)")
-    tune.add_argument("--trials", type=int, help="trials per bucket (default 30; 4 without a GPU)")
+    tune.add_argument("--trials", type=int, help="trials per searched stage (default 30; 4 "
+                      "without a GPU); a stage of at most --sweep-max points runs every point")
     tune.add_argument("--seed", type=int, default=0)
     tune.add_argument("--sampler", choices=["tpe", "random", "grid"], default="tpe",
-                      help="tpe (default), random, or grid: an exhaustive sweep of the space "
-                      "(limit it with --space)")
+                      help="how a stage larger than --sweep-max is searched: tpe (default), "
+                      "random, or grid: every stage swept whole (limit it with --space)")
+    tune.add_argument("--sweep-max", type=int, metavar="N",
+                      help="a stage whose space has at most N points is swept whole, every "
+                      f"point once (default {GPU_SWEEP_MAX} on a GPU, {INTERPRETER_SWEEP_MAX} in the "
+                      "interpreter; 0: sample every stage, as a cold-start comparison does)")
     tune.add_argument("--space", help="YAML mapping that limits the space: {strategy: fused, "
                       "solve.CHUNK: [32, 64], ...}; each list a subset of the template's values")
     tune.add_argument("--minutes", type=float, help="wall-clock budget per bucket, the final "
-                      "re-timing included: candidates still running at its end are stopped and "
-                      f"recorded as cut (default {GPU_MINUTES:g} on a GPU, {INTERPRETER_MINUTES:g} "
-                      "in the interpreter; 0: no cap)")
-    tune.add_argument("--jobs", type=int, help="candidates evaluated at once: they compile in "
-                      "parallel and take turns on the GPU (default: half the CPU cores, at most 8; "
-                      "1 without a GPU)")
+                      "end-to-end timing included: candidates still running at its end are "
+                      f"stopped and recorded as cut (default {GPU_MINUTES:g} on a GPU, "
+                      f"{INTERPRETER_MINUTES:g} in the interpreter; 0: no cap)")
+    tune.add_argument("--jobs", type=int, help="compile-only processes that compile the next "
+                      "candidates while one worker times them, one at a time (default: half the "
+                      "CPU cores, at most 8; 0: none; the interpreter compiles nothing ahead)")
     tune.add_argument("--storage", help="Optuna storage: a file path (a journal, the default "
                       "kind, for processes on one host) or a database URL (sqlite:///..., "
                       "postgresql://..., mysql://...) that processes on many hosts share")
     tune.add_argument("--workers", type=int, default=1,
-                      help="processes sharing the study, one per GPU (default 1)")
+                      help="tune processes sharing the studies, one per GPU, each with its "
+                      "own timing worker (default 1)")
     tune.add_argument("--plot", metavar="DIR", help="write a PNG of each bucket's search "
                       "into DIR (needs matplotlib: pip install 'dfgen[plot]')")
     tune.add_argument("--try", dest="try_configs", metavar="FILE",
@@ -466,12 +491,14 @@ def build_parser() -> argparse.ArgumentParser:
                       "the default and the --out file's entry (e.g. `python bench/run.py --write candidates h200 FILE` writes the H200 candidates)")
     tune.add_argument("--cold-start", action="store_true",
                       help="try neither the shipped default, the --out file's config for the "
-                      "bucket nor --try configs first (to measure what the sampler finds on "
-                      "its own, e.g. against a --sampler grid sweep)")
+                      "bucket nor --try configs first in any stage (to measure what the sampler "
+                      "finds on its own, e.g. with --sweep-max 0 against a --sampler grid sweep; "
+                      "the default is still timed end to end for the entry)")
     tune.add_argument("--timeout", type=float, default=CANDIDATE_TIMEOUT_S,
-                      help="seconds one candidate may take: its process starting, compiling, "
-                      f"checking and timing (default {CANDIDATE_TIMEOUT_S:g}; never past the "
-                      "bucket's --minutes)")
+                      help="seconds one candidate may take in the worker: compiling (unless "
+                      f"compiled ahead), checking and timing (default {CANDIDATE_TIMEOUT_S:g}; "
+                      "never past the bucket's --minutes); one that runs past it, or crashes, "
+                      "is a failed trial and the worker is replaced")
     tune.set_defaults(func=cmd_tune)
 
     show = sub.add_parser("show", help="which tuned file, entry and config serve each bucket "

@@ -1,16 +1,25 @@
-"""Check and time one candidate config in its own process (`python -m dfgen.tools.tuning.evaluate`),
-so that a crash, a hang or an out-of-resources error costs only this process.
+"""What the tuner's worker process (worker.py) does with one request: check and time a
+whole pass against the naive reference, check and time one stage alone, or only compile a
+stage's kernels (compile_ahead.py's processes). Every reply is a dict; nothing raises.
 
-Reads a JSON request on stdin: {config, pass, dtype, head_dim, T, BH, seed, variant}; prints one
-JSON line: {"ok": true, "median_ms", "error"} or {"ok": false, "reason"}. Inputs are fresh
-random tensors, every one of them fixed by the request's seed (a failed check can be
-rerun as it was); the output (and with fwd+bwd every gradient) must match the naive
-reference within the dtype's tolerance before any time is taken.
+Requests (the bucket's fields pass, dtype, head_dim, T, BH, variant, and a seed, in each):
+  {"op": "pass", "config"}   the pass under `config` on fresh inputs (the seed fixes them):
+                             o (and with fwd+bwd every gradient) must match the reference
+                             within the dtype's tolerance, then the pass is timed
+  {"op": "stage", "slot", "knobs", "forward"}
+                             one stage (a slot: stages.SLOTS) under `knobs`, on inputs a real
+                             forward under the `forward` config made at the bucket's shape
+                             (for attn_fwd and attn_bwd: the stage before it under the default
+                             knobs too); its outputs must match the same stage under the
+                             default knobs within the dtype's tolerance, then it is timed
+  {"op": "compile", ... as "stage"}
+                             the same stage's kernels compiled, never launched (GPU only)
+Replies: {"ok": true, "median_ms", "error", "first_s"} ("first_s": the first call, compiling
+included), {"ok": false, "reason"}; "restart": true when the process's GPU context is lost
+(after an illegal memory access): the worker then exits and is replaced.
 
-On a GPU, several evaluations run at once (`dfgen tune --jobs`): each first compiles its
-kernels by running the pass at a small shape, which needs the CPU and little of the GPU,
-then takes the GPU's lock for the check at the tuned shape and the timing, so that no two
-candidates are ever timed at the same time.
+A stage's inputs and its default outputs are made once per bucket, stage and forward
+config, and kept while the requests are for that bucket (one bucket's tensors at a time).
 """
 
 from __future__ import annotations
@@ -18,15 +27,25 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 import tempfile
+import time
 
-WARM_SHAPE = (1, 512, 2)  # (B, T, H): T / CHUNK > 1 and H > 1, as at the tuned shapes
+SLOTS = {  # slot: (template stage, forward strategy it belongs to; None for the backward)
+    "solve_fwd(fused)": ("solve_fwd", "fused"),
+    "solve_fwd(two_stage)": ("solve_fwd", "two_stage"),
+    "attn_fwd": ("attn_fwd", "two_stage"),
+    "solve_bwd": ("solve_bwd", None),
+    "attn_bwd": ("attn_bwd", None),
+}
+WARM_SHAPE = (1, 512, 2)  # (B, T, H): a pass compiles here first, outside the GPU lock
+
+_benches: dict = {}  # (bucket, seed) -> {(slot, forward, compile only): StageBench}
 
 
 @contextlib.contextmanager
 def gpu_lock():
-    """An exclusive lock per visible GPU set, held while a candidate is checked and timed."""
+    """An exclusive lock per visible GPU set, held while a candidate is checked and timed
+    (tune processes sharing a GPU take turns)."""
     name = os.environ.get("CUDA_VISIBLE_DEVICES", "all").replace(",", "-") or "none"
     from filelock import FileLock
 
@@ -34,47 +53,208 @@ def gpu_lock():
         yield
 
 
-def main() -> int:
-    request = json.loads(sys.stdin.read())
+def handle(request: dict) -> dict:
+    """The reply to one request; failures of the candidate are replies, not exceptions."""
     import torch
 
-    if not torch.cuda.is_available():
-        os.environ["TRITON_INTERPRET"] = "1"
+    op = request.get("op", "pass")
+    try:
+        if op == "pass":
+            return evaluate_pass(request)
+        if op == "stage":
+            return evaluate_stage(request)
+        if op == "compile":
+            return compile_stage(request)
+        return {"ok": False, "reason": f"unknown op {op!r}"}
+    except Exception as exc:  # compile errors, out of resources: reported, not raised
+        reply = {"ok": False, "reason": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        if torch.cuda.is_available():
+            try:
+                torch.cuda.synchronize()
+            except Exception:  # an illegal access leaves the context unusable
+                reply["restart"] = True
+        return reply
+
+
+def _device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def evaluate_pass(request: dict) -> dict:
+    import torch
+
     from ...kernels.config import KernelConfig
     from ...settings import torch_dtype
     from ..check import check, passes, random_pass_inputs, runner
     from ..timing import timer
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device()
+    on_gpu = device.type == "cuda"
     dtype = torch_dtype(request["dtype"])
     backward = request["pass"] == "fwd+bwd"
     config = KernelConfig.from_dict(request["config"])
     shape = (1, request["T"], request["BH"], request["head_dim"])
     with_q_solve = request.get("variant") == "qsolve"
-    on_gpu = device.type == "cuda"
-    try:
-        if on_gpu:  # compile outside the lock: other candidates may be timed meanwhile
-            warm = random_pass_inputs(WARM_SHAPE + (request["head_dim"],), dtype, device,
-                                      request["seed"] + 1, with_q_solve)
-            runner(*warm[:4], config, backward, warm[4], warm[5])[1]()
+    if on_gpu:  # compile outside the lock: other tune processes may be timing meanwhile
+        warm = random_pass_inputs(WARM_SHAPE + (request["head_dim"],), dtype, device,
+                                  request["seed"] + 1, with_q_solve)
+        runner(*warm[:4], config, backward, warm[4], warm[5])[1]()
+        torch.cuda.synchronize()
+        del warm
+    with gpu_lock() if on_gpu else contextlib.nullcontext():
+        q, k, v, beta, do, q_solve = random_pass_inputs(shape, dtype, device, request["seed"],
+                                                        with_q_solve)
+        err, run = check(config, backward, q, k, v, beta, do, q_solve=q_solve)
+        if not passes(err, dtype, backward):  # NaN fails too
+            return {"ok": False, "reason": f"wrong: relative error {err:.3e}"}
+        if on_gpu:
+            torch.cuda.empty_cache()  # the reference's memory, before timing
+        median = timer(on_gpu)(run)
+    return {"ok": True, "median_ms": median, "error": err}
+
+
+def evaluate_stage(request: dict) -> dict:
+    import torch
+
+    from ...kernels.spec import spec
+    from ..check import GRAD_TOLERANCE, TOLERANCE
+    from ..timing import timer
+
+    bench = stage_bench(request)
+    knobs = request["knobs"]
+    spec(bench.stage).check(knobs, request["head_dim"])
+    on_gpu = bench.device.type == "cuda"
+    with gpu_lock() if on_gpu else contextlib.nullcontext():
+        started = time.perf_counter()
+        outputs = bench.run(knobs)
+        if on_gpu:
             torch.cuda.synchronize()
-            del warm
-        with gpu_lock() if on_gpu else contextlib.nullcontext():
-            q, k, v, beta, do, q_solve = random_pass_inputs(shape, dtype, device, request["seed"],
-                                                            with_q_solve)
-            err, run = check(config, backward, q, k, v, beta, do, q_solve=q_solve)
-            if not passes(err, dtype, backward):  # NaN fails too
-                print(json.dumps({"ok": False, "reason": f"wrong: relative error {err:.3e}"}))
-                return 0
-            if on_gpu:
-                torch.cuda.empty_cache()  # the reference's memory, before timing
-            median = timer(on_gpu)(run)
-    except Exception as exc:  # compile errors, out of resources: reported, not raised
-        print(json.dumps({"ok": False, "reason": f"{type(exc).__name__}: {str(exc)[:300]}"}))
-        return 0
-    print(json.dumps({"ok": True, "median_ms": median, "error": err}))
-    return 0
+        first_s = time.perf_counter() - started
+        err = bench.error(outputs)
+        tolerance = (GRAD_TOLERANCE if bench.strategy is None else TOLERANCE)[bench.dtype]
+        if not err <= tolerance:  # NaN fails too
+            return {"ok": False, "reason": f"wrong: relative error {err:.3e} against the "
+                    f"default knobs' {bench.stage} output", "first_s": first_s}
+        del outputs
+        median = timer(on_gpu)(lambda: bench.run(knobs))
+    return {"ok": True, "median_ms": median, "error": err, "first_s": first_s}
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def compile_stage(request: dict) -> dict:
+    """Compile a stage candidate's kernels into Triton's on-disk cache without launching
+    them: its inputs are made as for timing (same shapes, strides and alignment, hence
+    the same specialization and cache key) with every Triton launch turned into a compile."""
+    from ...kernels.spec import spec
+
+    if _device().type != "cuda":
+        return {"ok": True, "skipped": "the interpreter compiles nothing"}
+    spec(SLOTS[request["slot"]][0]).check(request["knobs"], request["head_dim"])
+    started = time.perf_counter()
+    with no_launch():
+        stage_bench(request, compile_only=True).run(request["knobs"])
+    return {"ok": True, "seconds": time.perf_counter() - started}
+
+
+@contextlib.contextmanager
+def no_launch():
+    """Inside: a launch of any Triton kernel (`kernel[grid](...)`) compiles it for the
+    current device, as a launch would, and stops there (Triton's warmup path)."""
+    from triton.runtime.jit import JITFunction
+
+    original = JITFunction.run
+
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        return original(self, *args, grid=grid, warmup=True, **kwargs)
+
+    JITFunction.run = compile_only
+    try:
+        yield
+    finally:
+        JITFunction.run = original
+
+
+def stage_bench(request: dict, compile_only: bool = False) -> "StageBench":
+    """The StageBench of a request (made on first use; other buckets' are dropped)."""
+    bucket = json.dumps({k: request.get(k) for k in ("pass", "dtype", "head_dim", "T", "BH",
+                                                     "variant", "seed")}, sort_keys=True)
+    if bucket not in _benches:
+        _benches.clear()
+        _benches[bucket] = {}
+    key = (request["slot"], json.dumps(request.get("forward"), sort_keys=True), compile_only)
+    benches = _benches[bucket]
+    if key not in benches:
+        benches[key] = StageBench(request, _device(), compile_only)
+    return benches[key]
+
+
+class StageBench:
+    """One stage (a slot) at a bucket's shape: its inputs, `run(knobs)` returning the
+    stage's outputs, and `error(outputs)`: their largest relative error against the
+    outputs under the default knobs."""
+
+    def __init__(self, request: dict, device, compile_only: bool = False):
+        from ...kernels import backward as bwd
+        from ...kernels import forward as fwd
+        from ...kernels.config import KernelConfig, default_config
+        from ...settings import torch_dtype
+        from ..check import random_pass_inputs
+
+        self.stage, self.strategy = SLOTS[request["slot"]]
+        self.device = device
+        self.dtype = dtype = torch_dtype(request["dtype"])
+        head_dim, qsolve = request["head_dim"], request.get("variant") == "qsolve"
+        shape = (1, request["T"], request["BH"], head_dim)
+        q, k, v, beta, do, q_solve = random_pass_inputs(shape, dtype, device, request["seed"], qsolve)
+        qs = q_solve if qsolve else q  # the solve stage's queries
+        default = default_config(head_dim, dtype, self.strategy or "fused")
+        forward = KernelConfig.from_dict(
+            request.get("forward") or {"strategy": "two_stage" if qsolve else "fused"},
+            defaults=default_config(head_dim, dtype, "two_stage" if qsolve else "fused"))
+        self.default_knobs = dict(getattr(default, {"solve_fwd": "solve", "attn_fwd": "attn"}.get(
+            self.stage, self.stage)))
+        if self.stage == "solve_fwd":
+            fused = self.strategy == "fused"
+
+            def run(knobs):
+                return fwd.solve_stage(qs, k, v, beta, knobs, write_o=fused)[:3]
+        elif self.stage == "attn_fwd":
+            u = fwd.solve_stage(qs, k, v, beta, default.solve, write_o=False)[0]
+
+            def run(knobs):
+                return (fwd.attention_stage(q, k, u, knobs),)
+        elif not qsolve:
+            _, u, lse, a = fwd.forward(q, k, v, beta, forward, for_backward=True)
+            if self.stage == "solve_bwd":
+                def run(knobs):
+                    return bwd.reverse_sweep(q, k, do, u, a, beta, lse, knobs)
+            else:
+                _, e, _, delta, ds_diag = bwd.reverse_sweep(q, k, do, u, a, beta, lse,
+                                                            default.solve_bwd)
+
+                def run(knobs):
+                    return bwd.query_key_grads(q, k, u, e, lse, delta, ds_diag, knobs)
+        else:  # the q_solve backward: the attention stage's grads, then the solve stage's
+            o, u, lse_solve, a, lse_attn = fwd.forward_q_solve(q, q_solve, k, v, beta, forward,
+                                                               for_backward=True)
+            du = bwd.attention_stage_grads(q, k, u, o, lse_attn, do, default.attn_bwd)[2]
+            if self.stage == "solve_bwd":
+                def run(knobs):
+                    return bwd.reverse_sweep(q_solve, k, du, u, a, beta, lse_solve, knobs,
+                                             gated=False)
+            else:
+                _, e, _, delta, ds_diag = bwd.reverse_sweep(q_solve, k, du, u, a, beta, lse_solve,
+                                                            default.solve_bwd, gated=False)
+
+                def run(knobs):
+                    return (bwd.attention_stage_grads(q, k, u, o, lse_attn, do, knobs)
+                            + bwd.query_key_grads(q_solve, k, u, e, lse_solve, delta, ds_diag, knobs))
+        self.run = run
+        self.reference = None if compile_only else self.run(self.default_knobs)
+
+    def error(self, outputs) -> float:
+        from ..check import relative_error
+
+        return max(relative_error(out, ref) for out, ref in zip(outputs, self.reference)
+                   if out is not None)

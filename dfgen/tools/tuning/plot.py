@@ -1,9 +1,11 @@
-"""A PNG of one bucket's search (`dfgen tune --plot DIR`): every completed trial's median
-time by trial number, the best so far, the default's re-timed time, and failed trials."""
+"""A PNG of one bucket's search (`dfgen tune --plot DIR`): for each stage's study, every
+completed trial's median time by trial number, the best so far and failed trials; the
+title gives the bucket's end-to-end pick and the default's time."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Mapping
 
 import optuna
 
@@ -18,17 +20,38 @@ def require_matplotlib() -> None:
         raise DfgenError("--plot needs matplotlib: pip install 'dfgen[plot]'") from None
 
 
-def plot_search(study: optuna.Study, key: str, entry: dict, folder) -> Path:
-    """Write <folder>/<key with / as _>.png and return its path."""
+def plot_search(studies: "Mapping[str, optuna.Study] | optuna.Study", key: str, entry: dict,
+                folder) -> Path:
+    """Write <folder>/<key with / as _>.png (one panel per stage study) and return its path."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
     import matplotlib.ticker  # noqa: F401  (matplotlib.ticker below)
 
+    if isinstance(studies, optuna.Study):
+        studies = {"search": studies}
+    fig, axes = plt.subplots(1, len(studies), figsize=(5 * len(studies) + 2, 4), dpi=110,
+                             squeeze=False)
+    for ax, (name, study) in zip(axes[0], studies.items()):
+        _panel(ax, study, name)
+    default = f", default {entry['default_ms']:.4g} ms" if entry.get("default_ms") else ""
+    fig.suptitle(f"{key}: chosen {entry['median_ms']:.4g} ms end to end{default}, "
+                 f"{entry['trials']} trials", fontsize=10)
+    fig.tight_layout()
+    path = Path(folder) / (key.replace("/", "_") + ".png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _panel(ax, study, name: str) -> None:
+    import matplotlib.ticker
+
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     failed = [t.number for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    top = 1.0
     if done:
         numbers = [t.number for t in done]
         values = [t.value for t in done]
@@ -39,22 +62,11 @@ def plot_search(study: optuna.Study, key: str, entry: dict, folder) -> Path:
             best.append(running)
         ax.step(numbers, best, where="post", color="C1", label="best so far")
         top = max(values)
-    else:
-        top = 1.0
-    if entry.get("default_ms"):
-        ax.axhline(entry["default_ms"], color="C2", linestyle="--",
-                   label=f"default, re-timed ({entry['default_ms']:.4g} ms)")
     if failed:
         ax.scatter(failed, [top] * len(failed), marker="x", color="C3",
                    label=f"failed ({len(failed)})")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("trial")
     ax.set_ylabel("median ms")
-    ax.set_title(f"{key}: chosen {entry['median_ms']:.4g} ms, {entry['trials']} trials", fontsize=10)
+    ax.set_title(name, fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(folder) / (key.replace("/", "_") + ".png")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path

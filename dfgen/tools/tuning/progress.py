@@ -1,9 +1,9 @@
-"""A tune's clock: each bucket's wall-clock budget (search, then re-timing) and the
-progress line printed after every trial (bucket i of N, trials, best, time left)."""
+"""A tune's clock: each bucket's wall-clock budget (search, then the final end-to-end
+timing) and the progress line printed after every trial (bucket i of N, the stage's
+trials and best, time left, trials per minute)."""
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 
@@ -16,18 +16,19 @@ def clock_text(seconds: float) -> str:
 
 class BucketBudget:
     """`minutes` of wall time for one bucket (None: no cap). The search stops early enough
-    to leave the final re-timing (`retime_runs` evaluations, `jobs` at a time) a reserve:
-    as long as that many evaluations took so far (a third of the budget before any
-    finished), between 15 % and half of the budget."""
+    to leave the final end-to-end timing (`retime_runs` evaluations, one at a time) a
+    reserve: as long as that many end-to-end evaluations took so far (a third of the
+    budget before any finished), plus a worker's start-up (`restart_s`, in case the one
+    running is killed at the search's end), between 15 % and half of the budget."""
 
-    def __init__(self, minutes: float | None, jobs: int = 1, retime_runs: int = 6,
-                 clock=time.monotonic):
+    def __init__(self, minutes: float | None, retime_runs: int = 6, clock=time.monotonic):
         self.clock = clock
         self.start = clock()
         self.seconds = minutes * 60 if minutes else None
         self.deadline = self.start + self.seconds if self.seconds else None
-        self.rounds = math.ceil(retime_runs / max(1, jobs))
-        self.durations: list[float] = []  # wall seconds of evaluations that ran to the end
+        self.rounds = max(1, retime_runs)
+        self.durations: list[float] = []  # wall seconds of end-to-end evaluations that ran to the end
+        self.restart_s = 0.0
 
     def elapsed(self) -> float:
         return self.clock() - self.start
@@ -43,7 +44,8 @@ class BucketBudget:
         if self.deadline is None:
             return None
         typical = self.typical()
-        reserve = self.seconds / 3 if typical is None else 1.25 * self.rounds * typical
+        reserve = self.seconds / 3 if typical is None else \
+            1.25 * (self.rounds * typical + self.restart_s)
         return self.deadline - min(max(reserve, 0.15 * self.seconds), 0.5 * self.seconds)
 
     def fits(self, deadline: float | None) -> bool:
@@ -61,9 +63,11 @@ class TuneProgress:
         self.finished: list[float] = []  # wall seconds of each finished bucket
         self.index = 0
 
-    def budget_text(self, jobs: int, timeout_s: float) -> str:
+    def budget_text(self, timeout_s: float, sweep_max: int | None = None) -> str:
         head = (f"{self.buckets} bucket{'s' if self.buckets != 1 else ''} x at most "
-                f"{self.trials} trials")
+                f"{self.trials} trials per searched stage")
+        if sweep_max:
+            head += f" (a stage of at most {sweep_max} points: every point)"
         if self.minutes:
             return (f"{head}, at most {self.minutes:g} min each: at most "
                     f"{self.buckets * self.minutes:g} min")
@@ -77,12 +81,16 @@ class TuneProgress:
         self.finished.append(self.budget.elapsed())
 
     def line(self, key: str, note: str, done: int, total: int, failed: int, cut: int,
-             best: float | None, ran_here: int) -> str:
-        """One progress line; `ran_here`: trials this process finished in this bucket."""
+             best: float | None, ran_here: int, left: int | None = None) -> str:
+        """One progress line: `note` (the stage and trial), the stage's `done` of `total`
+        trials (`failed`, `cut`) and its `best`; `ran_here`: candidates this process
+        evaluated in this bucket (its pace: trials per minute), `left`: trials still to
+        run in the bucket, all its stages (default: the stage's)."""
         elapsed = self.budget.elapsed()
+        left = max(0, total - done) if left is None else left
         bucket_left = None
-        if ran_here:  # the search's pace, then the re-timing
-            bucket_left = elapsed / ran_here * max(0, total - done) \
+        if ran_here:  # the search's pace, then the final timing
+            bucket_left = elapsed / ran_here * left \
                 + self.budget.rounds * (self.budget.typical() or 0.0)
         cap_left = self.budget.left(self.budget.deadline)
         if cap_left is not None:
@@ -101,4 +109,9 @@ class TuneProgress:
                 if self.minutes:
                     per_bucket = min(per_bucket, self.minutes * 60)
                 text += f", ~{clock_text(bucket_left + later * per_bucket)} in all"
-        return text
+        return text + f" | {rate_text(ran_here, elapsed)}"
+
+
+def rate_text(trials: int, seconds: float) -> str:
+    """'12.5 trials/min': candidates evaluated per minute of wall time."""
+    return f"{trials / max(seconds, 1e-9) * 60:.1f} trials/min"

@@ -5,9 +5,14 @@ template's values. Knobs that constraints tie together (solve_fwd's CHUNK, BLOCK
 LOOKAHEAD) are one parameter, `section.CHUNK/BLOCK_N/LOOKAHEAD`, whose values are the
 feasible combinations at the bucket's head dim, written "64/32/2": every sampled point
 can run, so no trial is spent on a config the templates forbid.
+
+The tuner searches each stage on its own (stage_choices: one section's parameters, the
+same names); `choices` is the whole pass's space, for checking limits against a pass.
 """
 
 from __future__ import annotations
+
+import itertools
 
 from ...errors import DfgenError
 from ...kernels.config import STRATEGIES, KernelConfig, float32_limits
@@ -56,30 +61,89 @@ def choices(pass_: str, head_dim: int, variant: str = "", limits: dict | None = 
     `limits` keeps ({"strategy": [...], "solve.CHUNK": [...], ...}: each value list a
     subset of the template's, per knob). The qsolve variant (a solve stage with its own
     queries) runs only the two-stage strategy."""
+    check_limits(limits)
     limits = dict(limits or {})
-    strategies = ["two_stage"] if variant == "qsolve" else list(STRATEGIES)
-    out = {"strategy": _limit("strategy", strategies, limits)}
+    out = {"strategy": strategies(variant, limits)}
     for section, stage, need in SECTIONS:
-        if not any(_active(need, pass_, s) for s in out["strategy"]):
-            continue
-        tspec = spec(stage)
-        allowed = {name: _limit(f"{section}.{name}", list(knob.values), limits)
-                   for name, knob in tspec.knobs.items()}
-        for group in tspec.knob_groups():
-            combos = tspec.feasible_combinations(group, head_dim, allowed)
-            if not combos:
-                raise DfgenError(
-                    f"search space: no combination of {section} {list(group)} within "
-                    f"{ {n: allowed[n] for n in group} } satisfies {stage}'s constraints at "
-                    f"head dim {head_dim}")
-            out[_param(section, group)] = ([c[0] for c in combos] if len(group) == 1
-                                           else [_encode(c) for c in combos])
+        if any(_active(need, pass_, s) for s in out["strategy"]):
+            out.update(_section_choices(section, stage, head_dim, limits))
+    return out
+
+
+def strategies(variant: str = "", limits: dict | None = None) -> list:
+    """The forward strategies a bucket of this variant searches, within `limits`."""
+    values = ["two_stage"] if variant == "qsolve" else list(STRATEGIES)
+    return _limit("strategy", values, dict(limits or {}))
+
+
+def check_limits(limits: dict | None) -> None:
+    """DfgenError if `limits` names a parameter no template declares (limits of sections a
+    pass does not run are fine)."""
     known = {f"{section}.{name}" for section, stage, _ in SECTIONS for name in spec(stage).knobs}
-    unknown = sorted(set(limits) - known)  # limits of sections this pass does not run are fine
+    unknown = sorted(set(limits or {}) - known - {"strategy"})
     if unknown:
         raise DfgenError(f"search space limits name unknown parameters {unknown}; "
                          f"known: strategy, {', '.join(sorted(known))}")
+
+
+def _section_choices(section: str, stage: str, head_dim: int, limits: dict) -> dict:
+    """{parameter: feasible values} of one config section within `limits` (the limits it
+    uses are popped)."""
+    tspec = spec(stage)
+    allowed = {name: _limit(f"{section}.{name}", list(knob.values), limits)
+               for name, knob in tspec.knobs.items()}
+    out = {}
+    for group in tspec.knob_groups():
+        combos = tspec.feasible_combinations(group, head_dim, allowed)
+        if not combos:
+            raise DfgenError(
+                f"search space: no combination of {section} {list(group)} within "
+                f"{ {n: allowed[n] for n in group} } satisfies {stage}'s constraints at "
+                f"head dim {head_dim}")
+        out[_param(section, group)] = ([c[0] for c in combos] if len(group) == 1
+                                       else [_encode(c) for c in combos])
     return out
+
+
+def stage_choices(stage: str, head_dim: int, limits: dict | None = None) -> dict:
+    """{parameter: values} of one stage's space at a head dim (the parameters of its
+    config section, named as in `choices`), within the limits that name that section."""
+    check_limits(limits)
+    return _section_choices(_section(stage), stage, head_dim, dict(limits or {}))
+
+
+def stage_limits(stage: str, limits: dict | None) -> dict:
+    """The part of `limits` that limits `stage` (what its study's name records)."""
+    prefix = _section(stage) + "."
+    return {name: value for name, value in (limits or {}).items() if name.startswith(prefix)}
+
+
+def stage_points(space: dict) -> list[dict]:
+    """Every point of a stage's space (all feasible), in declaration order."""
+    names = list(space)
+    return [dict(zip(names, combo)) for combo in itertools.product(*(space[n] for n in names))]
+
+
+def stage_params(stage: str, knobs) -> dict:
+    """The parameters of a stage's space that give `knobs` (a config section)."""
+    section = _section(stage)
+    out = {}
+    for group in spec(stage).knob_groups():
+        combo = tuple(knobs[name] for name in group)
+        out[_param(section, group)] = combo[0] if len(group) == 1 else _encode(combo)
+    return out
+
+
+def stage_knobs(stage: str, params: dict) -> dict:
+    """The knobs (a config section) of a point of a stage's space."""
+    out: dict = {}
+    for name, value in params.items():
+        out.update(_decode(stage, tuple(name.split(".", 1)[1].split("/")), value))
+    return out
+
+
+def _section(stage: str) -> str:
+    return next(name for name, stage_, _ in SECTIONS if stage_ == stage)
 
 
 def bucket_limits(dtype: str, limits: dict | None = None) -> dict | None:
@@ -102,46 +166,20 @@ def _limit(param: str, values: list, limits: dict) -> list:
     return [v for v in values if v in wanted]
 
 
-def grid(pass_: str, head_dim: int, variant: str = "", limits: dict | None = None) -> dict:
-    """The space as an Optuna GridSampler search space (every parameter always present, so
-    the limits must fix one strategy); it holds feasible points only."""
-    space = choices(pass_, head_dim, variant, limits)
-    if len(space["strategy"]) != 1:
-        raise DfgenError("an exhaustive sweep needs one strategy: limit 'strategy' to one value")
-    strategy = space["strategy"][0]
-    return {p: v for p, v in space.items()
-            if p == "strategy" or _active(_need(p.split(".")[0]), pass_, strategy)}
-
-
 def grid_size(space: dict) -> int:
+    """The number of points of a space ({parameter: values}): all are feasible."""
     size = 1
     for values in space.values():
         size *= len(values)
     return size
 
 
-def _need(section: str) -> str:
-    return next(need for name, _, need in SECTIONS if name == section)
-
-
 def _stage(section: str) -> str:
     return next(stage for name, stage, _ in SECTIONS if name == section)
 
 
-def suggest(trial, pass_: str, space: dict) -> KernelConfig:
-    """Sample a config with an Optuna trial from `space` (what `choices` returns, computed
-    once per bucket)."""
-    strategy = trial.suggest_categorical("strategy", space["strategy"])
-    params = {"strategy": strategy}
-    for param, values in space.items():
-        section = param.split(".")[0]
-        if param != "strategy" and _active(_need(section), pass_, strategy):
-            params[param] = trial.suggest_categorical(param, values)
-    return config_of(params)
-
-
 def params_of(config: KernelConfig, pass_: str) -> dict:
-    """The trial parameters that `suggest` would need to return `config`."""
+    """The parameters of the whole pass's space (`choices`) that give `config`."""
     out = {"strategy": config.strategy}
     for section, stage, need in SECTIONS:
         if _active(need, pass_, config.strategy):

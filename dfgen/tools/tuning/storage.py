@@ -98,3 +98,24 @@ def _is_record(line: bytes) -> bool:
         return isinstance(json.loads(line), dict)
     except ValueError:
         return False
+
+
+def ask_trial(study: "optuna.Study"):
+    """study.ask() with what Study.optimize does around each trial, for the tuner's
+    ask-and-tell loop: on a database storage, trials whose process stopped beating are
+    failed first (and retried once, by the storage's callback), and the new trial's
+    heartbeat is recorded until `end_heartbeat(beat)`. Returns (trial, beat)."""
+    from optuna.storages._heartbeat import get_heartbeat_thread
+
+    with warnings.catch_warnings():  # fail_stale_trials is experimental; ask() warns
+        warnings.simplefilter("ignore")  # that heartbeats are meant for optimize()
+        optuna.storages.fail_stale_trials(study)
+        trial = study.ask()
+    beat = get_heartbeat_thread(trial._trial_id, study._storage)
+    beat.start()
+    return trial, beat
+
+
+def end_heartbeat(beat) -> None:
+    """Stop a trial's heartbeat (before telling the study its result)."""
+    beat.join()

@@ -1,19 +1,12 @@
-"""Optuna search per shape bucket; every candidate checked against the reference in its own
-process before its time counts; the best configs merged into tuned/<gpu>.yaml."""
+"""A bucket's tune: the default timed end to end first; each stage searched on its own
+kernel time (stages.py), in the long-lived worker (worker.py); the stages' bests combined,
+checked against the reference and timed end to end against the default; the winner
+merged into tuned/<gpu>.yaml by the CLI."""
 
 from __future__ import annotations
 
-import concurrent.futures
 import datetime
-import hashlib
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
-import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import optuna
@@ -26,9 +19,11 @@ from ...kernels.spec import templates_hash
 from ...select.bucket import Bucket
 from ...select.gpu import gpu_key
 from ...settings import torch_dtype
-from .progress import BucketBudget, TuneProgress, clock_text
+from . import worker
+from .progress import BucketBudget, TuneProgress, clock_text, rate_text
 from .storage import open_storage  # noqa: F401 (dfgen.tools.tuning.tuner.open_storage)
-from .space import bucket_limits, choices, config_of, grid, grid_size, params_of, suggest
+from .space import bucket_limits, check_limits
+from .stages import SAMPLERS, SWEEP_MAX, StageSearch, bucket_slots
 
 GPU_BUCKETS = [Bucket(p, "bf16", d, t, bh)
                for p in ("fwd", "fwd+bwd") for d in (64, 128)
@@ -37,11 +32,7 @@ GPU_BUCKETS = [Bucket(p, "bf16", d, t, bh)
 CPU_BUCKETS = [Bucket("fwd", "bf16", 32, 40, 2)]
 
 
-optuna.logging.set_verbosity(optuna.logging.ERROR)  # progress (and each failure) is reported by _report
-
-
-class CandidateFailed(DfgenError):
-    """A candidate did not compile, crashed, timed out or gave a wrong answer."""
+optuna.logging.set_verbosity(optuna.logging.ERROR)  # progress (and each failure) is reported per trial
 
 
 def device_provenance() -> dict:
@@ -66,266 +57,267 @@ def device_provenance() -> dict:
 class BucketResult:
     key: str
     entry: dict
-    failures: int  # failed trials, cut ones not counted
-    study: "optuna.Study | None" = None  # for plots and reports
+    failures: int  # failed trials of the stage studies, cut ones not counted
+    studies: dict = field(default_factory=dict)  # slot name -> its Optuna study (plots, reports)
     cut: int = 0  # trials stopped at the bucket's time limit
+    ran: int = 0  # stage trials this process evaluated (trials per minute)
+    seconds: float = 0.0  # the bucket's wall time
 
-
-SAMPLERS = ("tpe", "random", "grid")
-
-
-def make_sampler(name: str, seed: int, grid_space: dict | None = None, trials: int = 30):
-    """tpe (default; with parallel jobs it counts running trials as bad, constant liar;
-    its random start shrinks with small budgets so that some trials are guided), random,
-    or grid: an exhaustive sweep of a (limited) space in random order."""
-    if name == "tpe":
-        with warnings.catch_warnings():  # multivariate/group/constant_liar are experimental
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
-                                              constant_liar=True,
-                                              n_startup_trials=max(3, min(10, trials // 3)))
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if name == "grid":
-        return optuna.samplers.GridSampler(grid_space, seed=seed)
-    raise DfgenError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {name!r}")
-
-
-def study_name(key: str, sampler: str, limits: dict | None) -> str:
-    """One study per bucket and template version; a limited space or a sweep is its own study."""
-    name = f"dfgen:{key}:templates-{templates_hash()}"
-    if limits or sampler == "grid":
-        blob = json.dumps(limits or {}, sort_keys=True)
-        name += f":{sampler}-space-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
-    return name
-
-
-def evaluate(request: dict, timeout_s: float, deadline: float | None = None) -> dict:
-    """Run one candidate in a fresh process, for at most `timeout_s` seconds and not past
-    `deadline` (time.monotonic()): a timeout or a crash is a failed result; a candidate
-    stopped at the deadline is a cut one ({"ok": False, "cut": True})."""
-    limit = timeout_s if deadline is None else min(timeout_s, deadline - time.monotonic())
-    if limit <= 0:
-        return {"ok": False, "cut": True, "reason": "cut: no time left in the bucket"}
-    started = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "dfgen.tools.tuning.evaluate"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=os.environ.copy(), start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(json.dumps(request), timeout=limit)
-    except subprocess.TimeoutExpired:
-        try:  # the candidate and whatever it started (compilers)
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.communicate()
-        ran = time.monotonic() - started
-        if limit < timeout_s:
-            return {"ok": False, "cut": True, "reason": f"cut at the bucket's time limit after {ran:.0f} s"}
-        return {"ok": False, "reason": f"timed out after {timeout_s:.0f} s"}
-    lines = [line for line in stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = (stderr or stdout).strip().splitlines()[-1:] or ["no output"]
-        return {"ok": False, "reason": f"crashed (exit {proc.returncode}): {tail[0][:300]}"}
-    return dict(json.loads(lines[-1]), seconds=time.monotonic() - started)
+    def rate(self) -> str:
+        return rate_text(self.ran, self.seconds)
 
 
 def tune_bucket(bucket: Bucket, *, trials: int, sampler: str, seed: int, storage,
-                timeout_s: float, retime: int = 2, log=print, jobs: int = 1,
-                minutes: float | None = None, limits: dict | None = None,
-                starts: Sequence[Mapping] = (), cold_start: bool = False,
-                progress: TuneProgress | None = None) -> BucketResult:
-    """Search one bucket: `trials` in all (a resumed study counts what it has), at most
-    `minutes` of search, `jobs` candidates evaluated at once (they compile in parallel and
-    take turns on the GPU), over the templates' space or the part `limits` keeps. A new
-    study's first trials are the shipped default, then `starts` (configs such as the one
-    the tuned file holds for this bucket, so that a re-tune after a template change
-    re-tries the earlier winner; sections they lack come from the default); cold_start
-    skips them all (to measure what the sampler finds on its own; the default is still
-    timed for the entry). `minutes` is a hard wall-clock budget: candidates still running
-    at the search's end are killed and recorded as cut (user attr "cut"), and the re-timing
-    of the best ones gets what the search left (BucketBudget). `progress` (a TuneProgress)
-    numbers the bucket and estimates the tune's time left in the line after every trial. A float32 bucket searches only the solve precisions that keep
-    float32 accuracy (config.FLOAT32_ACCURATE) unless `limits` names the knobs."""
-    pass_, dtype, head_dim, variant = bucket.pass_, bucket.dtype, bucket.head_dim, bucket.variant
-    key, backward = bucket.key, bucket.backward
-    default = default_config(head_dim, torch_dtype(dtype),
-                             strategy="two_stage" if variant == "qsolve" else "fused")
-    limits = bucket_limits(dtype, limits)  # float32: float32-accurate precisions only
-    space = choices(pass_, head_dim, variant, limits)
-    grid_space = grid(pass_, head_dim, variant, limits) if sampler == "grid" else None
-    name = study_name(key, sampler, limits) + (":cold-start" if cold_start else "")
-    study = optuna.create_study(study_name=name,
-                                storage=storage, load_if_exists=True, direction="minimize",
-                                sampler=make_sampler(sampler, seed, grid_space, trials))
-    if not study.trials and sampler != "grid" and not cold_start:
-        for i, params in enumerate(_start_points(default, starts, pass_, head_dim, backward, key, log)):
-            if all(value in space.get(param, [value]) for param, value in params.items()):
-                study.enqueue_trial(params, skip_if_exists=True)
-            else:
-                log(f"{key}: {'the default' if i == 0 else 'a start config'} lies outside "
-                    "the searched space; not tried first")
-    request = dict(bucket.fields(), variant=variant)  # what a candidate's process is told
-    budget = BucketBudget(minutes, jobs, retime_runs=2 * (1 + retime))
-    if progress is None:
-        progress = TuneProgress(1, trials, minutes)
+                timeout_s: float, log=print, minutes: float | None = None,
+                limits: dict | None = None, starts: Sequence[Mapping] = (),
+                cold_start: bool = False, progress: TuneProgress | None = None,
+                forward: Mapping | None = None, sweep_max: int = SWEEP_MAX,
+                ahead=None) -> BucketResult:
+    """Tune one bucket. The built-in default is timed end to end first (checked against
+    the reference), so that no budget leaves a challenger without it to beat. Then each
+    stage is searched on its own kernel time in a study of its own (stages.py): a forward
+    bucket the stages of each strategy it may use, a forward+backward bucket solve_bwd and
+    attn_bwd on inputs from a real forward under `forward` (the forward bucket's choice
+    for this shape; default: the built-in default). A stage of at most `sweep_max` points
+    (every stage with sampler "grid") is swept whole, a larger one sampled for `trials`
+    trials (a resumed study counts what it has); a new study's first trials are the
+    default's knobs, then `starts`' (configs such as the tuned file's entry for the
+    bucket; sections they lack come from the default), unless `cold_start`. Then the
+    stages' bests are combined (one combination per strategy), and the default and each
+    combination timed end to end twice more, interleaved: the default stays unless a
+    combination beats it by more than the spread of these runs (the default's first time
+    stands in only where none of its final runs fitted the budget).
+
+    `minutes` is a hard wall-clock budget: the search, shared among the stages by their
+    trials left, ends early enough to leave the final timing its reserve (BucketBudget),
+    and a candidate still running at its end is killed and recorded as cut. `ahead` (a
+    CompileAhead, GPU only) compiles the next candidates while one is timed. `progress`
+    numbers the bucket and prints a line after every trial. A float32 bucket searches
+    only the solve precisions that keep float32 accuracy unless `limits` names the knobs."""
+    if sampler not in SAMPLERS:
+        raise DfgenError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    head_dim, dtype = bucket.head_dim, torch_dtype(bucket.dtype)
+    default = default_config(head_dim, dtype,
+                             strategy="two_stage" if bucket.variant == "qsolve" else "fused")
+    limits = bucket_limits(bucket.dtype, limits)  # float32: float32-accurate precisions only
+    check_limits(limits)
+    slots = bucket_slots(bucket, limits)
+    fixed = _forward_of(bucket, forward, default, log) if bucket.backward else None
+    starts = _start_configs(default, starts, bucket, log)
+    combos = 1 if bucket.backward else len({s.strategy for s in slots})
+    budget = BucketBudget(minutes, retime_runs=2 * (1 + combos))
+    progress = progress or TuneProgress(1, trials, minutes)
     progress.start_bucket(budget)
-
-    def objective(trial):
-        config = suggest(trial, pass_, space)  # feasible by construction
-        config.check(head_dim, backward=backward)
-        for old in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-            if old.params == trial.params:  # a duplicate point is not timed twice
-                trial.set_user_attr("duplicate_of", old.number)
-                return old.value
-        result = evaluate(dict(request, config=config.to_dict(), seed=seed + trial.number),
-                          timeout_s, budget.search_deadline())
-        if result.get("seconds") is not None:
-            budget.durations.append(result["seconds"])
-        if result.get("cut"):
-            trial.set_user_attr("cut", True)
-        if not result["ok"]:
-            trial.set_user_attr("failure", result["reason"])
-            raise CandidateFailed(result["reason"])
-        trial.set_user_attr("error", result["error"])
-        return result["median_ms"]
-
-    done = len([t for t in study.trials if t.state.is_finished()])
-    remaining = max(0, trials - done)
-    if sampler == "grid":  # a sweep ends when its grid is exhausted
-        remaining = max(0, min(remaining, grid_size(grid_space) - done))
-    if remaining:
-        log(f"{key}: {remaining} trials ({done} already in the study), {jobs} at a time"
-            + (f", at most {minutes:g} min" if minutes else ""))
-        report = _report(log, key, progress, done + remaining, budget)
-        # the shipped default (the first enqueued trial) is timed alone, before candidates
-        # compete for the CPU and the GPU lock: under a short --minutes it would otherwise
-        # be cut, and no challenger may win without it (see _finish)
-        default_params = params_of(default, pass_)
-        alone = 1 if sampler != "grid" and not cold_start and not any(
-            t.params == default_params and t.state.is_finished() for t in study.trials) else 0
-        for n_trials, n_jobs in ((alone, 1), (remaining - alone, jobs)):
-            search_left = budget.left(budget.search_deadline())
-            if n_trials <= 0 or (search_left is not None and search_left <= 0):
-                continue
-            study.optimize(objective, n_trials=n_trials, catch=(CandidateFailed,),
-                           n_jobs=n_jobs, timeout=None if search_left is None else search_left,
-                           show_progress_bar=sys.stderr.isatty(), callbacks=[report])
+    tune = _BucketTune(bucket, default, fixed, seed, timeout_s, budget, progress, log)
     try:
-        return _finish(study, key, request, default, pass_, seed, timeout_s, retime, log, jobs, budget)
+        tune.time_default()
+        searches = [StageSearch(slot, bucket, storage=storage, sampler=sampler, seed=seed,
+                                trials=trials, sweep_max=sweep_max, limits=limits,
+                                cold_start=cold_start, request=tune.stage_request,
+                                firsts=_firsts(slot, bucket, starts),
+                                timeout_s=timeout_s, log=log)
+                    for slot in slots]
+        tune.search(searches, ahead)
+        return tune.finish(searches)
     finally:
         progress.finish_bucket()
 
 
-def _start_points(default, starts, pass_, head_dim, backward, key, log) -> list:
-    """Trial parameters to try first: the shipped default, then each of `starts` that
-    fits this bucket (sections it lacks taken from the default)."""
-    points = [params_of(default, pass_)]
+def _forward_of(bucket: Bucket, forward: Mapping | None, default: KernelConfig, log) -> KernelConfig:
+    """The forward a forward+backward bucket keeps: `forward` (the forward bucket's config
+    for this shape) where it fits, else the default's."""
+    if forward is not None:
+        try:
+            config = KernelConfig.from_dict(forward, defaults=default).check(bucket.head_dim)
+            if bucket.variant != "qsolve" or config.strategy == "two_stage":
+                return _pass_sections(config, backward=False)
+            log(f"{bucket.key}: the forward's config is not two-stage; the q_solve pass "
+                "keeps the default forward")
+        except (ConfigError, KeyError) as err:
+            log(f"{bucket.key}: the forward's config does not fit ({err}); keeping the default forward")
+    return _pass_sections(default, backward=False)
+
+
+def _start_configs(default: KernelConfig, starts, bucket: Bucket, log) -> list[KernelConfig]:
+    """Each of `starts` that fits this bucket (sections it lacks taken from the default)."""
+    out = []
     for i, start in enumerate(starts):
         try:
-            config = KernelConfig.from_dict(start, defaults=default).check(head_dim, backward)
-            points.append(params_of(config, pass_))
+            out.append(KernelConfig.from_dict(start, defaults=default)
+                       .check(bucket.head_dim, bucket.backward))
         except (ConfigError, KeyError) as err:
-            log(f"{key}: start config {i + 1} does not fit this bucket or the templates "
+            log(f"{bucket.key}: start config {i + 1} does not fit this bucket or the templates "
                 f"({err}); not tried")
-    return points
+    return out
 
 
-def _report(log, key, progress, total, budget):
-    ran_here = []  # one item per trial this process finished in this bucket
+def _firsts(slot, bucket: Bucket, starts: list[KernelConfig]) -> list[KernelConfig]:
+    """The configs whose knobs a stage tries first: the default of its strategy, then the
+    start configs of that strategy (a backward stage: all of them)."""
+    default = default_config(bucket.head_dim, torch_dtype(bucket.dtype), slot.strategy or "fused")
+    return [default] + [c for c in starts if slot.strategy in (None, c.strategy)]
 
-    def callback(study, trial):
-        ran_here.append(trial.number)
-        trials = study.get_trials(deepcopy=False)
-        finished = [t for t in trials if t.state.is_finished()]
-        failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
-        cut = len([t for t in failed if t.user_attrs.get("cut")])
-        timed = [t.value for t in _timed(study)]
+
+def _pass_sections(config: KernelConfig, backward: bool) -> KernelConfig:
+    """`config` with only the sections its pass runs (a forward entry holds no backward)."""
+    return KernelConfig(strategy=config.strategy, solve=config.solve,
+                        attn=config.attn if config.strategy == "two_stage" else {},
+                        solve_bwd=config.solve_bwd if backward else {},
+                        attn_bwd=config.attn_bwd if backward else {})
+
+
+def describe(config: KernelConfig) -> str:
+    """The config in one line, backward sections included."""
+    text = str(config)
+    for section in ("solve_bwd", "attn_bwd"):
+        knobs = getattr(config, section)
+        if knobs:
+            text += f" {section}(" + " ".join(f"{k}={v}" for k, v in sorted(knobs.items())) + ")"
+    return text
+
+
+class _BucketTune:
+    """One bucket's end-to-end timings and stage searches (tune_bucket's steps)."""
+
+    def __init__(self, bucket, default, fixed, seed, timeout_s, budget, progress, log):
+        self.bucket, self.key, self.seed, self.timeout_s = bucket, bucket.key, seed, timeout_s
+        self.budget, self.progress, self.log = budget, progress, log
+        self.default = _pass_sections(default, bucket.backward)
+        self.fixed = fixed  # a forward+backward bucket's forward
+        self.base = dict(bucket.fields(), variant=bucket.variant)
+        self.stage_request = dict(self.base, seed=seed,
+                                  forward=fixed.to_dict() if fixed is not None else None)
+        self.times: dict[str, list] = {}  # config (JSON) -> its final end-to-end medians
+        self.first_default: float | None = None  # the default's time before the search
+
+    def time_pass(self, config: KernelConfig, seed: int, deadline) -> dict:
+        """Check `config` against the reference and time it end to end (fresh inputs)."""
+        result = worker.evaluate(dict(self.base, op="pass", config=config.to_dict(), seed=seed),
+                                 self.timeout_s, deadline)
+        if result.get("seconds") is not None and result["ok"]:
+            self.budget.durations.append(result["seconds"])
+        return result
+
+    def time_default(self) -> None:
+        result = self.time_pass(self.default, self.seed + 10_000, self.budget.deadline)
+        self.budget.restart_s = worker.startup_seconds()
+        if result["ok"]:
+            self.first_default = result["median_ms"]
+            self.log(f"{self.key}: the default, end to end: {result['median_ms']:.4f} ms")
+        else:
+            self.log(f"{self.key}: the default failed end to end ({result['reason']}); "
+                     "it is timed again at the end")
+
+    def search(self, searches: list, ahead) -> None:
+        for search in searches:
+            done = search.total - search.remaining
+            how = (f"every point of {search.size} ({done} already in the study)" if search.exhaustive
+                   else f"{search.remaining} trials of {search.size} points ({done} already in the study)")
+            self.log(f"{self.key} {search.slot.name}: {how}")
+        self.searched = searches
+        for i, search in enumerate(searches):
+            search_deadline = self.budget.search_deadline()
+            if search_deadline is not None and self.budget.left(search_deadline) <= 0:
+                break
+            if not search.remaining:
+                continue
+            soft = hard = None
+            if search_deadline is not None:  # the stage's share: its trials of those left
+                later = sum(s.remaining for s in searches[i:])
+                share = self.budget.left(search_deadline) * search.remaining / later
+                soft = self.budget.clock() + share
+                # a trial may run past its stage's share by one share at most: one slow
+                # candidate (H200: a 40 s solve_bwd compile) must not take the later stages'
+                # time (attn_bwd ran no trial at all)
+                hard = min(search_deadline, soft + share)
+            search.run(soft, hard, ahead, self.on_trial)
+
+    def on_trial(self, search, trial) -> None:
+        trials = search.study.get_trials(deepcopy=False)
+        _, done, failed, cut = search.counts(trials)
         state = "cut" if trial.user_attrs.get("cut") else trial.state.name.lower()
-        note = f"trial {trial.number} {state}" + (
+        note = f"{search.slot.name} trial {trial.number} {state}" + (
             "" if trial.value is None else f" {trial.value:.4f} ms") + (
             f" ({trial.user_attrs['failure'][:100]})" if "failure" in trial.user_attrs and
             not trial.user_attrs.get("cut") else "")
-        log(progress.line(key, note, len(finished), total, len(failed) - cut, cut,
-                          min(timed) if timed else None, len(ran_here)))
-        search_deadline = budget.search_deadline()
-        if search_deadline is not None and time.monotonic() >= search_deadline:
-            study.stop()  # in-flight candidates are cut at the same deadline
-    return callback
+        best = search.best(trials)
+        left = sum(max(0, s.remaining - s.evaluated) for s in self.searched)
+        self.log(self.progress.line(self.key, note, done, max(search.total, done), failed, cut,
+                                    best[1] if best else None,
+                                    sum(s.ran for s in self.searched), left))
 
+    def combinations(self, searches: list) -> list[KernelConfig]:
+        """The stages' bests put together: one config per strategy searched (a stage with
+        no checked trial keeps the default's knobs); the default itself left out."""
+        bests = {s.slot.name: s.best() for s in searches}
+        for search in searches:
+            best = bests[search.slot.name]
+            self.log(f"{self.key} {search.slot.name}: " + (
+                ("no candidate passed" if search.evaluated else
+                 "no trial ran in its share of the time: the default's knobs stay")
+                if best is None else
+                f"best {best[1]:.4f} ms " + " ".join(f"{k}={v}" for k, v in sorted(best[0].items()))))
+        out = []
+        if self.bucket.backward:
+            sections = {s.slot.section: (bests[s.slot.name] or (None,))[0] for s in searches}
+            out.append(KernelConfig(
+                strategy=self.fixed.strategy, solve=self.fixed.solve, attn=self.fixed.attn,
+                solve_bwd=sections.get("solve_bwd") or self.default.solve_bwd,
+                attn_bwd=sections.get("attn_bwd") or self.default.attn_bwd))
+        else:
+            for strategy in dict.fromkeys(s.slot.strategy for s in searches):
+                base = default_config(self.bucket.head_dim, torch_dtype(self.bucket.dtype), strategy)
+                sections = {s.slot.section: (bests[s.slot.name] or (None,))[0]
+                            for s in searches if s.slot.strategy == strategy}
+                out.append(_pass_sections(KernelConfig(
+                    strategy=strategy, solve=sections.get("solve") or base.solve,
+                    attn=sections.get("attn") or base.attn), backward=False))
+        unique = {c.json: c for c in out if c.json != self.default.json}
+        return list(unique.values())
 
-def _timed(study) -> list:
-    """Completed (hence timed and checked) trials."""
-    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-
-
-def _cut(study) -> int:
-    return len([t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
-                if t.user_attrs.get("cut")])
-
-
-def _finish(study, key, request, default, pass_, seed, timeout_s, retime, log, jobs=1,
-            budget: BucketBudget | None = None) -> BucketResult:
-    """Re-time the top few and the default on fresh inputs (twice each, as long as the
-    bucket's budget allows: what no longer fits is skipped, what runs past it is cut); the
-    default stays unless a challenger beats it by more than the measured spread. If no
-    re-timing fitted, the search's own times decide."""
-    budget = budget or BucketBudget(None)
-    complete = sorted((t for t in _timed(study) if "duplicate_of" not in t.user_attrs),
-                      key=lambda t: t.value)
-    failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
-    cut = len([t for t in failed if t.user_attrs.get("cut")])
-    failures = len(failed) - cut
-    if not complete and budget.deadline is not None and cut:
-        raise DfgenError(f"{key}: no candidate finished within the bucket's "
-                         f"{budget.seconds / 60:g} min ({cut} cut); give it more --minutes")
-    default_params = params_of(default, pass_)
-    candidates = [default_params] + [t.params for t in complete[:retime] if t.params != default_params]
-    configs = [config_of(params) for params in candidates]
-    runs = [(i, rep) for i in range(len(configs)) for rep in range(2)]
-
-    def retime_run(run):
-        if not budget.fits(budget.deadline):
-            return {"ok": False, "skipped": True, "reason": "no time left to re-time"}
-        return evaluate(dict(request, config=configs[run[0]].to_dict(),
-                             seed=seed + 10_000 + 2 * run[0] + run[1]),
-                        timeout_s, budget.deadline)
-
-    with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:  # the GPU lock serializes timing
-        results = list(pool.map(retime_run, runs))
-    not_run = len([r for r in results if r.get("skipped") or r.get("cut")])
-    if not_run:
-        log(f"{key}: {not_run} of {len(runs)} re-timing runs skipped or cut at the bucket's time limit")
-    timings = []  # (config, best of its re-timed medians, their spread, is the default)
-    for i, config in enumerate(configs):
-        times = [r["median_ms"] for (j, _), r in zip(runs, results) if j == i and r["ok"]]
-        if times:
-            spread = abs(times[0] - times[1]) / min(times) if len(times) == 2 else 0.0
-            timings.append((config, min(times), spread, i == 0))
-    if not timings and complete and not_run:  # nothing re-timed in time: the search decides
-        searched = {json.dumps(t.params, sort_keys=True): t.value for t in complete}
-        timings = [(config_of(p), searched[json.dumps(p, sort_keys=True)], 0.0, i == 0)
-                   for i, p in enumerate(candidates) if json.dumps(p, sort_keys=True) in searched]
-        log(f"{key}: not re-timed (no time left); the search's times decide")
-    if not timings:
-        raise DfgenError(f"{key}: no candidate, not even the default, passed the re-check")
-    if not timings[0][3]:  # a challenger is kept only when measured faster than the default
-        raise DfgenError(f"{key}: the built-in default was not timed within the bucket's budget, "
-                         "so no candidate can be shown to beat it; nothing written for this "
-                         "bucket (give it more --minutes)")
-    default_ms = timings[0][1]
-    noise = max(spread for _, _, spread, _ in timings)
-    best = timings[0]
-    for challenger in timings[1:]:
-        if challenger[1] < best[1] * (1.0 - noise):
-            best = challenger
-    entry = {**Bucket.from_fields(request, key).fields(), "config": best[0].to_dict(),
-             "median_ms": round(best[1], 5),
-             "default_ms": round(default_ms, 5),
-             "trials": len(study.trials), "failures": failures}
-    log(f"{key}: best {best[1]:.4f} ms (default {default_ms:.4f} ms, "
-        f"noise {noise:.1%}) {best[0]} [{clock_text(budget.elapsed())} in the bucket]")
-    return BucketResult(key, entry, failures, study, cut)
+    def finish(self, searches: list) -> BucketResult:
+        counts = [s.counts() for s in searches]
+        failures, cut = sum(c[2] for c in counts), sum(c[3] for c in counts)
+        combos = self.combinations(searches)
+        configs = [self.default] + combos
+        for rep in range(2):  # interleaved: d, c1, c2, d, c1, c2 (drift spreads over all)
+            for i, config in enumerate(configs):
+                if not self.budget.fits(self.budget.deadline):
+                    self.log(f"{self.key}: no time left to time {describe(config)} end to end")
+                    continue
+                result = self.time_pass(config, self.seed + 10_001 + 2 * i + rep, self.budget.deadline)
+                if result["ok"]:
+                    self.times.setdefault(config.json, []).append(result["median_ms"])
+                elif not result.get("cut"):
+                    self.log(f"{self.key}: {describe(config)} failed end to end: {result['reason']}")
+        if not self.times.get(self.default.json) and self.first_default is not None:
+            self.times[self.default.json] = [self.first_default]  # no final time: the first one
+        timings = [(c, self.times[c.json]) for c in configs if self.times.get(c.json)]
+        default_times = self.times.get(self.default.json)
+        if not timings:
+            if self.budget.deadline is not None and cut:
+                raise DfgenError(f"{self.key}: no candidate finished within the bucket's "
+                                 f"{self.budget.seconds / 60:g} min ({cut} cut); give it more --minutes")
+            raise DfgenError(f"{self.key}: no candidate, not even the default, passed the check")
+        if not default_times:  # a combination is kept only when measured faster than the default
+            raise DfgenError(f"{self.key}: the built-in default was not timed within the bucket's "
+                             "budget, so no candidate can be shown to beat it; nothing written "
+                             "for this bucket (give it more --minutes)")
+        noise = max(max(t) / min(t) - 1.0 for _, t in timings)  # of the final, interleaved runs
+        best, best_ms = self.default, min(default_times)
+        for config, times in timings[1:]:
+            if min(times) < best_ms * (1.0 - noise):
+                best, best_ms = config, min(times)
+        entry = {**self.bucket.fields(), "config": best.to_dict(), "median_ms": round(best_ms, 5),
+                 "default_ms": round(min(default_times), 5),
+                 "trials": sum(c[0] for c in counts), "failures": failures}
+        ran = sum(s.ran for s in searches)
+        elapsed = self.budget.elapsed()
+        self.log(f"{self.key}: best {best_ms:.4f} ms (default {min(default_times):.4f} ms, "
+                 f"noise {noise:.1%}) {describe(best)}; {rate_text(ran, elapsed)} "
+                 f"[{clock_text(elapsed)} in the bucket]")
+        return BucketResult(self.key, entry, failures, {s.slot.name: s.study for s in searches},
+                            cut, ran, elapsed)
 
 
 def _read_yaml(path, flag: str, what: str):
@@ -367,13 +359,13 @@ def load_buckets(path) -> list[Bucket]:
 
 
 def summary_table(results: list[BucketResult]) -> str:
-    lines = ["| bucket | tuned ms | default ms | speedup | trials | failures | cut |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| bucket | tuned ms | default ms | speedup | trials | failures | cut | trials/min |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results:
         e = r.entry
         default_ms = e.get("default_ms")
         speed = f"{default_ms / e['median_ms']:.2f}x" if default_ms else "n/a"
         lines.append(f"| {r.key} | {e['median_ms']:.4f} | "
                      f"{default_ms if default_ms is not None else 'n/a'} | {speed} | "
-                     f"{e['trials']} | {r.failures} | {r.cut} |")
+                     f"{e['trials']} | {r.failures} | {r.cut} | {r.rate().split()[0]} |")
     return "\n".join(lines)

@@ -1,0 +1,279 @@
+"""Search per stage: each stage of a bucket is searched on its own kernel time, in an
+Optuna study of its own in the tune's storage (one per stage and bucket, so that
+optuna-dashboard lists them):
+
+    dfgen:{bucket key}:{slot}:templates-{hash}[:{sampler}-space-{hash}][:cold-start]
+
+A slot is a stage in its place (evaluate.SLOTS): the forward's solve_fwd under the fused
+strategy (it writes o) or the two-stage one (it writes u, then attn_fwd runs); the
+backward's solve_bwd and attn_bwd. A pass's time is the sum of its kernels' times and
+each kernel's best knobs do not depend on the others' (the forward saves the same u, a
+and lse whatever its config), so the stages are searched apart and their bests combined.
+
+A stage whose feasible space has at most `sweep_max` points (or every stage, with
+--sampler grid) is swept: every point once, in a seeded random order after the start
+points, resumably (points already timed or failed are not run again; ones cut at a time
+limit are). A larger one is sampled (TPE or random) for `trials` trials. Every candidate
+is checked against the same stage under the default knobs before its time counts
+(evaluate.py), in the long-lived worker (worker.py); with compile-ahead processes
+(compile_ahead.py) the next candidates are asked for early and compiled meanwhile.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import random
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import optuna
+
+from ...errors import DfgenError
+from ...kernels.config import SECTION_OF_STAGE, KernelConfig
+from ...kernels.spec import templates_hash
+from . import worker
+from .storage import ask_trial, end_heartbeat
+from .evaluate import SLOTS
+from .space import grid_size, stage_choices, stage_knobs, stage_limits, stage_params, stage_points, strategies
+
+SWEEP_MAX = 128  # a stage of at most this many feasible points is swept whole (GPU default)
+SAMPLERS = ("tpe", "random", "grid")
+DONE = (optuna.trial.TrialState.COMPLETE,)
+
+
+@dataclass(frozen=True)
+class Slot:
+    name: str  # "solve_fwd(fused)", "solve_fwd(two_stage)", "attn_fwd", "solve_bwd", "attn_bwd"
+    stage: str  # the template stage
+    strategy: str | None  # the forward strategy it belongs to; None: the backward's
+
+    @property
+    def section(self) -> str:
+        """The config section that holds its knobs."""
+        return SECTION_OF_STAGE[self.stage]
+
+
+def slot(name: str) -> Slot:
+    return Slot(name, *SLOTS[name])
+
+
+def bucket_slots(bucket, limits: dict | None) -> list[Slot]:
+    """The stages a bucket searches: a forward bucket those of each strategy it may use
+    (the variant's and the limits' choice); a forward+backward bucket the backward's (its
+    forward is the forward bucket's choice)."""
+    if bucket.backward:
+        return [slot("solve_bwd"), slot("attn_bwd")]
+    out = []
+    for strategy in strategies(bucket.variant, limits):
+        out += [slot(n) for n, (_, s) in SLOTS.items() if s == strategy]
+    return out
+
+
+def make_sampler(name: str, seed: int, trials: int = 30):
+    """tpe (default; it counts trials asked for ahead and still running as bad, constant
+    liar; its random start shrinks with small budgets so that some trials are guided) or
+    random. A swept stage needs none (its points are queued), but gets a random one for a
+    trial another process left it nothing to take."""
+    if name == "tpe":
+        with warnings.catch_warnings():  # multivariate/group/constant_liar are experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
+                                              constant_liar=True,
+                                              n_startup_trials=max(3, min(10, trials // 3)))
+    if name in ("random", "grid"):
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise DfgenError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {name!r}")
+
+
+def study_name(key: str, slot: Slot, sampler: str, limits: dict | None, cold_start: bool) -> str:
+    """One study per bucket, stage and template version; a limited space (limits of the
+    stage's own section) or a sweep is its own study, and so is a cold start."""
+    name = f"dfgen:{key}:{slot.name}:templates-{templates_hash()}"
+    own = stage_limits(slot.stage, limits)
+    if own or sampler == "grid":
+        blob = json.dumps(own, sort_keys=True)
+        name += f":{sampler}-space-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
+    return name + (":cold-start" if cold_start else "")
+
+
+def _point(params: dict) -> str:
+    return json.dumps(params, sort_keys=True)
+
+
+def _taken(trials) -> set:
+    """The points of a swept study that need no (other) run: timed, failed for a reason
+    of their own, queued or running (a point cut at a time limit is run again)."""
+    State = optuna.trial.TrialState
+    out = set()
+    for t in trials:
+        if t.state in (State.COMPLETE, State.RUNNING) or (
+                t.state == State.FAIL and not t.user_attrs.get("cut")):
+            out.add(_point(t.params or t.system_attrs.get("fixed_params", {})))
+        elif t.state == State.WAITING:
+            out.add(_point(t.system_attrs.get("fixed_params", {})))
+    return out
+
+
+class StageSearch:
+    """One stage's study in one bucket. Made, it knows how many trials it has left
+    (`remaining`); `run()` then evaluates them until they are done or its time is up.
+
+    A swept stage queues its points one at a time, just before asking for a trial (so
+    that the study holds no long queue that every read of it would reread), skipping the
+    points the study already has: processes sharing the study split the sweep between
+    them. A point left running by a killed process is not run again in a journal study
+    (no heartbeat tells it from a live one); a database study fails and retries it."""
+
+    def __init__(self, slot: Slot, bucket, *, storage, sampler: str, seed: int, trials: int,
+                 sweep_max: int, limits: dict | None, cold_start: bool,
+                 firsts: Sequence[KernelConfig], request: dict, timeout_s: float, log=print):
+        self.slot, self.key, self.timeout_s, self.log = slot, bucket.key, timeout_s, log
+        self.request = dict(request, op="stage", slot=slot.name)
+        self.space = stage_choices(slot.stage, bucket.head_dim, limits)
+        self.size = grid_size(self.space)
+        self.exhaustive = sampler == "grid" or self.size <= sweep_max
+        self.study = optuna.create_study(
+            study_name=study_name(bucket.key, slot, sampler, limits, cold_start), storage=storage,
+            load_if_exists=True, direction="minimize", sampler=make_sampler(sampler, seed, trials))
+        self.ran = 0  # candidates this process evaluated to the end (trials per minute)
+        self.evaluated = 0  # trials this process finished (duplicates and cut ones too)
+        firsts = self._first_points([] if cold_start else firsts)
+        trials_now = self.study.get_trials(deepcopy=False)
+        if self.exhaustive:  # the start points first, then the rest in a seeded random order
+            points = stage_points(self.space)
+            random.Random(f"{seed}:{slot.name}").shuffle(points)
+            self.points = list({_point(p): p for p in firsts + points}.items())  # (key, params)
+            self.cursor = 0  # the points before it were taken when last looked at
+            taken = _taken(trials_now)
+            self.remaining = len([key for key, _ in self.points if key not in taken])
+        else:  # a new study's first trials are the start points
+            if not trials_now:
+                for params in firsts:
+                    self.study.enqueue_trial(params, skip_if_exists=True)
+            self.remaining = max(0, trials - len([t for t in trials_now if t.state.is_finished()]))
+        # what the progress line counts to: the study's finished trials and those to come
+        self.total = len([t for t in trials_now if t.state.is_finished()]) + self.remaining
+
+    def _fits(self, params: dict) -> bool:
+        return all(value in self.space.get(name, [value]) for name, value in params.items())
+
+    def _first_points(self, firsts: Sequence[KernelConfig]) -> list[dict]:
+        """The start configs' points of this stage that lie in its space (the default's
+        first); one outside it is named once."""
+        out = []
+        for i, config in enumerate(firsts):
+            params = stage_params(self.slot.stage, getattr(config, self.slot.section))
+            if self._fits(params):
+                out.append(params)
+            else:
+                self.log(f"{self.key} {self.slot.name}: {'the default' if i == 0 else 'a start config'} "
+                         "lies outside the searched space; not tried first")
+        return out
+
+    def _queue_next_point(self, asked: set) -> bool:
+        """A swept stage: queue the next point no trial has (False: none is left)."""
+        trials = self.study.get_trials(deepcopy=False)
+        if any(t.state == optuna.trial.TrialState.WAITING for t in trials):
+            return True  # one queued already (here or by another process): ask() takes it
+        taken = _taken(trials) | asked
+        while self.cursor < len(self.points) and self.points[self.cursor][0] in taken:
+            self.cursor += 1
+        if self.cursor == len(self.points):
+            return False
+        self.study.enqueue_trial(self.points[self.cursor][1])
+        return True
+
+    def stage_request(self, params: dict) -> dict:
+        return dict(self.request, knobs=stage_knobs(self.slot.stage, params))
+
+    def run(self, soft_deadline: float | None, hard_deadline: float | None, ahead=None,
+            on_trial: Callable = lambda search, trial: None) -> None:
+        """Evaluate the remaining trials one at a time in the worker; no new one starts
+        after `soft_deadline` (the stage's share of the bucket's time), and one running at
+        `hard_deadline` (the bucket's search's end) is cut. With `ahead` (CompileAhead),
+        its number of jobs are asked for early and compiled while one is timed."""
+        lookahead = ahead.jobs if ahead is not None else 0
+        queue: collections.deque = collections.deque()  # (trial, params, heartbeat) asked for
+        asked, asked_points = 0, set()
+        try:
+            while soft_deadline is None or time.monotonic() < soft_deadline:
+                while len(queue) < 1 + lookahead and asked < self.remaining:
+                    if self.exhaustive and not self._queue_next_point(asked_points):
+                        self.remaining = asked  # other processes took the rest
+                        break
+                    trial, beat = ask_trial(self.study)
+                    params = {name: trial.suggest_categorical(name, values)
+                              for name, values in self.space.items()}
+                    queue.append((trial, params, beat))
+                    asked, _ = asked + 1, asked_points.add(_point(params))
+                    if ahead is not None and len(queue) > 1:
+                        ahead.submit(self.stage_request(params))
+                if not queue:
+                    break
+                trial, params, beat = queue.popleft()
+                try:
+                    result = self._evaluate(params, hard_deadline)
+                finally:
+                    end_heartbeat(beat)
+                finished = self._tell(trial, result)
+                on_trial(self, finished)
+                if finished.user_attrs.get("cut"):
+                    break
+        finally:  # asked for ahead, never timed: recorded as cut (a resume retries them)
+            for trial, _, beat in queue:
+                end_heartbeat(beat)
+                trial.set_user_attr("cut", True)
+                trial.set_user_attr("failure", "asked for ahead; the stage's time ran out first")
+                self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            if ahead is not None:
+                ahead.forget()
+
+    def _evaluate(self, params: dict, hard_deadline: float | None) -> dict:
+        """The worker's reply for one candidate ({"duplicate_of": n} for a point the study
+        already timed: it is not timed twice)."""
+        self.evaluated += 1
+        for old in self.study.get_trials(deepcopy=False, states=DONE):
+            if old.params == params:
+                return {"ok": True, "duplicate_of": old.number, "median_ms": old.value}
+        result = worker.evaluate(self.stage_request(params), self.timeout_s, hard_deadline)
+        if not result.get("cut"):
+            self.ran += 1
+        return result
+
+    def _tell(self, trial, result: dict):
+        """Record a reply in the study; returns the finished trial (a FrozenTrial)."""
+        if "duplicate_of" in result:
+            trial.set_user_attr("duplicate_of", result["duplicate_of"])
+            return self.study.tell(trial, result["median_ms"])
+        if result.get("cut"):
+            trial.set_user_attr("cut", True)
+        if not result["ok"]:
+            trial.set_user_attr("failure", result["reason"])
+            return self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        trial.set_user_attr("error", result["error"])
+        if result.get("first_s") is not None:  # the first call, compiling included
+            trial.set_user_attr("first_s", round(result["first_s"], 3))
+        return self.study.tell(trial, result["median_ms"])
+
+    def best(self, trials=None) -> tuple[dict, float] | None:
+        """(knobs, median ms) of the fastest checked trial (of `trials`, default: the
+        study's); None if none passed."""
+        trials = self.study.get_trials(deepcopy=False) if trials is None else trials
+        timed = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE
+                 and "duplicate_of" not in t.user_attrs]
+        if not timed:
+            return None
+        top = min(timed, key=lambda t: t.value)
+        return stage_knobs(self.slot.stage, top.params), top.value
+
+    def counts(self, trials=None) -> tuple[int, int, int, int]:
+        """(trials in the study, finished ones, failed ones, cut ones) of `trials`
+        (default: the study's)."""
+        trials = self.study.get_trials(deepcopy=False) if trials is None else trials
+        failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+        cut = len([t for t in failed if t.user_attrs.get("cut")])
+        return len(trials), len([t for t in trials if t.state.is_finished()]), len(failed) - cut, cut

@@ -1,0 +1,304 @@
+"""The per-stage search (dfgen.tools.tuning.stages): each stage of a bucket in a study of its
+own, small spaces swept whole and resumably, the stages' bests combined and checked
+against the reference, a forward+backward bucket keeping the forward's choice, and
+compile-ahead's bookkeeping (its processes run on a GPU only)."""
+
+import json
+import subprocess
+
+import optuna
+import pytest
+import torch
+
+from conftest import dfgen_command
+from dfgen.kernels.config import KernelConfig, default_config
+from dfgen.select import tuned_file
+from dfgen.select.bucket import Bucket
+from dfgen.tools.check import validate_config
+from dfgen.tools.tuning import compile_ahead, stages, tuner, worker
+from dfgen.tools.tuning.progress import BucketBudget, TuneProgress
+from dfgen.tools.tuning.space import stage_choices, stage_knobs, stage_points
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU interpreter tune")
+
+# a forward+backward bucket whose backward stages are small spaces: attn_bwd 4 points,
+# solve_bwd 2 (the interpreter sweeps a stage of at most 16 points whole)
+BACKWARD_SPACE = """\
+attn_bwd.BLOCK_M: [32, 64]
+attn_bwd.BLOCK_N: 64
+attn_bwd.num_warps: 4
+attn_bwd.num_stages: [1, 2]
+solve_bwd.CHUNK: 32
+solve_bwd.BLOCK_M: [16, 32]
+solve_bwd.SOLVE_PRECISION: tf32
+solve_bwd.INV_FP16: true
+solve_bwd.num_warps: 4
+solve_bwd.num_stages: 2
+"""
+SHAPES = "- {pass: fwd, dtype: bf16, head_dim: 32, T: 24, BH: 1}\n" \
+         "- {pass: fwd+bwd, dtype: bf16, head_dim: 32, T: 24, BH: 1}\n"
+
+
+def run(*args, cwd):
+    proc = subprocess.run(dfgen_command() + list(args), cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "timed out" not in proc.stdout and "crashed" not in proc.stdout, proc.stdout
+    return proc.stdout
+
+
+def studies_of(journal) -> dict:
+    storage = tuner.open_storage(str(journal))
+    return {s.study_name: optuna.load_study(study_name=s.study_name, storage=storage)
+            for s in optuna.get_all_study_summaries(storage)}
+
+
+def test_forward_then_backward_per_stage_sweeps_resume_and_pass_the_reference(tmp_path):
+    """A forward bucket and the forward+backward bucket of its shape, the backward's stages
+    in small spaces: every stage has its own study; the backward's are swept, each point
+    once; the fwd+bwd entry keeps the forward entry's config and takes each backward
+    section from its stage's best or the default, and that combination passes the
+    reference. Run again, the sweeps have nothing left to run; a cold start is a study of
+    its own that sweeps again, with the default still timed end to end."""
+    (tmp_path / "space.yaml").write_text("strategy: fused\n" + BACKWARD_SPACE)
+    (tmp_path / "shapes.yaml").write_text(SHAPES)
+    out_file, journal = tmp_path / "t.yaml", tmp_path / "s.journal"
+    args = ["tune", "--trials", "2", "--shapes", "shapes.yaml", "--space", "space.yaml",
+            "--out", str(out_file), "--storage", str(journal)]
+    out = run(*args, cwd=tmp_path)
+    assert "fwd+bwd/bf16/d32/t24/bh1 attn_bwd: every point of 4 (0 already in the study)" in out
+    assert "fwd+bwd/bf16/d32/t24/bh1 solve_bwd: every point of 2 (0 already in the study)" in out
+    studies = studies_of(journal)
+    by_slot = {(name.split(":")[1], name.split(":")[2]): study for name, study in studies.items()}
+    assert set(by_slot) == {("fwd/bf16/d32/t24/bh1", "solve_fwd(fused)"),
+                            ("fwd+bwd/bf16/d32/t24/bh1", "solve_bwd"),
+                            ("fwd+bwd/bf16/d32/t24/bh1", "attn_bwd")}
+    limits = tuner.load_space(tmp_path / "space.yaml")
+    for stage, size in (("attn_bwd", 4), ("solve_bwd", 2)):
+        study = by_slot[("fwd+bwd/bf16/d32/t24/bh1", stage)]
+        points = sorted(json.dumps(p, sort_keys=True) for p in stage_points(stage_choices(stage, 32, limits)))
+        assert sorted(json.dumps(t.params, sort_keys=True) for t in study.trials) == points
+        assert len(points) == size
+        assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    entries = tuned_file.read(out_file)["entries"]
+    forward, both = entries["fwd/bf16/d32/t24/bh1"], entries["fwd+bwd/bf16/d32/t24/bh1"]
+    assert both["trials"] == 6 and both["failures"] == 0
+    assert both["config"]["strategy"] == forward["config"]["strategy"]
+    assert both["config"]["solve"] == forward["config"]["solve"]  # the forward's choice is kept
+    default = default_config(32, torch.bfloat16)
+    for stage in ("solve_bwd", "attn_bwd"):
+        study = by_slot[("fwd+bwd/bf16/d32/t24/bh1", stage)]
+        best = stage_knobs(stage, study.best_trial.params)
+        assert both["config"][stage] in (best, dict(getattr(default, stage)))
+    ok, message = validate_config(KernelConfig.from_dict(both["config"]), both, torch.device("cpu"))
+    assert ok, message
+
+    again = run(*args, "--passes", "fwd+bwd", cwd=tmp_path)  # resumed: the sweeps are complete
+    assert "attn_bwd: every point of 4 (4 already in the study)" in again
+    assert "fwd+bwd/bf16/d32/t24/bh1 solve_bwd: every point of 2 (2 already in the study)" in again
+    assert sum(len(s.trials) for s in studies_of(journal).values()) == \
+        sum(len(s.trials) for s in studies.values())
+
+    cold = run(*args, "--cold-start", "--passes", "fwd+bwd", cwd=tmp_path)
+    assert "fwd+bwd/bf16/d32/t24/bh1: the default, end to end:" in cold
+    cold_studies = [s for name, s in studies_of(journal).items() if name.endswith(":cold-start")]
+    assert sorted(len(s.trials) for s in cold_studies) == [2, 4]
+
+
+def _timed_by_knobs(monkeypatch, stage_ms):
+    """worker.evaluate replaced: a stage candidate takes stage_ms(slot, knobs) ms, a pass
+    the sum over its stages (so the stages' bests put together are the fastest pass)."""
+    requests = []
+
+    def fake(request, timeout_s, deadline=None):
+        requests.append(request)
+        if request["op"] == "stage":
+            return {"ok": True, "median_ms": stage_ms(request["slot"], request["knobs"]),
+                    "error": 0.0}
+        config = request["config"]
+        total = stage_ms("solve_bwd", config["solve_bwd"]) + stage_ms("attn_bwd", config["attn_bwd"])
+        return {"ok": True, "median_ms": total, "error": 0.0, "seconds": 0.01}
+
+    monkeypatch.setattr(worker, "evaluate", fake)
+    return requests
+
+
+def test_each_stage_is_timed_alone_and_the_bests_are_combined(tmp_path, monkeypatch):
+    """A forward+backward bucket: solve_bwd and attn_bwd searched apart, on inputs from the
+    forward the caller keeps (sent with every stage request), and the entry holds the
+    given forward with each stage's fastest knobs when that combination is faster end to
+    end."""
+    def stage_ms(slot, knobs):
+        if slot == "attn_bwd":  # fastest at BLOCK_M 64 and two stages
+            return 1.0 + (knobs["BLOCK_M"] != 64) + 0.5 * (knobs["num_stages"] != 2)
+        return 2.0 + (knobs["BLOCK_M"] != 16)  # solve_bwd: fastest at BLOCK_M 16
+
+    requests = _timed_by_knobs(monkeypatch, stage_ms)
+    bucket = Bucket("fwd+bwd", "bf16", 32, 24, 1)
+    forward = {"strategy": "two_stage", "solve": dict(default_config(32).solve, CHUNK=32, BLOCK_N=32)}
+    (tmp_path / "space.yaml").write_text(BACKWARD_SPACE)
+    limits = tuner.load_space(tmp_path / "space.yaml")
+    logs = []
+    result = tuner.tune_bucket(bucket, trials=3, sampler="tpe", seed=0, timeout_s=10, limits=limits,
+                               storage=tuner.open_storage(str(tmp_path / "s.journal")),
+                               forward=forward, log=logs.append, sweep_max=16)
+    config = result.entry["config"]
+    assert config["strategy"] == "two_stage" and config["solve"]["CHUNK"] == 32
+    assert config["attn"] == dict(default_config(32, strategy="two_stage").attn)
+    assert config["attn_bwd"]["BLOCK_M"] == 64 and config["attn_bwd"]["num_stages"] == 2
+    assert config["solve_bwd"]["BLOCK_M"] == 16
+    assert result.entry["median_ms"] == 3.0 and result.entry["trials"] == 6
+    stage_requests = [r for r in requests if r["op"] == "stage"]
+    assert {r["slot"] for r in stage_requests} == {"solve_bwd", "attn_bwd"}
+    assert all(r["forward"]["strategy"] == "two_stage" and r["forward"]["solve"]["CHUNK"] == 32
+               for r in stage_requests)
+    assert any("attn_bwd: best 1.0000 ms" in line for line in logs)
+
+
+def test_a_cut_sweep_point_is_run_again_and_no_other(tmp_path, monkeypatch):
+    """A sweep whose bucket time ran out mid-way: the points it timed (or that failed on
+    their own) are not run again when the study resumes; the one cut at the deadline and
+    those never reached are."""
+    calls, outcomes = [], {1: ("wrong", False), 2: ("cut", True)}  # by attn_bwd call, first run
+
+    def fake(request, timeout_s, deadline=None):
+        if request["op"] == "pass":
+            return {"ok": True, "median_ms": 5.0, "error": 0.0, "seconds": 0.01}
+        calls.append(json.dumps(request["knobs"], sort_keys=True))
+        reason, cut = outcomes.pop(len(calls) - 1, (None, False)) if request["slot"] == "attn_bwd" \
+            else (None, False)
+        if reason:
+            return {"ok": False, "cut": cut, "reason": reason}
+        return {"ok": True, "median_ms": float(len(calls)), "error": 0.0}
+
+    monkeypatch.setattr(worker, "evaluate", fake)
+    bucket = Bucket("fwd+bwd", "bf16", 32, 24, 1)
+    (tmp_path / "space.yaml").write_text(BACKWARD_SPACE)
+    limits = {k: v for k, v in tuner.load_space(tmp_path / "space.yaml").items()
+              if k.startswith("attn_bwd.")}
+    limits.update({"solve_bwd.BLOCK_M": 16, "solve_bwd.CHUNK": 32, "solve_bwd.SOLVE_PRECISION": "tf32",
+                   "solve_bwd.INV_FP16": True, "solve_bwd.num_warps": 4, "solve_bwd.num_stages": 2})
+    storage = tuner.open_storage(str(tmp_path / "s.journal"))
+    common = dict(trials=2, sampler="tpe", seed=0, timeout_s=10, limits=limits, storage=storage,
+                  log=lambda *a: None, sweep_max=16)
+    tuner.tune_bucket(bucket, **common)  # solve_bwd: 1 point; attn_bwd: 4, its 2nd cut
+    first = list(calls)
+    assert len(first) == 3  # the solve point, then attn_bwd's: one that fails, one cut (the stage ends)
+    calls.clear()
+    tuner.tune_bucket(bucket, **common)
+    assert first[2] in calls and first[0] not in calls and first[1] not in calls
+    assert len(calls) == 3  # the cut point and the two never reached
+    attn = next(s for s in optuna.get_all_study_summaries(storage) if ":attn_bwd:" in s.study_name)
+    study = optuna.load_study(study_name=attn.study_name, storage=storage)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len({json.dumps(t.params, sort_keys=True) for t in complete}) == 3  # 4 points, 1 failed
+
+
+class _FakeAhead:
+    """A CompileAhead that only records what it is sent."""
+    jobs = 2
+
+    def __init__(self):
+        self.submitted, self.forgotten = [], 0
+
+    def submit(self, request):
+        self.submitted.append(request)
+
+    def forget(self):
+        self.forgotten += 1
+
+
+def test_candidates_are_asked_for_ahead_and_compiled_while_one_is_timed(tmp_path, monkeypatch):
+    """With compile-ahead (GPU: --jobs N), a stage asks for N more trials than the one being
+    timed and hands each to the compile processes before its turn; when the stage's time
+    runs out, those asked for but never timed are recorded as cut (a resume runs them)."""
+    import time
+
+    timed = []
+
+    def fake(request, timeout_s, deadline=None):
+        timed.append(request["knobs"])
+        time.sleep(0.05)
+        return {"ok": True, "median_ms": 1.0 + len(timed), "error": 0.0}
+
+    monkeypatch.setattr(worker, "evaluate", fake)
+    bucket = Bucket("fwd+bwd", "bf16", 32, 24, 1)
+    search = stages.StageSearch(stages.slot("attn_bwd"), bucket,
+                                storage=tuner.open_storage(str(tmp_path / "s.journal")),
+                                sampler="tpe", seed=0, trials=20, sweep_max=0, limits=None,
+                                cold_start=True, firsts=[], request=dict(bucket.fields(), seed=0),
+                                timeout_s=10)
+    ahead = _FakeAhead()
+    search.run(time.monotonic() + 0.4, None, ahead)
+    assert 2 <= len(timed) < 20
+    # every candidate timed after the first was compiled ahead, before its turn
+    assert [r["knobs"] for r in ahead.submitted[:len(timed) - 1]] == timed[1:]
+    states = [t.state for t in search.study.trials]
+    cut = [t for t in search.study.trials if t.user_attrs.get("cut")]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == len(timed)
+    assert len(cut) == 2 and all("asked for ahead" in t.user_attrs["failure"] for t in cut)
+    assert ahead.forgotten == 1
+
+
+def test_compile_ahead_feeds_idle_processes_and_drops_what_is_not_wanted(monkeypatch):
+    """CompileAhead's bookkeeping with stand-in processes: a candidate goes to an idle one,
+    the rest wait; finished compiles are counted; forget() drops the waiting ones."""
+    class FakeWorker:
+        def __init__(self):
+            self.sent, self.replies = [], []
+
+        def send(self, request):
+            self.sent.append(request)
+            return True
+
+        def receive(self, timeout):
+            return self.replies.pop(0) if self.replies else None
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(compile_ahead, "Worker", FakeWorker)
+    ahead = compile_ahead.CompileAhead(2)
+    for i in range(5):
+        ahead.submit({"op": "stage", "knobs": {"i": i}})
+    assert [w.sent[0]["knobs"]["i"] for w in ahead.workers] == [0, 1]
+    assert all(r["op"] == "compile" for w in ahead.workers for r in w.sent)
+    assert len(ahead.queue) == 3
+    ahead.workers[0].replies.append({"ok": True, "seconds": 1.5})
+    ahead.pump()
+    assert ahead.workers[0].sent[-1]["knobs"]["i"] == 2 and ahead.compiled == 1
+    ahead.forget()
+    assert not ahead.queue
+    assert "1 candidates compiled ahead by 2 processes" in ahead.summary()
+    assert compile_ahead.CompileAhead.for_device(4) is None  # the interpreter compiles nothing
+
+
+def test_progress_reports_trials_per_minute():
+    now = [0.0]
+    clock = lambda: now[0]  # noqa: E731
+    progress = TuneProgress(2, 30, None, clock=clock)
+    progress.start_bucket(BucketBudget(None, clock=clock))
+    now[0] = 30.0
+    line = progress.line("fwd/bf16/d32/t40/bh2", "attn_fwd trial 5 complete 1.0 ms", 6, 30, 0, 0,
+                         1.0, 6, left=24)
+    assert line.startswith("[bucket 1/2] fwd/bf16/d32/t40/bh2 attn_fwd trial 5")
+    assert line.endswith("| 12.0 trials/min")
+    assert "~2:00 left in bucket" in line  # 24 more at 5 s each
+
+
+def test_stage_spaces_and_slots():
+    """A forward bucket searches each strategy's stages (fused: the solve writing o;
+    two-stage: the solve writing u, then attention), within the strategy limit; a
+    forward+backward bucket the backward's two; the q_solve variant the two-stage ones."""
+    names = lambda bucket, limits=None: [s.name for s in stages.bucket_slots(bucket, limits)]  # noqa: E731
+    fwd = Bucket("fwd", "bf16", 64, 1024, 8)
+    assert names(fwd) == ["solve_fwd(fused)", "solve_fwd(two_stage)", "attn_fwd"]
+    assert names(fwd, {"strategy": "fused"}) == ["solve_fwd(fused)"]
+    assert names(fwd._replace(variant="qsolve")) == ["solve_fwd(two_stage)", "attn_fwd"]
+    assert names(fwd._replace(pass_="fwd+bwd")) == ["solve_bwd", "attn_bwd"]
+    assert len(stage_points(stage_choices("attn_bwd", 128))) <= stages.SWEEP_MAX  # swept on a GPU
+    name = stages.study_name("fwd/bf16/d64/t1024/bh8", stages.slot("attn_fwd"), "tpe",
+                             {"solve.CHUNK": [32]}, False)
+    assert name.startswith("dfgen:fwd/bf16/d64/t1024/bh8:attn_fwd:templates-")
+    assert "space" not in name  # a limit of another stage's section leaves the study as it is
+    assert stages.study_name("k", stages.slot("attn_fwd"), "grid", None, True).endswith(":cold-start")
