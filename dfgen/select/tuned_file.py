@@ -139,10 +139,11 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split())[:300]
 
 
-def write(path: str | os.PathLike, data: Mapping) -> None:
-    """Atomically replace `path` with `data` (validated first, knobs included)."""
+def write(path: str | os.PathLike, data: Mapping, knobs: bool = True) -> None:
+    """Atomically replace `path` with `data`, validated first (with `knobs`, every entry's
+    knobs against the running templates too)."""
     path = Path(path)
-    validate(data, str(path), knobs=True)
+    validate(data, str(path), knobs=knobs)
     atomic_write_text(path, yaml.safe_dump(dict(data), sort_keys=True, default_flow_style=False))
 
 
@@ -183,5 +184,5 @@ def record_checks(path: str | os.PathLike, checked: Mapping[str, Mapping]) -> No
         for key, record in checked.items():
             if key in entries:
                 entries[key] = dict(entries[key], checked=dict(record))
-        atomic_write_text(path, yaml.safe_dump(dict(data, entries=entries), sort_keys=True,
-                                               default_flow_style=False))
+        # entries whose knobs the running templates do not take keep their record too
+        write(path, dict(data, entries=entries), knobs=False)
