@@ -107,7 +107,7 @@ def describe(kind: str, name: str, item) -> str:
         return f"{len(item)} configs (" + ", ".join(sorted({c.get('strategy', 'fused') for c in item})) + ")"
     if kind == "variants":
         return f"shapes {item['shapes']}: " + " ".join(item["variants"])
-    return f"buckets {item['buckets']}, space {item['space']}"
+    return f"buckets {item['buckets']}, space {item.get('space', 'the whole 16-bit space')}"
 
 
 # ---- running --------------------------------------------------------------------------------
@@ -303,15 +303,15 @@ def run_tune(args, ctx):
 
 
 @benchmark("sweep", NEEDS_GPU, "Optuna against an exhaustive sweep per sweeps suite: every stage "
-           "swept, then TPE (3 seeds, cold start, a quarter of the largest stage's points per "
-           "stage), then sweep-compare")
+           "swept, then TPE (3 seeds, cold start, at most a quarter of each stage's points), then "
+           "sweep-compare (ranks in the sweep) and compare-configs (the picks end to end)")
 def run_sweep(args, ctx):
     p = parser_for("sweep")
     p.add_argument("sweeps", nargs="*", help="sweeps suites (default: all)")
     p.add_argument("--gpu", help="passed to `dfgen tune --gpu`")
     p.add_argument("--logs", help="folder for the journals and logs (default: a new one in /tmp)")
-    p.add_argument("--grid-cap", type=float, default=240, help="seconds per grid (default 240)")
-    p.add_argument("--tpe-cap", type=float, default=90, help="seconds per TPE seed (default 90)")
+    p.add_argument("--grid-cap", type=float, default=360, help="seconds per grid (default 360)")
+    p.add_argument("--tpe-cap", type=float, default=60, help="seconds per TPE seed (default 60)")
     p.add_argument("--jobs", type=int, default=8, help="candidates the grid compiles at once (8)")
     p.add_argument("--seeds", type=int, default=3, help="TPE seeds (default 3)")
     known = p.parse_args(args)
@@ -325,35 +325,49 @@ def run_sweep(args, ctx):
     status = 0
     for name in known.sweeps or list(ctx.suites["sweeps"]):
         item = suite(ctx.suites, "sweeps", name)
-        buckets, space = ctx.file("buckets", item["buckets"]), ctx.file("spaces", item["space"])
-        tune = [*dfgen_command(), "tune", *gpu, "--shapes", buckets, "--space", space]
-        failed = call(tune + [
-            "--sampler", "grid", "--trials", "1000", "--jobs", str(known.jobs), "--storage",
-            logs / "sweep-grid.journal", "--out", logs / "sweep.yaml"], known.grid_cap,
+        buckets = ctx.file("buckets", item["buckets"])
+        tune = [*dfgen_command(), "tune", *gpu, "--shapes", buckets, "--total-minutes", "0"]
+        space = load_space(ctx.file("spaces", item["space"])) if item.get("space") else None
+        if space is not None:
+            tune += ["--space", ctx.file("spaces", item["space"])]
+        grid = logs / f"sweep-{name}-grid.journal"
+        failed = call(tune + [  # the tune's own clock stops the grid before the cap kills it
+            "--sampler", "grid", "--minutes", f"{known.grid_cap / 60:g}", "--jobs", str(known.jobs),
+            "--storage", grid, "--out", logs / f"sweep-{name}.yaml"], known.grid_cap + 60,
             logs / f"sweep-{name}-grid.txt")
         bucket = load_buckets(buckets)[0]
-        limits = bucket_limits(bucket.dtype, load_space(space))
-        points = max(grid_size(stage_choices(slot.stage, bucket.head_dim, limits))
-                     for slot in bucket_slots(bucket, limits))  # the largest stage's
-        for seed in range(known.seeds):  # every stage sampled (--sweep-max 0), a quarter of its points
+        limits = bucket_limits(bucket.dtype, space)
+        points = min(grid_size(stage_choices(slot.stage, bucket.head_dim, limits))
+                     for slot in bucket_slots(bucket, limits))  # the smallest stage's
+        seeds = []
+        for seed in range(known.seeds):  # every stage sampled (--sweep-max 0), <= a quarter of its points
+            seeds.append(logs / f"sweep-{name}-tpe-seed{seed}.journal")
             failed |= call(tune + [
                 "--trials", str(max(1, points // 4)), "--sweep-max", "0", "--jobs", "1", "--seed",
-                str(seed), "--cold-start", "--storage", logs / f"sweep-tpe-seed{seed}.journal",
-                "--out", logs / "optuna.yaml"], known.tpe_cap, logs / f"sweep-{name}-tpe-seed{seed}.txt")
+                str(seed), "--cold-start", "--minutes", f"{known.tpe_cap / 60:g}", "--storage",
+                seeds[-1], "--out", logs / f"optuna-{name}.yaml"], known.tpe_cap + 60,
+                logs / f"sweep-{name}-tpe-seed{seed}.txt")
         status = status or (1 if failed else 0)
         for log in sorted(logs.glob(f"sweep-{name}-*.txt")):
             print("".join(line for line in log.read_text().splitlines(True) if ": best" in line), end="")
-    tpe = sorted(logs.glob("sweep-tpe-seed*.journal"))
-    compare = [*script("sweep_compare.py"), logs / "sweep-grid.journal", *tpe]
-    compared = call(compare, log=logs / "sweep-compare.txt")
-    status = status or compared
-    print((logs / "sweep-compare.txt").read_text(), end="")
+        compared = call([*script("sweep_compare.py"), grid, *seeds], log=logs / f"sweep-{name}-compare.txt")
+        retimed = call([*script("compare_configs.py"), "--buckets", buckets, f"sweep={grid}",
+                        *(f"seed{i}={j}" for i, j in enumerate(seeds))],
+                       log=logs / f"sweep-{name}-end-to-end.txt")
+        status = status or compared or retimed
+        for part in ("compare", "end-to-end"):
+            print((logs / f"sweep-{name}-{part}.txt").read_text(), end="")
     print(f"sweep logs and journals: {logs}")
     return status
 
 
 script_benchmark("sweep-compare", "sweep_compare.py", NO_GPU, "rank the picks of sampler studies "
                  "in an exhaustive sweep: GRID_JOURNAL TPE_JOURNAL...")
+script_benchmark("trial-rate", "trial_rate.py", NO_GPU, "trials per minute of tune journals and "
+                 "their picks side by side: JOURNAL...")
+script_benchmark("compare-configs", "compare_configs.py", NEEDS_GPU, "the default, tuned files' "
+                 "entries and tune journals' stage bests, end to end side by side: --buckets FILE "
+                 "(or --tuned FILE) NAME=FILE...")
 
 
 # ---- the command ----------------------------------------------------------------------------

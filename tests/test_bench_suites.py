@@ -100,7 +100,7 @@ def test_shape_variant_and_sweep_suites(runner, suites):
     from dfgen.kernels.spec import spec
     from dfgen.tools.arguments import CPU_SHAPES, parse_shapes
     from dfgen.tools.bench import GPU_SHAPES
-    from dfgen.tools.tuning.tuner import CPU_BUCKETS
+    from dfgen.tools.tuning.tuner import CPU_BUCKETS, GPU_BUCKETS
 
     for name, shapes in suites["shapes"].items():
         assert parse_shapes(runner.shapes_text(shapes)) == [tuple(s) for s in shapes], name
@@ -108,13 +108,14 @@ def test_shape_variant_and_sweep_suites(runner, suites):
     assert [tuple(s) for s in suites["shapes"]["bench"]] == list(GPU_SHAPES)
     assert [tuple(s) for s in suites["shapes"]["cpu"]] == list(CPU_SHAPES)
     assert suites["buckets"]["cpu"] == [b.fields() for b in CPU_BUCKETS]
+    assert suites["buckets"]["h200"] == [b.fields() for b in GPU_BUCKETS]  # the shipped set
     for name, item in suites["variants"].items():
         for shape in suites["shapes"][item["shapes"]]:
             head_dim = shape[3]
             for variant, knobs in item["variants"].items():
                 spec("solve_fwd").check(dict(default_config(head_dim, "bfloat16").solve, **knobs), head_dim)
     for name, item in suites["sweeps"].items():
-        assert item["buckets"] in suites["buckets"] and item["space"] in suites["spaces"], name
+        assert item["buckets"] in suites["buckets"] and item.get("space", "sweep") in suites["spaces"], name
 
 
 def test_run_list_names_every_benchmark_and_suite(runner, suites, tmp_path):
@@ -133,9 +134,9 @@ def test_gpu_scripts_call_registered_benchmarks_and_keep_their_phases(runner, su
     text = (BENCH / "gpu" / "gpu-check.sh").read_text()
     phases = set(re.findall(r"^    ([a-z]+)\)", text, re.M))
     assert GPU_CHECK_PHASES <= phases, GPU_CHECK_PHASES - phases
-    called = set(re.findall(r"\$run ([a-z-]+)", text))
+    called = set(re.findall(r"\$run ([a-z][a-z-]*)", text))
     assert called and called <= set(runner.BENCHMARKS), called - set(runner.BENCHMARKS)
-    for default in re.findall(r"\$\{SHAPES:-([a-z0-9-]+)\}", text):
+    for default in re.findall(r"\$\{SHAPES(?:_WORKERS)?:-([a-z0-9-]+)\}", text):
         assert default in suites["buckets"]
 
 

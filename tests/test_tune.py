@@ -223,7 +223,7 @@ def test_a_float32_bucket_searches_float32_accurate_precisions_only():
     from dfgen.kernels.config import FLOAT32_ACCURATE
     from dfgen.tools.tuning.space import bucket_limits, choices, config_of, params_of
 
-    assert bucket_limits("bf16") is None
+    assert bucket_limits("bf16")["solve_bwd.SOLVE_PRECISION"] == ["tf32"]  # 16-bit: the fast ones only
     space = choices("fwd+bwd", 32, "qsolve", bucket_limits("fp32"))
     params = {p: values[-1] for p, values in space.items()}
     for precision in space["solve.INV_FP16/SOLVE_PRECISION"]:
@@ -247,8 +247,9 @@ def test_a_float32_tune_evaluates_float32_accurate_candidates_only(tmp_path, mon
     seen = []
 
     def fake_evaluate(request, timeout_s, deadline=None):
-        seen.append(request)
-        return {"ok": True, "median_ms": 1.0 + len(seen) % 5, "error": 0.0}
+        seen.append(request)  # every strategy's default equally fast end to end: both searched
+        return {"ok": True, "median_ms": 1.0 if request["op"] == "pass" else 1.0 + len(seen) % 5,
+                "error": 0.0}
 
     monkeypatch.setattr(worker, "evaluate", fake_evaluate)
     for pass_ in ("fwd", "fwd+bwd"):
@@ -471,6 +472,9 @@ def test_a_gpu_that_is_not_present_is_refused_naming_what_is():
     ([], "pass: fwd\n", "expected a YAML list of buckets"),
     (["--passes", "fwd+bwd"], "- {pass: fwd, dtype: bf16, head_dim: 32, T: 8, BH: 1}\n",
      "keeps none of the 1 bucket(s) of --shapes"),
+    (["--head-dims", "128"], None, "--head-dims 128 keeps none of the 1 bucket(s) (their head dims: 32)"),
+    (["--head-dims", "d64"], None, "--head-dims 'd64': expected a comma list of head dims"),
+    (["--total-minutes", "-1"], None, "--total-minutes must be >= 0, got -1"),
 ])
 def test_bad_passes_and_shapes_are_one_line_errors(tmp_path, args, shapes, message):
     """Each bad --passes or --shapes: exit 2, one line naming the argument, nothing written."""
@@ -562,7 +566,7 @@ def test_the_default_is_timed_first_then_each_stage_then_the_combinations(tmp_pa
     requests = _fake_evaluations(monkeypatch, default)
     result = tuner.tune_bucket(bucket, trials=4, sampler="tpe", seed=0, timeout_s=60, sweep_max=0,
                                storage=tuner.open_storage(str(tmp_path / "order.journal")),
-                               log=lambda *a: None)
+                               log=lambda *a: None, strategy_margin=None)  # both strategies
     assert requests[0]["op"] == "pass" and requests[0]["config"]["strategy"] == "fused"
     searched = [r for r in requests if r["op"] == "stage"]  # a point sampled twice is timed once
     assert [slot for slot, _ in itertools.groupby(r["slot"] for r in searched)] == \

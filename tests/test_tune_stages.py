@@ -302,3 +302,91 @@ def test_stage_spaces_and_slots():
     assert name.startswith("dfgen:fwd/bf16/d64/t1024/bh8:attn_fwd:templates-")
     assert "space" not in name  # a limit of another stage's section leaves the study as it is
     assert stages.study_name("k", stages.slot("attn_fwd"), "grid", None, True).endswith(":cold-start")
+
+
+def _by_strategy(monkeypatch, two_stage_ms):
+    """worker.evaluate replaced: the fused default end to end 1.0 ms, the two-stage one
+    `two_stage_ms`; stage candidates 1.0 ms."""
+    requests = []
+
+    def fake(request, timeout_s, deadline=None):
+        requests.append(request)
+        ms = 1.0
+        if request["op"] == "pass" and request["config"]["strategy"] == "two_stage":
+            ms = two_stage_ms
+        return {"ok": True, "median_ms": ms, "error": 0.0, "seconds": 0.01}
+
+    monkeypatch.setattr(worker, "evaluate", fake)
+    return requests
+
+
+@pytest.mark.parametrize("two_stage_ms, searched", [(2.0, False), (1.2, True)])
+def test_a_strategy_whose_default_is_far_slower_is_not_searched(tmp_path, monkeypatch,
+                                                                  two_stage_ms, searched):
+    """The strategy is chosen above the stages: a forward bucket times each strategy's
+    default end to end first and searches only those within STRATEGY_MARGIN of the fastest."""
+    requests = _by_strategy(monkeypatch, two_stage_ms)
+    logs = []
+    tuner.tune_bucket(Bucket("fwd", "bf16", 32, 24, 1), trials=2, sampler="random", seed=0,
+                      timeout_s=10, storage=tuner.open_storage(str(tmp_path / "s.journal")),
+                      log=logs.append, sweep_max=0)
+    slots = {r["slot"] for r in requests if r["op"] == "stage"}
+    defaults = [r for r in requests if r["op"] == "pass"][:2]
+    assert [r["config"]["strategy"] for r in defaults] == ["fused", "two_stage"]
+    assert "solve_fwd(fused)" in slots
+    assert ("attn_fwd" in slots and "solve_fwd(two_stage)" in slots) == searched
+    assert any("not searching two_stage" in line for line in logs) != searched
+
+
+def _stub_tune_bucket(monkeypatch, seconds_per_bucket, clock):
+    """tuner.tune_bucket replaced: each bucket takes `seconds_per_bucket` of `clock` and
+    finds a config of its own; the calls' keyword arguments are recorded."""
+    calls = []
+
+    def fake(bucket, **kw):
+        calls.append((bucket, kw))
+        clock[0] += seconds_per_bucket
+        config = default_config(bucket.head_dim).to_dict()
+        config["solve"]["num_warps"] = 8 if len(calls) % 2 else 4  # each bucket's own best
+        entry = {**bucket.fields(), "config": config, "median_ms": 1.0, "default_ms": 1.0,
+                 "trials": 1, "failures": 0}
+        return tuner.BucketResult(bucket.key, entry, 0, bests=[KernelConfig.from_dict(config)])
+
+    monkeypatch.setattr(tuner, "tune_bucket", fake)
+    monkeypatch.setattr("dfgen.tools.cli.time.monotonic", lambda: clock[0])
+    return calls
+
+
+def test_total_minutes_is_shared_among_the_buckets_left_and_bests_seed_the_next(tmp_path, monkeypatch,
+                                                                               capsys):
+    """--total-minutes: each bucket gets an equal share of what is left (capped by
+    --minutes), buckets past the budget are not started and are named; a bucket's stage
+    bests are tried first in the next bucket of its pass, dtype and head dim."""
+    from dfgen.tools import cli
+
+    shapes = tmp_path / "b.yaml"
+    shapes.write_text("".join(f"- {{pass: fwd, dtype: bf16, head_dim: 32, T: {t}, BH: 1}}\n"
+                              for t in (16, 32, 64, 128)))
+    clock = [0.0]
+    calls = _stub_tune_bucket(monkeypatch, 10.0, clock)
+    out = tmp_path / "t.yaml"
+    code = cli.main(["tune", "--shapes", str(shapes), "--total-minutes", "2", "--out", str(out)])
+    assert code == 0
+    minutes = [kw["minutes"] for _, kw in calls]
+    assert minutes[0] == pytest.approx(0.5)  # 120 s over 4 buckets
+    assert minutes[1] == pytest.approx((120 - 10) / 3 / 60)  # the first left 20 s to the rest
+    assert all(b >= a for a, b in zip(minutes, minutes[1:]))
+    starts = [kw["starts"] for _, kw in calls]
+    assert starts[0] == [] and starts[1][0]["solve"]["num_warps"] == 8
+    assert starts[2][0]["solve"]["num_warps"] == 4 and starts[2][1]["solve"]["num_warps"] == 8
+    assert "4 bucket(s) in" in capsys.readouterr().out
+
+    clock[0], calls[:] = 0.0, []  # buckets that take their whole share and more
+    calls_slow = _stub_tune_bucket(monkeypatch, 70.0, clock)
+    code = cli.main(["tune", "--shapes", str(shapes), "--total-minutes", "2", "--minutes", "0.4",
+                     "--out", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0 and len(calls_slow) == 1  # after 70 s, 50 s for 3 buckets: under 20 s each
+    assert calls_slow[0][1]["minutes"] == pytest.approx(0.4)  # --minutes caps the share
+    assert "budget ran out before 3 bucket(s): fwd/bf16/d32/t32/bh1, fwd/bf16/d32/t64/bh1, " \
+        "fwd/bf16/d32/t128/bh1" in text

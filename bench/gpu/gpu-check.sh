@@ -22,11 +22,17 @@
 #   tune [MIN]         tune the bucket suite $SHAPES (default h200; MIN minutes of search per
 #                      bucket, default 0.5; space h200-bf16, candidates h200 tried first), merged
 #                      into tuned/<gpu>.yaml (copied back)
+#   tuneset [TOTAL]    a user's tune, cold: `dfgen tune --cold-start --total-minutes TOTAL` (default
+#                      20) over the shipped bucket set (HEAD_DIMS=128 or 64: that half), with a fresh
+#                      journal and tuned file (copied back as <gpu>.yaml)
+#   workers [MIN]      trials per minute on one GPU, then `--workers 2` on two (SHAPES_WORKERS, default
+#                      d128-t4096; MIN minutes per bucket, default 2), each from an empty Triton cache
+#   compare            compare-configs on the core buckets: the default, the packaged tuned file and
+#                      COMPARE_FILES (NAME=FILE ...: tuned files or journals) end to end side by side
 #   sweep              Optuna (TPE, 3 seeds, cold start) against an exhaustive sweep on the buckets
-#                      of the sweeps suites (run.py sweep, which ranks TPE's picks in the sweep).
-#                      The 48-point grids need a device call of their own: 8 compiles at a time timed
-#                      20 to 31 points in 100 s (run 26); the caps default to 240 s per grid
-#                      (CAP_SWEEP), 90 s per seed (CAP_SWEEP_TPE); SWEEP=d128 (or d64) runs one
+#                      of the sweeps suites (run.py sweep: ranks of TPE's picks in the sweep, and
+#                      the picks end to end). Caps: CAP_SWEEP per grid (default 360 s), CAP_SWEEP_TPE
+#                      per seed (60 s); SWEEP=d128 (or d64) runs one
 #   models             with the installed tuned file: dfgen show, dfgen check, the model
 #                      tests (torch.compile, CUDA graphs), and run.py fwd as the runtime picks
 # Several phases may be given: bash bench/gpu/gpu-check.sh tests bench overhead
@@ -42,11 +48,12 @@ export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
 # (optuna and its needs); every phase runs from a scratch folder, so nothing imports the
 # checkout's dfgen/
 SRC=$PWD
+site=${SITE:-/tmp/site}  # two-gpus.sh gives each GPU's run its own
 [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-  --upgrade --target /tmp/site .whl/*.whl
-python3 -m pip install -q --no-deps --no-build-isolation --no-compile --upgrade --target /tmp/site . \
+  --upgrade --target "$site" .whl/*.whl
+python3 -m pip install -q --no-deps --no-build-isolation --no-compile --upgrade --target "$site" . \
   > "$out/install.txt" 2>&1 || { cat "$out/install.txt"; exit 1; }
-export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH DFGEN_TEST_INSTALLED=1
+export PYTHONPATH=$site PATH=$site/bin:$PATH DFGEN_TEST_INSTALLED=1
 cd "$(mktemp -d /tmp/gpu-work.XXXX)"
 nvidia-smi --query-gpu=name,clocks.sm,memory.used --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
@@ -100,11 +107,37 @@ while [ $# -gt 0 ]; do
       [ -f "$SRC/tuned/$gpu.yaml" ] && cp "$SRC/tuned/$gpu.yaml" "$out/$gpu.yaml" && echo "merged into $SRC/tuned/$gpu.yaml";;
     sweep)
       # per sweeps suite: the grid times every point (SWEEP_JOBS, default 8, compiles at a time);
-      # then TPE with a quarter of the grid's trials, not started from the default, three seeds,
-      # one at a time; then where TPE's picks rank in the grid (logs and journals in the log folder)
-      $run sweep ${SWEEP:-} --gpu "$gpu" --logs "$out" --grid-cap "${CAP_SWEEP:-240}" \
-        --tpe-cap "${CAP_SWEEP_TPE:-90}" --jobs "${SWEEP_JOBS:-8}" > "$out/sweep.txt" 2>&1 || status=1
+      # then TPE with at most a quarter of each stage's points, not started from the default, three
+      # seeds, one at a time; then where TPE's picks rank in the grid, and the picks end to end
+      # (logs and journals in the log folder)
+      $run sweep ${SWEEP:-} --gpu "$gpu" --logs "$out" --grid-cap "${CAP_SWEEP:-360}" \
+        --tpe-cap "${CAP_SWEEP_TPE:-60}" --jobs "${SWEEP_JOBS:-8}" > "$out/sweep.txt" 2>&1 || status=1
       grep -v "^bench/run.py" "$out/sweep.txt";;
+    tuneset)
+      total=20; [ $# -gt 1 ] && [[ "$2" =~ ^[0-9.]+$ ]] && { total=$2; shift; }
+      rm -f "$out/$gpu.yaml"
+      capped "$(python3 -c "print(int($total * 60 + 120))")" python3 -m dfgen tune --gpu "$gpu" \
+        --cold-start --total-minutes "$total" ${HEAD_DIMS:+--head-dims "$HEAD_DIMS"} \
+        --storage "$out/tuneset.journal" --out "$out/$gpu.yaml" > "$out/tuneset.txt" 2>&1 || status=1
+      grep -E "^[a-z+]+/.*: (best|the defaults)|^\||^dfgen tune: [0-9]+ bucket|budget ran out|no config" \
+        "$out/tuneset.txt" | tail -n 80;;
+    workers)
+      minutes=2; [ $# -gt 1 ] && [[ "$2" =~ ^[0-9.]+$ ]] && { minutes=$2; shift; }
+      $run --write buckets "${SHAPES_WORKERS:-d128-t4096}" "$out/workers-buckets.yaml" > /dev/null
+      for n in 1 2; do  # each from an empty Triton cache and a fresh journal
+        TRITON_CACHE_DIR=$(mktemp -d /tmp/triton-w$n.XXXX) capped "$(python3 -c "print(int($minutes * 60 + 120))")" \
+          python3 -m dfgen tune --gpu "$gpu" --workers $n --shapes "$out/workers-buckets.yaml" \
+          --minutes "$minutes" --total-minutes 0 --storage "$out/workers-$n.journal" \
+          --out "$out/workers-$n.yaml" > "$out/workers-$n.txt" 2>&1 || status=1
+        echo "--workers $n:"; grep -E "^\||: best|workers finished" "$out/workers-$n.txt"
+      done
+      $run trial-rate "$out/workers-1.journal" "$out/workers-2.journal" | tee "$out/workers-rate.txt";;
+    compare)
+      $run --write buckets h200-core "$out/core.yaml" > /dev/null
+      capped "${CAP_COMPARE:-240}" $run compare-configs --buckets "$out/core.yaml" \
+        packaged="$(python3 -c "from dfgen.settings import packaged_dir; print(packaged_dir('tuned'))")/$gpu.yaml" \
+        ${COMPARE_FILES:-} > "$out/compare.txt" 2>&1 || status=1
+      grep -E "^\|" "$out/compare.txt";;
     models)
       python3 -m dfgen show 2>&1 | tee "$out/show.txt" | tail -n 4
       capped "${CAP_CHECK:-120}" python3 -m dfgen check > "$out/check.txt" 2>&1 || status=1; tail -n 4 "$out/check.txt"

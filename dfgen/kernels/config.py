@@ -218,6 +218,20 @@ def float32_limits() -> dict:
             for knob, values in FLOAT32_ACCURATE.items()}
 
 
+def sixteen_bit_limits() -> dict:
+    """The complement for 16-bit inputs, as search space limits: every precision value
+    except FLOAT32_ACCURATE's. Those do more work (three tf32 products, or float32 FMAs,
+    or a float32 inverse) for accuracy that bf16 and fp16 inputs cannot hold, so a 16-bit
+    bucket never wins with them (H200: the fp16 inverse 10 to 18 % faster, tf32x3 and ieee
+    slower still) and its search does not spend trials on them."""
+    out = {}
+    for section in FLOAT32_SECTIONS:
+        knobs = spec(_STAGE_OF[section]).knobs
+        for knob, precise in FLOAT32_ACCURATE.items():
+            out[f"{section}.{knob}"] = [v for v in knobs[knob].values if v not in precise]
+    return out
+
+
 def default_config(head_dim: int, dtype=None, strategy: str = "fused") -> KernelConfig:
     """Built-in config (cached; sections are read-only)"""
     return _default_config(head_dim, str(dtype), strategy)

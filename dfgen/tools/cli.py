@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 import sys
 
 from ..errors import DfgenError
@@ -89,6 +90,8 @@ def cmd_bench(args) -> int:
 
 
 GPU_MINUTES = 3.0  # a plain `dfgen tune`'s cap per bucket on a GPU
+GPU_TOTAL_MINUTES = 20.0  # ... and on the whole tune (the shipped set: 29 buckets, about 40 s each)
+MIN_BUCKET_S = 20.0  # a bucket given less of the total than this is not started
 INTERPRETER_MINUTES = 10.0  # ... and in the interpreter (its one tiny bucket: about a minute)
 CANDIDATE_TIMEOUT_S = 120.0  # one candidate in the worker: compiling (unless compiled ahead), checking, timing
 GPU_SWEEP_MAX = 128  # stages.SWEEP_MAX (named here so that `dfgen --help` imports no optuna)
@@ -173,6 +176,7 @@ def _check_numbers(args) -> None:
                                      ("--sweep-max", args.sweep_max, 0, False),
                                      ("--workers", args.workers, 1, False),
                                      ("--minutes", args.minutes, 0, False),
+                                     ("--total-minutes", args.total_minutes, 0, False),
                                      ("--timeout", args.timeout, 0, True)):
         if value is not None and (value <= low if strict else value < low):
             raise DfgenError(f"{flag} must be {'>' if strict else '>='} {low}, got {value:g}")
@@ -185,6 +189,18 @@ def _tune_buckets(args, interpreted: bool) -> list:
 
     buckets = tuner.load_buckets(args.shapes) if args.shapes else \
         (tuner.CPU_BUCKETS if interpreted else tuner.GPU_BUCKETS)
+    if args.head_dims is not None:
+        try:
+            dims = {int(d) for d in args.head_dims.split(",")}
+        except ValueError:
+            raise DfgenError(f"--head-dims {args.head_dims!r}: expected a comma list of head "
+                             "dims, e.g. 64,128") from None
+        kept = [b for b in buckets if b.head_dim in dims]
+        if not kept:
+            raise DfgenError(f"--head-dims {args.head_dims} keeps none of the {len(buckets)} "
+                             f"bucket(s) (their head dims: "
+                             f"{', '.join(map(str, sorted({b.head_dim for b in buckets})))})")
+        buckets = kept
     if args.passes is None:
         return buckets
     wanted = [p.strip() for p in args.passes.split(",")]
@@ -235,7 +251,7 @@ def cmd_tune(args) -> int:
     from ..select import tuned_file
     from ..settings import cache_root, user_tuned_dir
     from .tuning import tuner
-    from .tuning.progress import TuneProgress
+    from .tuning.progress import TuneProgress, clock_text
 
     provenance = tuner.device_provenance()
     key = _check_gpu(args, provenance, interpreted)
@@ -254,6 +270,9 @@ def cmd_tune(args) -> int:
     minutes = args.minutes if args.minutes is not None else \
         (INTERPRETER_MINUTES if interpreted else GPU_MINUTES)
     minutes = minutes or None  # 0: no cap
+    total = args.total_minutes if args.total_minutes is not None else \
+        (None if interpreted else GPU_TOTAL_MINUTES)
+    total = total or None
     if args.plot:
         from .tuning import plot
 
@@ -266,7 +285,7 @@ def cmd_tune(args) -> int:
         (INTERPRETER_SWEEP_MAX if interpreted else GPU_SWEEP_MAX)
     storage_spec = args.storage or str(cache_root() / "studies" / f"{key}.journal")
     storage = tuner.open_storage(storage_spec)
-    progress = TuneProgress(len(buckets), trials, minutes)
+    progress = TuneProgress(len(buckets), trials, minutes, total)
     ahead = CompileAhead.for_device(jobs, args.timeout)
     print(f"dfgen tune: {progress.budget_text(args.timeout, sweep_max)}; one timing worker"
           + (f", {jobs} compiling ahead" if ahead else "") + f", sampler {args.sampler}"
@@ -274,27 +293,39 @@ def cmd_tune(args) -> int:
           + f", study storage {storage_spec} (optuna-dashboard reads it); results go to {out}",
           flush=True)
     earlier = _earlier_entries(out)
-    results, failed, chosen = [], [], {}
-    for bucket in buckets:
+    results, failed, chosen, skipped = [], [], {}, []
+    learned: dict = {}  # (pass, dtype, head dim, variant) -> the stage bests of its buckets so far
+    started = time.monotonic()
+    for number, bucket in enumerate(buckets):
         bucket_key = bucket.key
+        bucket_minutes = minutes
+        if total is not None:  # an equal share of what is left (a bucket done early leaves more)
+            share = (total * 60 - (time.monotonic() - started)) / (len(buckets) - number)
+            if share < MIN_BUCKET_S:
+                skipped = [b.key for b in buckets[number:]]
+                break
+            bucket_minutes = share / 60 if minutes is None else min(minutes, share / 60)
         forward = None
         if bucket.backward:  # the forward bucket's choice for this shape: this tune's, else the file's
             forward_key = bucket._replace(pass_="fwd").key
             forward = chosen.get(forward_key) or earlier.get(forward_key, {}).get("config")
+        group = (bucket.pass_, bucket.dtype, bucket.head_dim, bucket.variant)
+        starts = ([earlier[bucket_key]["config"]] if bucket_key in earlier else []) \
+            + learned.get(group, [])[-2:][::-1] + tried_first  # the nearest bucket's bests first
         try:
             result = tuner.tune_bucket(bucket, trials=trials, sampler=args.sampler, seed=args.seed,
                                        storage=storage, timeout_s=args.timeout,
-                                       minutes=minutes, limits=limits,
-                                       starts=([earlier[bucket_key]["config"]] if bucket_key in earlier
-                                               else []) + tried_first,
+                                       minutes=bucket_minutes, limits=limits, starts=starts,
                                        cold_start=args.cold_start, progress=progress,
-                                       forward=forward, sweep_max=sweep_max, ahead=ahead)
+                                       forward=forward, sweep_max=sweep_max, ahead=ahead,
+                                       strategy_margin=None if interpreted else tuner.STRATEGY_MARGIN)
         except DfgenError as err:  # this bucket found nothing; the others may
             print(f"dfgen tune: {err}", flush=True)
             failed.append(bucket_key)
             continue
         results.append(result)
         chosen[bucket_key] = result.entry["config"]
+        learned.setdefault(group, []).extend(c.to_dict() for c in result.bests)
         # written after every bucket: an interrupted tune keeps what it finished
         tuned_file.merge(out, provenance, {result.key: result.entry})
         if args.plot:
@@ -307,6 +338,12 @@ def cmd_tune(args) -> int:
         print(tuner.summary_table(results))
         print(f"wrote {out} ({len(results)} bucket(s))")
         print(_where_the_runtime_reads(out, interpreted))
+    print(f"dfgen tune: {len(results)} bucket(s) in {clock_text(time.monotonic() - started)} "
+          "of wall time" + (f" (--total-minutes {total:g})" if total else ""), flush=True)
+    if skipped:
+        print(f"dfgen tune: the --total-minutes {total:g} budget ran out before {len(skipped)} "
+              f"bucket(s): {', '.join(skipped)}; not tuned (run again with more --total-minutes, "
+              "or --shapes with those buckets: the studies resume)")
     if failed:
         print(f"dfgen tune: no config found for {len(failed)} bucket(s): {', '.join(failed)}"
               + ("" if results else f"; nothing written to {out}"))
@@ -459,6 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--shapes", help="YAML list of buckets {pass: fwd|fwd+bwd, dtype: "
                       "bf16|fp16|fp32, head_dim: 16|32|64|128, T, BH, variant: qsolve (optional)}")
     tune.add_argument("--passes", help="comma list of fwd, fwd+bwd (default: both)")
+    tune.add_argument("--head-dims", help="comma list: tune only the buckets of these head dims "
+                      "(e.g. 128)")
     tune.add_argument("--trials", type=int, help="trials per searched stage (default 30; 4 "
                       "without a GPU); a stage of at most --sweep-max points runs every point")
     tune.add_argument("--seed", type=int, default=0)
@@ -475,6 +514,11 @@ def build_parser() -> argparse.ArgumentParser:
                       "end-to-end timing included: candidates still running at its end are "
                       f"stopped and recorded as cut (default {GPU_MINUTES:g} on a GPU, "
                       f"{INTERPRETER_MINUTES:g} in the interpreter; 0: no cap)")
+    tune.add_argument("--total-minutes", type=float, help="wall-clock budget of the whole tune, "
+                      "shared equally among the buckets not yet tuned (one that finishes early "
+                      "leaves the rest more), each still capped by --minutes; buckets left when "
+                      f"less than {MIN_BUCKET_S:g} s each remain are not started (default "
+                      f"{GPU_TOTAL_MINUTES:g} on a GPU, none in the interpreter; 0: none)")
     tune.add_argument("--jobs", type=int, help="compile-only processes that compile the next "
                       "candidates while one worker times them, one at a time (default: half the "
                       "CPU cores, at most 8; 0: none; the interpreter compiles nothing ahead)")

@@ -57,8 +57,10 @@ class BucketBudget:
 class TuneProgress:
     """Where a tune of `buckets` buckets stands; `line()` is the text after every trial."""
 
-    def __init__(self, buckets: int, trials: int, minutes: float | None, clock=time.monotonic):
+    def __init__(self, buckets: int, trials: int, minutes: float | None,
+                 total_minutes: float | None = None, clock=time.monotonic):
         self.buckets, self.trials, self.minutes, self.clock = buckets, trials, minutes, clock
+        self.total_minutes = total_minutes
         self.start = clock()
         self.finished: list[float] = []  # wall seconds of each finished bucket
         self.index = 0
@@ -69,8 +71,15 @@ class TuneProgress:
         if sweep_max:
             head += f" (a stage of at most {sweep_max} points: every point)"
         if self.minutes:
-            return (f"{head}, at most {self.minutes:g} min each: at most "
-                    f"{self.buckets * self.minutes:g} min")
+            whole = self.buckets * self.minutes
+            if self.total_minutes and self.total_minutes < whole:
+                return (f"{head}, at most {self.minutes:g} min each and {self.total_minutes:g} min "
+                        f"in all (--total-minutes: about {self.total_minutes / self.buckets * 60:.0f} s "
+                        "a bucket, more where earlier ones finish early)")
+            return f"{head}, at most {self.minutes:g} min each: at most {whole:g} min"
+        if self.total_minutes:
+            return (f"{head}, {self.total_minutes:g} min in all (--total-minutes), shared among "
+                    "the buckets left")
         return (f"{head}, no time cap per bucket (--minutes sets one); a candidate may take "
                 f"up to {timeout_s:g} s")
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 
 from ...errors import DfgenError
-from ...kernels.config import STRATEGIES, KernelConfig, float32_limits
+from ...kernels.config import STRATEGIES, KernelConfig, float32_limits, sixteen_bit_limits
 from ...kernels.spec import spec
 
 # (config section, template stage, needed by)
@@ -146,13 +146,14 @@ def _section(stage: str) -> str:
     return next(name for name, stage_, _ in SECTIONS if stage_ == stage)
 
 
-def bucket_limits(dtype: str, limits: dict | None = None) -> dict | None:
+def bucket_limits(dtype: str, limits: dict | None = None) -> dict:
     """The limits a bucket of this dtype ("bf16", "fp32", ...) searches under: a float32
     bucket's space holds only the solve precisions that keep float32 accuracy
-    (config.FLOAT32_ACCURATE), unless `limits` names those knobs itself."""
-    if dtype == "fp32":
-        return dict(float32_limits(), **(limits or {}))
-    return limits
+    (config.FLOAT32_ACCURATE), a 16-bit bucket's only the others (the float32-accurate
+    ones are slower and buy accuracy 16-bit inputs cannot hold: config.sixteen_bit_limits),
+    unless `limits` names those knobs itself."""
+    precision = float32_limits() if dtype == "fp32" else sixteen_bit_limits()
+    return dict(precision, **(limits or {}))
 
 
 def _limit(param: str, values: list, limits: dict) -> list:

@@ -38,7 +38,7 @@ from ...kernels.spec import templates_hash
 from . import worker
 from .storage import ask_trial, end_heartbeat
 from .evaluate import SLOTS
-from .space import grid_size, stage_choices, stage_knobs, stage_limits, stage_params, stage_points, strategies
+from .space import bucket_limits, grid_size, stage_choices, stage_knobs, stage_limits, stage_params, stage_points, strategies
 
 SWEEP_MAX = 128  # a stage of at most this many feasible points is swept whole (GPU default)
 SAMPLERS = ("tpe", "random", "grid")
@@ -89,11 +89,15 @@ def make_sampler(name: str, seed: int, trials: int = 30):
     raise DfgenError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {name!r}")
 
 
-def study_name(key: str, slot: Slot, sampler: str, limits: dict | None, cold_start: bool) -> str:
+def study_name(key: str, slot: Slot, sampler: str, limits: dict | None, cold_start: bool,
+               implied: dict | None = None) -> str:
     """One study per bucket, stage and template version; a limited space (limits of the
-    stage's own section) or a sweep is its own study, and so is a cold start."""
+    stage's own section beyond those its dtype `implied`: space.bucket_limits) or a sweep
+    is its own study, and so is a cold start."""
     name = f"dfgen:{key}:{slot.name}:templates-{templates_hash()}"
-    own = stage_limits(slot.stage, limits)
+    implied = implied or {}
+    own = {param: values for param, values in stage_limits(slot.stage, limits).items()
+           if implied.get(param) != values}
     if own or sampler == "grid":
         blob = json.dumps(own, sort_keys=True)
         name += f":{sampler}-space-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
@@ -137,7 +141,8 @@ class StageSearch:
         self.size = grid_size(self.space)
         self.exhaustive = sampler == "grid" or self.size <= sweep_max
         self.study = optuna.create_study(
-            study_name=study_name(bucket.key, slot, sampler, limits, cold_start), storage=storage,
+            study_name=study_name(bucket.key, slot, sampler, limits, cold_start,
+                                  bucket_limits(bucket.dtype)), storage=storage,
             load_if_exists=True, direction="minimize", sampler=make_sampler(sampler, seed, trials))
         self.ran = 0  # candidates this process evaluated to the end (trials per minute)
         self.evaluated = 0  # trials this process finished (duplicates and cut ones too)

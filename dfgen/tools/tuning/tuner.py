@@ -25,11 +25,20 @@ from .storage import open_storage  # noqa: F401 (dfgen.tools.tuning.tuner.open_s
 from .space import bucket_limits, check_limits
 from .stages import SAMPLERS, SWEEP_MAX, StageSearch, bucket_slots
 
+# The shipped bucket set (what `dfgen tune` tunes on a GPU without --shapes, and what
+# tuned/<gpu>.yaml holds): forward and forward+backward, head dims 64 and 128, T 512 to
+# 16384 at the benchmark shapes' B*H, and the short-T many-heads shapes (32, 512, 8, d)
+# and (64, 256, 8, d). Forward buckets come first: a forward+backward bucket keeps the
+# forward bucket's choice for its shape.
+SHIPPED_SHAPES = {  # head dim: [(T, BH)]
+    64: [(256, 512), (512, 256), (1024, 256), (2048, 64), (4096, 16), (8192, 32), (16384, 8)],
+    128: [(256, 512), (512, 256), (1024, 256), (2048, 64), (4096, 16), (8192, 16), (16384, 8)],
+}
 GPU_BUCKETS = [Bucket(p, "bf16", d, t, bh)
-               for p in ("fwd", "fwd+bwd") for d in (64, 128)
-               for t, bh in ((1024, 32), (2048, 16), (4096, 16), (8192, 16), (16384, 8))] + [
+               for p in ("fwd", "fwd+bwd") for d in (64, 128) for t, bh in SHIPPED_SHAPES[d]] + [
     Bucket("fwd+bwd", "bf16", 128, 4096, 16, "qsolve")]
 CPU_BUCKETS = [Bucket("fwd", "bf16", 32, 40, 2)]
+STRATEGY_MARGIN = 1.25  # a strategy whose default is slower than the fastest's by more is not searched
 
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)  # progress (and each failure) is reported per trial
@@ -59,6 +68,7 @@ class BucketResult:
     entry: dict
     failures: int  # failed trials of the stage studies, cut ones not counted
     studies: dict = field(default_factory=dict)  # slot name -> its Optuna study (plots, reports)
+    bests: list = field(default_factory=list)  # the stages' bests combined (KernelConfigs)
     cut: int = 0  # trials stopped at the bucket's time limit
     ran: int = 0  # stage trials this process evaluated (trials per minute)
     seconds: float = 0.0  # the bucket's wall time
@@ -72,7 +82,7 @@ def tune_bucket(bucket: Bucket, *, trials: int, sampler: str, seed: int, storage
                 limits: dict | None = None, starts: Sequence[Mapping] = (),
                 cold_start: bool = False, progress: TuneProgress | None = None,
                 forward: Mapping | None = None, sweep_max: int = SWEEP_MAX,
-                ahead=None) -> BucketResult:
+                ahead=None, strategy_margin: float | None = STRATEGY_MARGIN) -> BucketResult:
     """Tune one bucket. The built-in default is timed end to end first (checked against
     the reference), so that no budget leaves a challenger without it to beat. Then each
     stage is searched on its own kernel time in a study of its own (stages.py): a forward
@@ -93,7 +103,10 @@ def tune_bucket(bucket: Bucket, *, trials: int, sampler: str, seed: int, storage
     and a candidate still running at its end is killed and recorded as cut. `ahead` (a
     CompileAhead, GPU only) compiles the next candidates while one is timed. `progress`
     numbers the bucket and prints a line after every trial. A float32 bucket searches
-    only the solve precisions that keep float32 accuracy unless `limits` names the knobs."""
+    only the solve precisions that keep float32 accuracy unless `limits` names the knobs.
+    A forward bucket searches the stages of the strategies whose default, timed end to
+    end, is within `strategy_margin` of the fastest strategy's default (None: every
+    strategy, as in the interpreter, whose timings rank nothing)."""
     if sampler not in SAMPLERS:
         raise DfgenError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
     head_dim, dtype = bucket.head_dim, torch_dtype(bucket.dtype)
@@ -111,6 +124,9 @@ def tune_bucket(bucket: Bucket, *, trials: int, sampler: str, seed: int, storage
     tune = _BucketTune(bucket, default, fixed, seed, timeout_s, budget, progress, log)
     try:
         tune.time_default()
+        if not bucket.backward and combos > 1 and strategy_margin is not None:
+            slots = tune.promising_strategies(slots, strategy_margin)
+            budget.rounds = 2 * (1 + len({s.strategy for s in slots}))
         searches = [StageSearch(slot, bucket, storage=storage, sampler=sampler, seed=seed,
                                 trials=trials, sweep_max=sweep_max, limits=limits,
                                 cold_start=cold_start, request=tune.stage_request,
@@ -207,6 +223,33 @@ class _BucketTune:
         else:
             self.log(f"{self.key}: the default failed end to end ({result['reason']}); "
                      "it is timed again at the end")
+
+    def promising_strategies(self, slots: list, margin: float) -> list:
+        """The slots of the strategies worth searching: the strategy is a choice above the
+        stages, made on the strategies' defaults timed end to end. One whose default is
+        slower than the fastest default by more than `margin` is not searched: its
+        stages would have to gain more than that over their defaults (H200, d128 T 4096:
+        two-stage 0.61 ms against fused 0.376, from the stage studies of run 11)."""
+        times = {self.default.strategy: self.first_default}
+        for strategy in dict.fromkeys(s.strategy for s in slots):
+            if strategy in times:
+                continue
+            config = _pass_sections(default_config(self.bucket.head_dim, torch_dtype(self.bucket.dtype),
+                                                   strategy), backward=False)
+            result = self.time_pass(config, self.seed + 10_000, self.budget.deadline)
+            times[strategy] = result["median_ms"] if result["ok"] else None
+        timed = [t for t in times.values() if t is not None]
+        if not timed:
+            return slots
+        fastest = min(timed)
+        kept = {s for s, t in times.items() if t is None or t <= fastest * margin}
+        dropped = sorted(set(times) - kept)
+        if dropped:
+            self.log(f"{self.key}: the defaults end to end: " + ", ".join(
+                f"{s} {'failed' if t is None else f'{t:.4f} ms'}" for s, t in times.items())
+                + f"; not searching {', '.join(dropped)} (more than {margin - 1:.0%} "
+                "slower than the fastest; --space strategy: names one to search it anyway)")
+        return [s for s in slots if s.strategy in kept]
 
     def search(self, searches: list, ahead) -> None:
         for search in searches:
@@ -317,7 +360,7 @@ class _BucketTune:
                  f"noise {noise:.1%}) {describe(best)}; {rate_text(ran, elapsed)} "
                  f"[{clock_text(elapsed)} in the bucket]")
         return BucketResult(self.key, entry, failures, {s.slot.name: s.study for s in searches},
-                            cut, ran, elapsed)
+                            combos, cut, ran, elapsed)
 
 
 def _read_yaml(path, flag: str, what: str):
