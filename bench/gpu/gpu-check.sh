@@ -22,9 +22,9 @@
 #   tune [MIN]         tune the bucket suite $SHAPES (default h200; MIN minutes of search per
 #                      bucket, default 0.5; space h200-bf16, candidates h200 tried first), merged
 #                      into tuned/<gpu>.yaml (copied back)
-#   tuneset [TOTAL]    a user's tune, cold: `dfgen tune --cold-start --total-minutes TOTAL` (default
-#                      20) over the shipped bucket set (HEAD_DIMS=128 or 64: that half), with a fresh
-#                      journal and tuned file (copied back as <gpu>.yaml)
+#   tuneset [TOTAL]    a user's tune: `dfgen tune --total-minutes TOTAL` (default 20) over the shipped
+#                      bucket set (HEAD_DIMS=128 or 64: that half; COLD=1: --cold-start), with a
+#                      fresh journal and tuned file (copied back as <gpu>.yaml)
 #   workers [MIN]      trials per minute on one GPU, then `--workers 2` on two (SHAPES_WORKERS, default
 #                      d128-t4096; MIN minutes per bucket, default 2), each from an empty Triton cache
 #   compare            compare-configs on the core buckets: the default, the packaged tuned file and
@@ -48,11 +48,13 @@ export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
 # (optuna and its needs); every phase runs from a scratch folder, so nothing imports the
 # checkout's dfgen/
 SRC=$PWD
-site=${SITE:-/tmp/site}  # two-gpus.sh gives each GPU's run its own
-[ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-  --upgrade --target "$site" .whl/*.whl
-python3 -m pip install -q --no-deps --no-build-isolation --no-compile --upgrade --target "$site" . \
-  > "$out/install.txt" 2>&1 || { cat "$out/install.txt"; exit 1; }
+site=/tmp/site
+if [ -z "${INSTALLED:-}" ]; then  # two-gpus.sh installs once for both of its runs (INSTALLED=1)
+  [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --upgrade --target "$site" .whl/*.whl
+  python3 -m pip install -q --no-deps --no-build-isolation --no-compile --upgrade --target "$site" . \
+    > "$out/install.txt" 2>&1 || { cat "$out/install.txt"; exit 1; }
+fi
 export PYTHONPATH=$site PATH=$site/bin:$PATH DFGEN_TEST_INSTALLED=1
 cd "$(mktemp -d /tmp/gpu-work.XXXX)"
 nvidia-smi --query-gpu=name,clocks.sm,memory.used --format=csv | tee "$out/gpu.txt"
@@ -117,7 +119,7 @@ while [ $# -gt 0 ]; do
       total=20; [ $# -gt 1 ] && [[ "$2" =~ ^[0-9.]+$ ]] && { total=$2; shift; }
       rm -f "$out/$gpu.yaml"
       capped "$(python3 -c "print(int($total * 60 + 120))")" python3 -m dfgen tune --gpu "$gpu" \
-        --cold-start --total-minutes "$total" ${HEAD_DIMS:+--head-dims "$HEAD_DIMS"} \
+        ${COLD:+--cold-start} --total-minutes "$total" ${HEAD_DIMS:+--head-dims "$HEAD_DIMS"} \
         --storage "$out/tuneset.journal" --out "$out/$gpu.yaml" > "$out/tuneset.txt" 2>&1 || status=1
       grep -E "^[a-z+]+/.*: (best|the defaults)|^\||^dfgen tune: [0-9]+ bucket|budget ran out|no config" \
         "$out/tuneset.txt" | tail -n 80;;

@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# One device call on a two-GPU machine, two gpu-check.sh runs at once, one per GPU, each
-# with its own install folder and log folder ($OUT/gpu0, $OUT/gpu1):
+# One device call on a two-GPU machine, two gpu-check.sh runs at once, one per GPU, over
+# one install (/tmp/site), each with its own log folder ($OUT/gpu0, $OUT/gpu1):
 #   bash bench/gpu/two-gpus.sh "PHASES FOR GPU 0" "PHASES FOR GPU 1" [ENV=VALUE ...]
 # e.g. "HEAD_DIMS=64 tuneset 9.5" "HEAD_DIMS=128 tuneset 9.5": leading NAME=VALUE words of
 # a phase list are set in that run's environment only.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 dest=${OUT:-gpu-logs}
+cd "$here/../.."  # one install for both runs (two pip builds in one tree collide on build/)
+[ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+  --upgrade --target /tmp/site .whl/*.whl
+python3 -m pip install -q --no-deps --no-build-isolation --no-compile --upgrade --target /tmp/site . \
+  || exit 1
 pids=()
 for gpu in 0 1; do
   phases=${1:-}; shift || true
@@ -14,7 +19,7 @@ for gpu in 0 1; do
   read -r -a words <<< "$phases"
   envs=(); while [ ${#words[@]} -gt 0 ] && [[ "${words[0]}" == *=* ]]; do envs+=("${words[0]}"); words=("${words[@]:1}"); done
   mkdir -p "$dest/gpu$gpu"
-  env "${envs[@]}" CUDA_VISIBLE_DEVICES=$gpu SITE=/tmp/site$gpu OUT="$dest/gpu$gpu" \
+  env "${envs[@]}" CUDA_VISIBLE_DEVICES=$gpu INSTALLED=1 OUT="$dest/gpu$gpu" \
     bash "$here/gpu-check.sh" "${words[@]}" > "$dest/gpu$gpu/console.txt" 2>&1 &
   pids+=($!)
 done

@@ -146,14 +146,27 @@ def _section(stage: str) -> str:
     return next(name for name, stage_, _ in SECTIONS if stage_ == stage)
 
 
+# What every search leaves out of the solve stages (a --space that names the knob brings
+# it back): a CHUNK x CHUNK float32 tile of 128 rows, or any in-chunk solve on 2 warps,
+# holds 64 to 256 registers a thread for that tile alone. On the H200 those points spill,
+# run 2x to 10x slower than the default, and take 10 to 40 s each to compile (one
+# solve_bwd point, CHUNK 128 on 2 warps, ran past 30 s in every bucket it was tried in,
+# run 13), so a short tune spent its budget on them.
+SEARCH_LIMITS = {
+    "solve.CHUNK": [16, 32, 64], "solve.num_warps": [4, 8],
+    "solve_bwd.CHUNK": [16, 32, 64], "solve_bwd.num_warps": [4, 8],
+}
+
+
 def bucket_limits(dtype: str, limits: dict | None = None) -> dict:
     """The limits a bucket of this dtype ("bf16", "fp32", ...) searches under: a float32
     bucket's space holds only the solve precisions that keep float32 accuracy
     (config.FLOAT32_ACCURATE), a 16-bit bucket's only the others (the float32-accurate
-    ones are slower and buy accuracy 16-bit inputs cannot hold: config.sixteen_bit_limits),
-    unless `limits` names those knobs itself."""
+    ones are slower and buy accuracy 16-bit inputs cannot hold: config.sixteen_bit_limits);
+    SEARCH_LIMITS hold for every dtype. `limits` (a user's --space) override both for the
+    knobs they name."""
     precision = float32_limits() if dtype == "fp32" else sixteen_bit_limits()
-    return dict(precision, **(limits or {}))
+    return {**precision, **SEARCH_LIMITS, **(limits or {})}
 
 
 def _limit(param: str, values: list, limits: dict) -> list:
