@@ -6,7 +6,8 @@
 # bench/suites.yaml. Logs go to a folder packed at the end into ${OUT:-./gpu-logs}/logs.tgz
 # (with any tuned file beside it); each phase has a time cap (seconds, env CAP_<PHASE>) so
 # that one slow phase cannot eat the others' output.
-#   tests              GPU tests (all of tests/, GPU cases included; pytest-xdist if present)
+#   tests              GPU tests (all of tests/, GPU cases included; pytest-xdist if present;
+#                      TESTS="tests/test_backward.py ...": those files only)
 #   bench              run.py fwd --candidates h200, then run.py fwdbwd (as the runtime picks)
 #   benchfwd           the forward table alone, with the config the runtime picks
 #   benchbwd           the forward+backward table alone
@@ -73,7 +74,8 @@ while [ $# -gt 0 ]; do
   start=$SECONDS; phase=$1
   case "$1" in
     tests)
-      capped "${CAP_TESTS:-300}" python3 -m pytest -q -p no:cacheprovider $xdist $SRC/tests > "$out/pytest.txt" 2>&1 || status=1
+      capped "${CAP_TESTS:-300}" python3 -m pytest -q -p no:cacheprovider $xdist \
+        $(for t in ${TESTS:-tests}; do echo "$SRC/$t"; done) > "$out/pytest.txt" 2>&1 || status=1
       grep -E "^(FAILED|ERROR)" "$out/pytest.txt" | head -20; tail -n 2 "$out/pytest.txt";;
     bench)  # forward over the h200 candidates, then forward+backward as the runtime picks
       bench_table fwd "${CAP_BENCH_FWD:-150}" fwd --candidates h200
