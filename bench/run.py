@@ -302,6 +302,18 @@ def run_tune(args, ctx):
     return call(cmd + rest)
 
 
+def _packaged_tuned_file():
+    """The packaged tuned file of the GPU present (None: none ships)."""
+    import torch
+
+    from dfgen.select.gpu import gpu_key
+    from dfgen.settings import packaged_dir
+
+    folder = packaged_dir("tuned")
+    path = folder / f"{gpu_key(torch.cuda.get_device_name())}.yaml" if folder else None
+    return path if path is not None and path.exists() else None
+
+
 @benchmark("sweep", NEEDS_GPU, "Optuna against an exhaustive sweep per sweeps suite: every stage "
            "swept, then TPE (3 seeds, cold start, at most a quarter of each stage's points), then "
            "sweep-compare (ranks in the sweep) and compare-configs (the picks end to end)")
@@ -312,16 +324,20 @@ def run_sweep(args, ctx):
     p.add_argument("--logs", help="folder for the journals and logs (default: a new one in /tmp)")
     p.add_argument("--grid-cap", type=float, default=360, help="seconds per grid (default 360)")
     p.add_argument("--tpe-cap", type=float, default=60, help="seconds per TPE seed (default 60)")
-    p.add_argument("--jobs", type=int, default=8, help="candidates the grid compiles at once (8)")
+    p.add_argument("--jobs", type=int, default=8, help="compile-ahead processes of the grid and the "
+                   "seeds, as `dfgen tune --jobs` (8)")
     p.add_argument("--seeds", type=int, default=3, help="TPE seeds (default 3)")
+    p.add_argument("--tuned", help="a tuned file whose entries join the end-to-end comparison "
+                   "(default: the packaged file for this GPU, if any)")
+    p.add_argument("--skip-grid", action="store_true", help="keep the grid journal already in "
+                   "--logs (sweep-NAME-grid.journal, e.g. carried from an earlier session)")
     known = p.parse_args(args)
-    from dfgen.tools.tuning.space import bucket_limits, grid_size, stage_choices
-    from dfgen.tools.tuning.stages import bucket_slots
-    from dfgen.tools.tuning.tuner import load_buckets, load_space
+    from dfgen.tools.tuning.tuner import load_space
 
     logs = Path(known.logs or tempfile.mkdtemp(prefix="dfgen-sweep-"))
     logs.mkdir(parents=True, exist_ok=True)
     gpu = ["--gpu", known.gpu] if known.gpu else []
+    tuned = known.tuned or _packaged_tuned_file()
     status = 0
     for name in known.sweeps or list(ctx.suites["sweeps"]):
         item = suite(ctx.suites, "sweeps", name)
@@ -331,19 +347,15 @@ def run_sweep(args, ctx):
         if space is not None:
             tune += ["--space", ctx.file("spaces", item["space"])]
         grid = logs / f"sweep-{name}-grid.journal"
-        failed = call(tune + [  # the tune's own clock stops the grid before the cap kills it
+        failed = 0 if known.skip_grid and grid.exists() else call(tune + [  # the tune's own clock stops the grid before the cap kills it
             "--sampler", "grid", "--minutes", f"{known.grid_cap / 60:g}", "--jobs", str(known.jobs),
             "--storage", grid, "--out", logs / f"sweep-{name}.yaml"], known.grid_cap + 60,
             logs / f"sweep-{name}-grid.txt")
-        bucket = load_buckets(buckets)[0]
-        limits = bucket_limits(bucket.dtype, space)
-        points = min(grid_size(stage_choices(slot.stage, bucket.head_dim, limits))
-                     for slot in bucket_slots(bucket, limits))  # the smallest stage's
         seeds = []
-        for seed in range(known.seeds):  # every stage sampled (--sweep-max 0), <= a quarter of its points
+        for seed in range(known.seeds):  # every stage sampled (--sweep-max 0), a quarter of its points
             seeds.append(logs / f"sweep-{name}-tpe-seed{seed}.journal")
             failed |= call(tune + [
-                "--trials", str(max(1, points // 4)), "--sweep-max", "0", "--jobs", "1", "--seed",
+                "--trials", "25%", "--sweep-max", "0", "--jobs", str(known.jobs), "--seed",
                 str(seed), "--cold-start", "--minutes", f"{known.tpe_cap / 60:g}", "--storage",
                 seeds[-1], "--out", logs / f"optuna-{name}.yaml"], known.tpe_cap + 60,
                 logs / f"sweep-{name}-tpe-seed{seed}.txt")
@@ -352,7 +364,8 @@ def run_sweep(args, ctx):
             print("".join(line for line in log.read_text().splitlines(True) if ": best" in line), end="")
         compared = call([*script("sweep_compare.py"), grid, *seeds], log=logs / f"sweep-{name}-compare.txt")
         retimed = call([*script("compare_configs.py"), "--buckets", buckets, f"sweep={grid}",
-                        *(f"seed{i}={j}" for i, j in enumerate(seeds))],
+                        *(f"seed{i}={j}" for i, j in enumerate(seeds)),
+                        *([f"tuned={tuned}"] if tuned else [])],
                        log=logs / f"sweep-{name}-end-to-end.txt")
         status = status or compared or retimed
         for part in ("compare", "end-to-end"):

@@ -225,7 +225,7 @@ def test_candidates_are_asked_for_ahead_and_compiled_while_one_is_timed(tmp_path
     bucket = Bucket("fwd+bwd", "bf16", 32, 24, 1)
     search = stages.StageSearch(stages.slot("attn_bwd"), bucket,
                                 storage=tuner.open_storage(str(tmp_path / "s.journal")),
-                                sampler="tpe", seed=0, trials=20, sweep_max=0, limits=None,
+                                sampler="random", seed=0, trials=20, sweep_max=0, limits=None,
                                 cold_start=True, firsts=[], request=dict(bucket.fields(), seed=0),
                                 timeout_s=10)
     ahead = _FakeAhead()
@@ -238,6 +238,17 @@ def test_candidates_are_asked_for_ahead_and_compiled_while_one_is_timed(tmp_path
     assert states.count(optuna.trial.TrialState.COMPLETE) == len(timed)
     assert len(cut) == 2 and all("asked for ahead" in t.user_attrs["failure"] for t in cut)
     assert ahead.forgotten == 1
+
+    # TPE: every compile process gets a candidate during the random start, one after it
+    tpe = stages.StageSearch(stages.slot("attn_bwd"), bucket,
+                             storage=tuner.open_storage(str(tmp_path / "t.journal")),
+                             sampler="tpe", seed=0, trials=30, sweep_max=0, limits=None,
+                             cold_start=True, firsts=[], request=dict(bucket.fields(), seed=0),
+                             timeout_s=10)
+    start = stages.tpe_startup(tpe.refine_from)
+    assert tpe.refine_from == 20 and start == 6
+    assert [tpe._depth(8, asked) for asked in (0, start - 1, start, 25)] == [9, 9, 2, 2]
+    assert search._depth(8, 15) == 9  # random sampling learns nothing: always all
 
 
 def test_compile_ahead_feeds_idle_processes_and_drops_what_is_not_wanted(monkeypatch):
@@ -390,3 +401,36 @@ def test_total_minutes_is_shared_among_the_buckets_left_and_bests_seed_the_next(
     assert calls_slow[0][1]["minutes"] == pytest.approx(0.4)  # --minutes caps the share
     assert "budget ran out before 3 bucket(s): fwd/bf16/d32/t32/bh1, fwd/bf16/d32/t64/bh1, " \
         "fwd/bf16/d32/t128/bh1" in text
+
+
+def test_a_sampled_stage_spends_its_last_third_refining_the_best_point(tmp_path, monkeypatch):
+    """TPE's trials, then (LOCAL_FRACTION of the stage's trials) points one knob away from
+    the best so far, none timed twice; --trials may be a share of each stage's points."""
+    def stage_ms(slot, knobs):
+        return 1.0 + sum(hash((k, str(v))) % 7 for k, v in knobs.items()) / 10
+
+    _timed_by_knobs(monkeypatch, stage_ms)
+    bucket = Bucket("fwd+bwd", "bf16", 32, 24, 1)
+    size = len(stage_points(stage_choices("attn_bwd", 32, None)))
+    trials = stages.stage_trials("9%", size)
+    assert trials == int(0.09 * size) and stages.stage_trials("0.1%", 4) == 1 and stages.stage_trials(7, 99) == 7
+    result = tuner.tune_bucket(bucket, trials="9%", sampler="tpe", seed=0, timeout_s=10,
+                               storage=tuner.open_storage(str(tmp_path / "r.journal")),
+                               log=lambda *a: None, sweep_max=0, cold_start=True)
+    done = [t for t in result.studies["attn_bwd"].trials if t.state.name == "COMPLETE"]
+    assert len(done) == trials
+    refine_from = trials - int(trials * stages.LOCAL_FRACTION)
+    for i in range(refine_from, trials):
+        best = min(done[:i], key=lambda t: t.value).params
+        changed = [name for name in best if done[i].params[name] != best[name]]
+        assert len(changed) == 1, (i, best, done[i].params)
+        assert all(done[i].params != t.params for t in done[:i])  # a point not yet timed
+
+
+@pytest.mark.parametrize("value", ["0", "abc", "150%", "-5%", "nan%"])
+def test_bad_trials_are_one_line_errors(value, capsys):
+    from dfgen.tools import cli
+
+    assert cli.main(["tune", f"--trials={value}"]) == 2
+    err = capsys.readouterr().err
+    assert "--trials must be a number of trials >= 1 or a share" in err and value in err

@@ -33,7 +33,8 @@
 #   sweep              Optuna (TPE, 3 seeds, cold start) against an exhaustive sweep on the buckets
 #                      of the sweeps suites (run.py sweep: ranks of TPE's picks in the sweep, and
 #                      the picks end to end). Caps: CAP_SWEEP per grid (default 360 s), CAP_SWEEP_TPE
-#                      per seed (60 s); SWEEP=d128 (or d64) runs one
+#                      per seed (60 s); SWEEP=d128 (or d64) runs one; SWEEP_GRID_FROM=DIR (in the
+#                      checkout, e.g. .dev/grids) reuses the grid journals found there
 #   models             with the installed tuned file: dfgen show, dfgen check, the model
 #                      tests (torch.compile, CUDA graphs), and run.py fwd as the runtime picks
 # Several phases may be given: bash bench/gpu/gpu-check.sh tests bench overhead
@@ -114,7 +115,8 @@ while [ $# -gt 0 ]; do
       # then TPE with at most a quarter of each stage's points, not started from the default, three
       # seeds, one at a time; then where TPE's picks rank in the grid, and the picks end to end
       # (logs and journals in the log folder)
-      $run sweep ${SWEEP:-} --gpu "$gpu" --logs "$out" --grid-cap "${CAP_SWEEP:-360}" \
+      [ -n "${SWEEP_GRID_FROM:-}" ] && cp "$SRC/$SWEEP_GRID_FROM"/sweep-*-grid.journal "$out"/  # grids kept
+      $run sweep ${SWEEP:-} ${SWEEP_GRID_FROM:+--skip-grid} --gpu "$gpu" --logs "$out" --grid-cap "${CAP_SWEEP:-360}" \
         --tpe-cap "${CAP_SWEEP_TPE:-60}" --jobs "${SWEEP_JOBS:-8}" > "$out/sweep.txt" 2>&1 || status=1
       grep -v "^bench/run.py" "$out/sweep.txt";;
     tuneset)

@@ -251,9 +251,11 @@ def _default_config(head_dim: int, dtype: str, strategy: str) -> KernelConfig:
                  num_warps=4, num_stages=2 if head_dim > 64 else 3, SPLIT_PREFIX=head_dim > 64)
     attn = dict(BLOCK_M=64, BLOCK_N=32 if head_dim > 64 else 64, num_warps=4, num_stages=2)
     solve_bwd = dict(CHUNK=64, BLOCK_M=32, **precision, num_warps=4, num_stages=2)
-    # 64 query rows per dq/dk program at every head dim: at 128, 32 rows compiled the dq
-    # kernel to mma.sync instead of wgmma; 64 made forward+backward 1.14x to 1.19x faster
-    # at every head-dim-128 bucket from T = 1024 to 16384 of the H200 tune (run 14)
-    attn_bwd = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    # 64 query rows per dq/dk program: at head dim 128, 32 rows compiled the dq kernel to
+    # mma.sync instead of wgmma; 64 made forward+backward 1.14x to 1.19x faster at every
+    # head-dim-128 bucket from T = 1024 to 16384 of the H200 tune (run 14). float32 tiles at
+    # head dim 128 need 257 KB of shared memory with 64 rows (the H200 has 227): 32 there.
+    attn_bwd = dict(BLOCK_M=32 if fp32 and head_dim > 64 else 64, BLOCK_N=64, num_warps=4,
+                    num_stages=2)
     return KernelConfig(strategy=strategy, solve=solve, attn=attn, solve_bwd=solve_bwd,
                         attn_bwd=attn_bwd).check(head_dim, backward=True)

@@ -171,8 +171,17 @@ def _check_gpu(args, provenance: dict, interpreted: bool) -> str:
 
 
 def _check_numbers(args) -> None:
-    for flag, value, low, strict in (("--trials", args.trials, 1, False),
-                                     ("--jobs", args.jobs, 0, False),
+    if args.trials is not None:
+        text = args.trials.strip()
+        try:
+            number = float(text[:-1]) if text.endswith("%") else int(text)
+        except ValueError:
+            number = None
+        if number is None or not number > 0 or (text.endswith("%") and not number <= 100):
+            raise DfgenError(f"--trials must be a number of trials >= 1 or a share of each "
+                             f"stage's points such as 25%, got {args.trials!r}")
+        args.trials = text if text.endswith("%") else int(text)
+    for flag, value, low, strict in (("--jobs", args.jobs, 0, False),
                                      ("--sweep-max", args.sweep_max, 0, False),
                                      ("--workers", args.workers, 1, False),
                                      ("--minutes", args.minutes, 0, False),
@@ -498,8 +507,10 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--passes", help="comma list of fwd, fwd+bwd (default: both)")
     tune.add_argument("--head-dims", help="comma list: tune only the buckets of these head dims "
                       "(e.g. 128)")
-    tune.add_argument("--trials", type=int, help="trials per searched stage (default 30; 4 "
-                      "without a GPU); a stage of at most --sweep-max points runs every point")
+    tune.add_argument("--trials", help="trials per sampled stage (default 30; 4 without a "
+                      "GPU), or a share of each stage's points (e.g. 25%%); the last third "
+                      "refine the best point one knob at a time; a stage of at most "
+                      "--sweep-max points runs every point")
     tune.add_argument("--seed", type=int, default=0)
     tune.add_argument("--sampler", choices=["tpe", "random", "grid"], default="tpe",
                       help="how a stage larger than --sweep-max is searched: tpe (default), "
