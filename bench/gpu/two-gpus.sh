@@ -2,7 +2,7 @@
 # One device call on a two-GPU machine, two gpu-check.sh runs at once, one per GPU, over
 # one install (/tmp/site), each with its own log folder ($OUT/gpu0, $OUT/gpu1):
 #   bash bench/gpu/two-gpus.sh "PHASES FOR GPU 0" "PHASES FOR GPU 1" [ENV=VALUE ...]
-# e.g. "HEAD_DIMS=64 tuneset 9.5" "HEAD_DIMS=128 tuneset 9.5": leading NAME=VALUE words of
+# e.g. "HEAD_DIMS=64 tuneset 7.5" "HEAD_DIMS=128 tuneset 7.5": leading NAME=VALUE words of
 # a phase list are set in that run's environment only.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
