@@ -26,8 +26,8 @@ from dfgen.settings import torch_dtype
 from dfgen.tools.check import check, passes, random_pass_inputs
 from dfgen.tools.timing import timer
 from dfgen.tools.tuning.space import stage_knobs
-from dfgen.tools.tuning.stages import slot
-from dfgen.tools.tuning.tuner import load_buckets, open_storage
+from dfgen.tools.tuning.stages import slot, stage_studies
+from dfgen.tools.tuning.tuner import bucket_default, load_buckets, open_storage
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -35,22 +35,17 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 def journal_config(storage, bucket):
     """The stage bests of `bucket` in a journal, as one config (None: no study timed any)."""
     bests = {}  # slot name -> (knobs, ms)
-    for summary in optuna.get_all_study_summaries(storage):
-        parts = summary.study_name.split(":")
-        if len(parts) < 3 or parts[1] != bucket.key:
-            continue
-        study = optuna.load_study(study_name=summary.study_name, storage=storage)
+    for key, name, study in stage_studies(storage):
         done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
                 if "duplicate_of" not in t.user_attrs]
-        if done:
+        if key == bucket.key and done:
             top = min(done, key=lambda t: t.value)
-            if parts[2] not in bests or top.value < bests[parts[2]][1]:
-                bests[parts[2]] = (stage_knobs(slot(parts[2]).stage, top.params), top.value)
+            if name not in bests or top.value < bests[name][1]:
+                bests[name] = (stage_knobs(slot(name).stage, top.params), top.value)
     if not bests:
         return None
-    dtype = torch_dtype(bucket.dtype)
     if bucket.backward:
-        base = default_config(bucket.head_dim, dtype, "two_stage" if bucket.variant == "qsolve" else "fused")
+        base = bucket_default(bucket)
         sections = {slot(name).section: knobs for name, (knobs, _) in bests.items()}
         return KernelConfig(strategy=base.strategy, solve=base.solve, attn=base.attn,
                             solve_bwd=sections.get("solve_bwd", base.solve_bwd),
@@ -59,7 +54,7 @@ def journal_config(storage, bucket):
     for name, (knobs, ms) in bests.items():
         by_strategy.setdefault(slot(name).strategy, {})[slot(name).section] = (knobs, ms)
     strategy = min(by_strategy, key=lambda s: sum(ms for _, ms in by_strategy[s].values()))
-    base = default_config(bucket.head_dim, dtype, strategy)
+    base = default_config(bucket.head_dim, torch_dtype(bucket.dtype), strategy)
     sections = {section: knobs for section, (knobs, _) in by_strategy[strategy].items()}
     return KernelConfig(strategy=strategy, solve=sections.get("solve", base.solve),
                         attn=sections.get("attn", base.attn))
@@ -97,7 +92,7 @@ def main(argv=None):
     time_it = timer(True)
     for bucket in buckets:
         dtype = torch_dtype(bucket.dtype)
-        default = default_config(bucket.head_dim, dtype, "two_stage" if bucket.variant == "qsolve" else "fused")
+        default = bucket_default(bucket)
         configs = {"default": default}
         for name, source in sources:
             if isinstance(source, dict):

@@ -12,6 +12,7 @@ import sys
 
 import optuna
 
+from dfgen.tools.tuning.stages import stage_studies
 from dfgen.tools.tuning.tuner import open_storage
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -20,12 +21,7 @@ DONE = (optuna.trial.TrialState.COMPLETE,)
 
 def studies(path):
     """{"bucket key stage": study} of one journal."""
-    storage = open_storage(path)
-    out = {}
-    for summary in optuna.get_all_study_summaries(storage):
-        _, bucket, stage = summary.study_name.split(":")[:3]
-        out[f"{bucket} {stage}"] = optuna.load_study(study_name=summary.study_name, storage=storage)
-    return out
+    return {f"{bucket} {stage}": study for bucket, stage, study in stage_studies(open_storage(path))}
 
 
 def main(grid_path, *tpe_paths):

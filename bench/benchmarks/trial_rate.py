@@ -11,6 +11,7 @@ import sys
 
 import optuna
 
+from dfgen.tools.tuning.stages import stage_studies
 from dfgen.tools.tuning.tuner import open_storage
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -24,8 +25,7 @@ def main(paths):
     for path in paths:
         storage = open_storage(path)
         trials = []
-        for summary in optuna.get_all_study_summaries(storage):
-            study = optuna.load_study(study_name=summary.study_name, storage=storage)
+        for key, slot, study in stage_studies(storage):
             ran = [t for t in study.get_trials(deepcopy=False)
                    if t.state in (State.COMPLETE, State.FAIL) and t.datetime_start and t.datetime_complete
                    and "duplicate_of" not in t.user_attrs and not t.user_attrs.get("cut")]
@@ -33,8 +33,7 @@ def main(paths):
             timed = [t for t in ran if t.state == State.COMPLETE]
             if timed:
                 best = min(timed, key=lambda t: t.value)
-                name = ":".join(summary.study_name.split(":")[1:3])
-                picks.setdefault(name, []).append(
+                picks.setdefault(f"{key}:{slot}", []).append(
                     f"{best.value:.4f} ms " + " ".join(f"{k.split('.', 1)[1]}={v}" for k, v in sorted(best.params.items())))
         if not trials:
             print(f"| {path} | 0 | - | - |")

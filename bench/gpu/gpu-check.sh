@@ -50,14 +50,8 @@ export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
 # (optuna and its needs); every phase runs from a scratch folder, so nothing imports the
 # checkout's dfgen/
 SRC=$PWD
-site=/tmp/site
-if [ -z "${INSTALLED:-}" ]; then  # two-gpus.sh installs once for both of its runs (INSTALLED=1)
-  [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-    --upgrade --target "$site" .whl/*.whl
-  python3 -m pip install -q --no-deps --no-build-isolation --no-compile --upgrade --target "$site" . \
-    > "$out/install.txt" 2>&1 || { cat "$out/install.txt"; exit 1; }
-fi
-export PYTHONPATH=$site PATH=$site/bin:$PATH DFGEN_TEST_INSTALLED=1
+[ -n "${INSTALLED:-}" ] || bash bench/gpu/install.sh "$out/install.txt" || exit 1  # two-gpus.sh: done once
+export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH DFGEN_TEST_INSTALLED=1
 cd "$(mktemp -d /tmp/gpu-work.XXXX)"
 nvidia-smi --query-gpu=name,clocks.sm,memory.used --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"

@@ -7,11 +7,7 @@
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 dest=${OUT:-gpu-logs}
-cd "$here/../.."  # one install for both runs (two pip builds in one tree collide on build/)
-[ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-  --upgrade --target /tmp/site .whl/*.whl
-python3 -m pip install -q --no-deps --no-build-isolation --no-compile --upgrade --target /tmp/site . \
-  || exit 1
+cd "$here/../.." && bash bench/gpu/install.sh || exit 1  # one install for both runs
 pids=()
 for gpu in 0 1; do
   phases=${1:-}; shift || true

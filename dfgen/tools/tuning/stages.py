@@ -123,6 +123,18 @@ def study_name(key: str, slot: Slot, sampler: str, limits: dict | None, cold_sta
     return name + (":cold-start" if cold_start else "")
 
 
+def stage_studies(storage) -> list[tuple[str, str, optuna.Study]]:
+    """(bucket key, slot name, study) of every stage study in a tune's storage (study_name's
+    form; other studies are skipped)."""
+    out = []
+    for summary in optuna.get_all_study_summaries(storage):
+        parts = summary.study_name.split(":")
+        if len(parts) >= 4 and parts[0] == "dfgen" and parts[2] in SLOTS:
+            out.append((parts[1], parts[2],
+                        optuna.load_study(study_name=summary.study_name, storage=storage)))
+    return out
+
+
 def _point(params: dict) -> str:
     return json.dumps(params, sort_keys=True)
 

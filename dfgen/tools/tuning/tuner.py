@@ -109,9 +109,7 @@ def tune_bucket(bucket: Bucket, *, trials: int, sampler: str, seed: int, storage
     strategy, as in the interpreter, whose timings rank nothing)."""
     if sampler not in SAMPLERS:
         raise DfgenError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
-    head_dim, dtype = bucket.head_dim, torch_dtype(bucket.dtype)
-    default = default_config(head_dim, dtype,
-                             strategy="two_stage" if bucket.variant == "qsolve" else "fused")
+    default = bucket_default(bucket)
     limits = bucket_limits(bucket.dtype, limits)  # float32: float32-accurate precisions only
     check_limits(limits)
     slots = bucket_slots(bucket, limits)
@@ -137,6 +135,12 @@ def tune_bucket(bucket: Bucket, *, trials: int, sampler: str, seed: int, storage
         return tune.finish(searches)
     finally:
         progress.finish_bucket()
+
+
+def bucket_default(bucket: Bucket) -> KernelConfig:
+    """The built-in default of a bucket (the q_solve variant runs only the two-stage strategy)."""
+    return default_config(bucket.head_dim, torch_dtype(bucket.dtype),
+                          strategy="two_stage" if bucket.variant == "qsolve" else "fused")
 
 
 def _forward_of(bucket: Bucket, forward: Mapping | None, default: KernelConfig, log) -> KernelConfig:
