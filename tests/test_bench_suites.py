@@ -15,7 +15,8 @@ pytestmark = pytest.mark.skipif(not (BENCH / "suites.yaml").is_file() or not (BE
                                 reason=f"no bench/ beside the tests ({BENCH}): not a checkout")
 # the phases gpu-check.sh has always taken (GPU sessions and notes call them by name)
 GPU_CHECK_PHASES = {"tests", "bench", "benchfwd", "benchbwd", "layer", "overhead", "trace", "stages",
-                    "variants", "varlen", "tune", "sweep", "models"}
+                    "variants", "varlen", "tune", "sweep", "models",
+                    "tuneset", "workers", "cold", "compare"}
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +137,7 @@ def test_gpu_scripts_call_registered_benchmarks_and_keep_their_phases(runner, su
     assert GPU_CHECK_PHASES <= phases, GPU_CHECK_PHASES - phases
     called = set(re.findall(r"\$run ([a-z][a-z-]*)", text))
     assert called and called <= set(runner.BENCHMARKS), called - set(runner.BENCHMARKS)
-    for default in re.findall(r"\$\{SHAPES(?:_WORKERS)?:-([a-z0-9-]+)\}", text):
+    for default in re.findall(r"\$\{SHAPES(?:_WORKERS|_COLD)?:-([a-z0-9-]+)\}", text):
         assert default in suites["buckets"]
 
 

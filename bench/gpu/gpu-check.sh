@@ -28,8 +28,12 @@
 #                      fresh journal and tuned file (copied back as <gpu>.yaml)
 #   workers [MIN]      trials per minute on one GPU, then `--workers 2` on two (SHAPES_WORKERS, default
 #                      d128-t4096; MIN minutes per bucket, default 2), each from an empty Triton cache
+#   cold [MIN]         a cold-start tune (`dfgen tune --cold-start`, MIN minutes per bucket, default 5)
+#                      of the bucket suite $SHAPES_COLD (default h200-core), its tuned file copied back
+#                      as cold.yaml (then: COMPARE_FILES="cold=DIR/cold.yaml" ... compare)
 #   compare            compare-configs on the core buckets: the default, the packaged tuned file and
-#                      COMPARE_FILES (NAME=FILE ...: tuned files or journals) end to end side by side
+#                      COMPARE_FILES (NAME=FILE ...: tuned files or journals, paths relative to the
+#                      checkout) end to end side by side
 #   sweep              Optuna (TPE, 3 seeds, cold start) against an exhaustive sweep on the buckets
 #                      of the sweeps suites (run.py sweep: ranks of TPE's picks in the sweep, and
 #                      the picks end to end). Caps: CAP_SWEEP per grid (default 360 s), CAP_SWEEP_TPE
@@ -132,11 +136,20 @@ while [ $# -gt 0 ]; do
         echo "--workers $n:"; grep -E "^\||: best|workers finished" "$out/workers-$n.txt"
       done
       $run trial-rate "$out/workers-1.journal" "$out/workers-2.journal" | tee "$out/workers-rate.txt";;
+    cold)
+      minutes=5; [ $# -gt 1 ] && [[ "$2" =~ ^[0-9.]+$ ]] && { minutes=$2; shift; }
+      $run --write buckets "${SHAPES_COLD:-h200-core}" "$out/cold-buckets.yaml" > /dev/null
+      capped "${CAP_COLD:-540}" python3 -m dfgen tune --gpu "$gpu" --cold-start --shapes "$out/cold-buckets.yaml" \
+        --minutes "$minutes" --total-minutes 0 --storage "$out/cold.journal" --out "$out/cold.yaml" \
+        > "$out/cold.txt" 2>&1 || status=1
+      grep -E "^[a-z+]+/.*: (best|the defaults)|^\||^dfgen tune: [0-9]+ bucket|no config" "$out/cold.txt";;
     compare)
       $run --write buckets h200-core "$out/core.yaml" > /dev/null
+      files=(); for f in ${COMPARE_FILES:-}; do  # NAME=FILE, FILE relative to the checkout
+        name=${f%%=*}; file=${f#*=}; [[ "$file" == /* ]] || file="$SRC/$file"; files+=("$name=$file"); done
       capped "${CAP_COMPARE:-240}" $run compare-configs --buckets "$out/core.yaml" \
         packaged="$(python3 -c "from dfgen.settings import packaged_dir; print(packaged_dir('tuned'))")/$gpu.yaml" \
-        ${COMPARE_FILES:-} > "$out/compare.txt" 2>&1 || status=1
+        "${files[@]}" > "$out/compare.txt" 2>&1 || status=1
       grep -E "^\|" "$out/compare.txt";;
     models)
       python3 -m dfgen show 2>&1 | tee "$out/show.txt" | tail -n 4
