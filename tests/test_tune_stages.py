@@ -418,13 +418,43 @@ def test_a_sampled_stage_spends_its_last_third_refining_the_best_point(tmp_path,
                                storage=tuner.open_storage(str(tmp_path / "r.journal")),
                                log=lambda *a: None, sweep_max=0, cold_start=True)
     done = [t for t in result.studies["attn_bwd"].trials if t.state.name == "COMPLETE"]
-    assert len(done) == trials
-    refine_from = trials - int(trials * stages.LOCAL_FRACTION)
-    for i in range(refine_from, trials):
+    assert len(done) == trials  # a given number of trials is exact
+    _assert_refines(done, trials - int(trials * stages.LOCAL_FRACTION))
+
+
+def _assert_refines(done, refine_from):
+    """Each trial from `refine_from` on is one knob away from the best before it, and new."""
+    for i in range(refine_from, len(done)):
         best = min(done[:i], key=lambda t: t.value).params
         changed = [name for name in best if done[i].params[name] != best[name]]
         assert len(changed) == 1, (i, best, done[i].params)
         assert all(done[i].params != t.params for t in done[:i])  # a point not yet timed
+
+
+def test_refinement_walks_past_the_stage_trials_to_a_local_optimum(tmp_path, monkeypatch):
+    """Without --trials (converge): a stage whose time falls knob by knob towards one point
+    that TPE's few trials did not reach goes on refining past its trials (at most as many
+    again) while the best point has an untried one-knob neighbour."""
+    space = stage_choices("attn_bwd", 32, None)
+    target = stage_knobs("attn_bwd", {k: values[-1] for k, values in space.items()})
+
+    def stage_ms(slot, knobs):
+        return 1.0 + sum(knobs[k] != v for k, v in target.items()) if slot == "attn_bwd" else 1.0
+
+    _timed_by_knobs(monkeypatch, stage_ms)
+    result = tuner.tune_bucket(Bucket("fwd+bwd", "bf16", 32, 24, 1), trials=6, sampler="tpe", seed=0,
+                               timeout_s=10, storage=tuner.open_storage(str(tmp_path / "w.journal")),
+                               log=lambda *a: None, sweep_max=0, cold_start=True, converge=True)
+    done = [t for t in result.studies["attn_bwd"].trials if t.state.name == "COMPLETE"]
+    assert 6 < len(done) <= 12
+    _assert_refines(done, 6 - int(6 * stages.LOCAL_FRACTION))
+    best = min(done, key=lambda t: t.value)
+    assert best.value < min(t.value for t in done[:6])  # the walk past the trials improved it
+    space = stage_choices("attn_bwd", 32, None)
+    neighbours = [dict(best.params, **{k: v}) for k, values in space.items() for v in values
+                  if v != best.params[k]]
+    timed = [t.params for t in done]
+    assert len(done) == 12 or all(n in timed for n in neighbours)  # stopped at a local optimum
 
 
 @pytest.mark.parametrize("value", ["0", "abc", "150%", "-5%", "nan%"])

@@ -29,7 +29,8 @@
 #   workers [MIN]      trials per minute on one GPU, then `--workers 2` on two (SHAPES_WORKERS, default
 #                      d128-t4096; MIN minutes per bucket, default 2), each from an empty Triton cache
 #   cold [MIN]         a cold-start tune (`dfgen tune --cold-start`, MIN minutes per bucket, default 5)
-#                      of the bucket suite $SHAPES_COLD (default h200-core), its tuned file copied back
+#                      of the bucket suite $SHAPES_COLD (default h200-core; HEAD_DIMS=128 or 64: those
+#                      buckets), its tuned file copied back
 #                      as cold.yaml (then: COMPARE_FILES="cold=DIR/cold.yaml" ... compare)
 #   compare            compare-configs on the core buckets: the default, the packaged tuned file and
 #                      COMPARE_FILES (NAME=FILE ...: tuned files or journals, paths relative to the
@@ -140,7 +141,8 @@ while [ $# -gt 0 ]; do
       minutes=5; [ $# -gt 1 ] && [[ "$2" =~ ^[0-9.]+$ ]] && { minutes=$2; shift; }
       $run --write buckets "${SHAPES_COLD:-h200-core}" "$out/cold-buckets.yaml" > /dev/null
       capped "${CAP_COLD:-540}" python3 -m dfgen tune --gpu "$gpu" --cold-start --shapes "$out/cold-buckets.yaml" \
-        --minutes "$minutes" --total-minutes 0 --storage "$out/cold.journal" --out "$out/cold.yaml" \
+        --minutes "$minutes" --total-minutes 0 ${HEAD_DIMS:+--head-dims "$HEAD_DIMS"} \
+        --storage "$out/cold.journal" --out "$out/cold.yaml" \
         > "$out/cold.txt" 2>&1 || status=1
       grep -E "^[a-z+]+/.*: (best|the defaults)|^\||^dfgen tune: [0-9]+ bucket|no config" "$out/cold.txt";;
     compare)

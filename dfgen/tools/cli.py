@@ -327,7 +327,8 @@ def cmd_tune(args) -> int:
                                        minutes=bucket_minutes, limits=limits, starts=starts,
                                        cold_start=args.cold_start, progress=progress,
                                        forward=forward, sweep_max=sweep_max, ahead=ahead,
-                                       strategy_margin=None if interpreted else tuner.STRATEGY_MARGIN)
+                                       strategy_margin=None if interpreted else tuner.STRATEGY_MARGIN,
+                                       converge=args.trials is None)
         except DfgenError as err:  # this bucket found nothing; the others may
             print(f"dfgen tune: {err}", flush=True)
             failed.append(bucket_key)
@@ -508,8 +509,10 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--head-dims", help="comma list: tune only the buckets of these head dims "
                       "(e.g. 128)")
     tune.add_argument("--trials", help="trials per sampled stage (default 30; 4 without a "
-                      "GPU), or a share of each stage's points (e.g. 25%%); the last third "
-                      "refine the best point one knob at a time; a stage of at most "
+                      "GPU; without --trials, refinement goes on, at most as many again, until "
+                      "the best point's every one-knob neighbour was tried), or a share of "
+                      "each stage's points (e.g. 25%%); the last third refine the best point "
+                      "one knob at a time; a stage of at most "
                       "--sweep-max points runs every point")
     tune.add_argument("--seed", type=int, default=0)
     tune.add_argument("--sampler", choices=["tpe", "random", "grid"], default="tpe",

@@ -82,7 +82,8 @@ def tune_bucket(bucket: Bucket, *, trials: int, sampler: str, seed: int, storage
                 limits: dict | None = None, starts: Sequence[Mapping] = (),
                 cold_start: bool = False, progress: TuneProgress | None = None,
                 forward: Mapping | None = None, sweep_max: int = SWEEP_MAX,
-                ahead=None, strategy_margin: float | None = STRATEGY_MARGIN) -> BucketResult:
+                ahead=None, strategy_margin: float | None = STRATEGY_MARGIN,
+                converge: bool = False) -> BucketResult:
     """Tune one bucket. The built-in default is timed end to end first (checked against
     the reference), so that no budget leaves a challenger without it to beat. Then each
     stage is searched on its own kernel time in a study of its own (stages.py): a forward
@@ -92,7 +93,9 @@ def tune_bucket(bucket: Bucket, *, trials: int, sampler: str, seed: int, storage
     (every stage with sampler "grid") is swept whole, a larger one sampled for `trials`
     trials (a resumed study counts what it has); a new study's first trials are the
     default's knobs, then `starts`' (configs such as the tuned file's entry for the
-    bucket; sections they lack come from the default), unless `cold_start`. Then the
+    bucket; sections they lack come from the default), unless `cold_start`; `converge`:
+    a sampled stage refines past `trials` until its best is a local optimum (at most
+    `trials` more). Then the
     stages' bests are combined (one combination per strategy), and the default and each
     combination timed end to end twice more, interleaved: the default stays unless a
     combination beats it by more than the spread of these runs (the default's first time
@@ -127,7 +130,8 @@ def tune_bucket(bucket: Bucket, *, trials: int, sampler: str, seed: int, storage
             budget.rounds = 2 * (1 + len({s.strategy for s in slots}))
         searches = [StageSearch(slot, bucket, storage=storage, sampler=sampler, seed=seed,
                                 trials=trials, sweep_max=sweep_max, limits=limits,
-                                cold_start=cold_start, request=tune.stage_request,
+                                cold_start=cold_start, converge=converge,
+                                request=tune.stage_request,
                                 firsts=_firsts(slot, bucket, starts),
                                 timeout_s=timeout_s, log=log)
                     for slot in slots]
