@@ -155,6 +155,37 @@ def test_each_stage_is_timed_alone_and_the_bests_are_combined(tmp_path, monkeypa
     assert any("attn_bwd: best 1.0000 ms" in line for line in logs)
 
 
+def test_the_backward_bests_also_go_with_the_default_forward(tmp_path, monkeypatch):
+    """The forward bucket's pick may be slower in a training pass than the default's
+    forward: the backward's bests are timed end to end with both forwards, and the
+    faster pass is written."""
+    def stage_ms(slot, knobs):
+        return 1.0 + (knobs["BLOCK_M"] != (64 if slot == "attn_bwd" else 16))
+
+    requests = _timed_by_knobs(monkeypatch, stage_ms)
+    fake = worker.evaluate
+
+    def with_forward(request, timeout_s, deadline=None):  # the kept forward costs 5 ms more
+        result = fake(request, timeout_s, deadline)
+        if request["op"] != "stage" and request["config"]["solve"]["CHUNK"] == 32:
+            result = dict(result, median_ms=result["median_ms"] + 5.0)
+        return result
+
+    monkeypatch.setattr(worker, "evaluate", with_forward)
+    forward = {"strategy": "fused", "solve": dict(default_config(32).solve, CHUNK=32)}
+    (tmp_path / "space.yaml").write_text(BACKWARD_SPACE)
+    result = tuner.tune_bucket(Bucket("fwd+bwd", "bf16", 32, 24, 1), trials=3, sampler="tpe", seed=0,
+                               timeout_s=10, limits=tuner.load_space(tmp_path / "space.yaml"),
+                               storage=tuner.open_storage(str(tmp_path / "f.journal")),
+                               forward=forward, log=lambda *a: None, sweep_max=16)
+    config = result.entry["config"]
+    assert config["solve"] == dict(default_config(32).solve)  # the default's forward
+    assert config["attn_bwd"]["BLOCK_M"] == 64 and config["solve_bwd"]["BLOCK_M"] == 16
+    assert result.entry["median_ms"] == 2.0
+    timed = {json.dumps(r["config"]["solve"], sort_keys=True) for r in requests if r["op"] != "stage"}
+    assert len(timed) == 2  # both forwards were timed end to end
+
+
 def test_a_cut_sweep_point_is_run_again_and_no_other(tmp_path, monkeypatch):
     """A sweep whose bucket time ran out mid-way: the points it timed (or that failed on
     their own) are not run again when the study resumes; the one cut at the deadline and

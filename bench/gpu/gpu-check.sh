@@ -28,6 +28,8 @@
 #                      fresh journal and tuned file (copied back as <gpu>.yaml)
 #   workers [MIN]      trials per minute on one GPU, then `--workers 2` on two (SHAPES_WORKERS, default
 #                      d128-t4096; MIN minutes per bucket, default 2), each from an empty Triton cache
+#                      (WARM=1: both from one cache that a throwaway run filled first, so that
+#                      compiling from cold, 20 to 30 s of a short bucket on the H200, is not measured)
 #   cold [MIN]         a cold-start tune (`dfgen tune --cold-start`, MIN minutes per bucket, default 5)
 #                      of the bucket suite $SHAPES_COLD (default h200-core; HEAD_DIMS=128 or 64: those
 #                      buckets), its tuned file copied back
@@ -129,9 +131,11 @@ while [ $# -gt 0 ]; do
     workers)
       minutes=2; [ $# -gt 1 ] && [[ "$2" =~ ^[0-9.]+$ ]] && { minutes=$2; shift; }
       $run --write buckets "${SHAPES_WORKERS:-d128-t4096}" "$out/workers-buckets.yaml" > /dev/null
-      for n in 1 2; do  # each from an empty Triton cache and a fresh journal
-        TRITON_CACHE_DIR=$(mktemp -d /tmp/triton-w$n.XXXX) capped "$(python3 -c "print(int($minutes * 60 + 120))")" \
-          python3 -m dfgen tune --gpu "$gpu" --workers $n --shapes "$out/workers-buckets.yaml" \
+      warm_cache=$(mktemp -d /tmp/triton-warm.XXXX)
+      for n in ${WARM:+0} 1 2; do  # each with a fresh journal (run 0: the throwaway warm-up, on both GPUs)
+        cache=$(mktemp -d /tmp/triton-w$n.XXXX); [ -n "${WARM:-}" ] && cache=$warm_cache
+        TRITON_CACHE_DIR=$cache capped "$(python3 -c "print(int($minutes * 60 + 120))")" \
+          python3 -m dfgen tune --gpu "$gpu" --workers $((n > 0 ? n : 2)) --shapes "$out/workers-buckets.yaml" \
           --minutes "$minutes" --total-minutes 0 --storage "$out/workers-$n.journal" \
           --out "$out/workers-$n.yaml" > "$out/workers-$n.txt" 2>&1 || status=1
         echo "--workers $n:"; grep -E "^\||: best|workers finished" "$out/workers-$n.txt"

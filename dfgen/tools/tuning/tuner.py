@@ -118,7 +118,8 @@ def tune_bucket(bucket: Bucket, *, trials: int, sampler: str, seed: int, storage
     slots = bucket_slots(bucket, limits)
     fixed = _forward_of(bucket, forward, default, log) if bucket.backward else None
     starts = _start_configs(default, starts, bucket, log)
-    combos = 1 if bucket.backward else len({s.strategy for s in slots})
+    combos = len({s.strategy for s in slots}) if not bucket.backward else \
+        1 + (fixed.json != _pass_sections(default, backward=False).json)  # the two forwards
     budget = BucketBudget(minutes, retime_runs=2 * (1 + combos))
     progress = progress or TuneProgress(1, trials, minutes)
     progress.start_bucket(budget)
@@ -299,7 +300,12 @@ class _BucketTune:
 
     def combinations(self, searches: list) -> list[KernelConfig]:
         """The stages' bests put together: one config per strategy searched (a stage with
-        no checked trial keeps the default's knobs); the default itself left out."""
+        no checked trial keeps the default's knobs); the default itself left out. A
+        forward+backward bucket's backward bests go with the forward it keeps and, where
+        that differs, with the default's forward too: the forward bucket's pick is the
+        fastest inference forward, and a training forward (which saves more) may spill
+        under it (H200, d64 T1024: a pick with maxnreg 128 made the pass slower than the
+        default's, so the backward's 10 % were lost; run 18)."""
         bests = {s.slot.name: s.best() for s in searches}
         for search in searches:
             best = bests[search.slot.name]
@@ -311,10 +317,11 @@ class _BucketTune:
         out = []
         if self.bucket.backward:
             sections = {s.slot.section: (bests[s.slot.name] or (None,))[0] for s in searches}
-            out.append(KernelConfig(
-                strategy=self.fixed.strategy, solve=self.fixed.solve, attn=self.fixed.attn,
-                solve_bwd=sections.get("solve_bwd") or self.default.solve_bwd,
-                attn_bwd=sections.get("attn_bwd") or self.default.attn_bwd))
+            for forward in (self.fixed, self.default):
+                out.append(KernelConfig(
+                    strategy=forward.strategy, solve=forward.solve, attn=forward.attn,
+                    solve_bwd=sections.get("solve_bwd") or self.default.solve_bwd,
+                    attn_bwd=sections.get("attn_bwd") or self.default.attn_bwd))
         else:
             for strategy in dict.fromkeys(s.slot.strategy for s in searches):
                 base = default_config(self.bucket.head_dim, torch_dtype(self.bucket.dtype), strategy)
