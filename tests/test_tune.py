@@ -520,7 +520,7 @@ def test_minutes_is_a_hard_budget_and_cut_trials_are_counted(tmp_path):
     assert bucket_s, out
     assert int(bucket_s[1]) * 60 + int(bucket_s[2]) <= 18 + 3, out
     assert wall < 18 + 30, out  # start-up (importing torch) aside
-    assert "1 bucket x at most 30 trials per searched stage" in out
+    assert "1 bucket x at most 30 trials per sampled stage" in out
     assert "at most 0.3 min each: at most 0.3 min" in out
     lines = [line for line in out.splitlines() if line.startswith("[bucket 1/1] fwd/bf16/d32/t40/bh2 ")]
     assert lines and all(re.search(r" trial \d+ .*\| \d+/30 trials \(\d+ failed, \d+ cut\) \| "

@@ -326,6 +326,10 @@ def test_progress_reports_trials_per_minute():
     assert line.startswith("[bucket 1/2] fwd/bf16/d32/t40/bh2 attn_fwd trial 5")
     assert line.endswith("| 12.0 trials/min")
     assert "~2:00 left in bucket" in line  # 24 more at 5 s each
+    assert progress.budget_text(120).startswith("2 buckets x at most 30 trials per sampled stage")
+    converging = TuneProgress(2, 30, None, clock=clock, converge=True).budget_text(120)
+    assert converging.startswith("2 buckets x 30 trials per sampled stage, then refinement until "
+                                 "no neighbour of the best is untried (at most 60)")
 
 
 def test_stage_spaces_and_slots():

@@ -294,7 +294,7 @@ def cmd_tune(args) -> int:
         (INTERPRETER_SWEEP_MAX if interpreted else GPU_SWEEP_MAX)
     storage_spec = args.storage or str(cache_root() / "studies" / f"{key}.journal")
     storage = tuner.open_storage(storage_spec)
-    progress = TuneProgress(len(buckets), trials, minutes, total)
+    progress = TuneProgress(len(buckets), trials, minutes, total, converge=args.trials is None)
     ahead = CompileAhead.for_device(jobs, args.timeout)
     print(f"dfgen tune: {progress.budget_text(args.timeout, sweep_max)}; one timing worker"
           + (f", {jobs} compiling ahead" if ahead else "") + f", sampler {args.sampler}"

@@ -58,16 +58,18 @@ class TuneProgress:
     """Where a tune of `buckets` buckets stands; `line()` is the text after every trial."""
 
     def __init__(self, buckets: int, trials: int, minutes: float | None,
-                 total_minutes: float | None = None, clock=time.monotonic):
+                 total_minutes: float | None = None, clock=time.monotonic, converge: bool = False):
         self.buckets, self.trials, self.minutes, self.clock = buckets, trials, minutes, clock
-        self.total_minutes = total_minutes
+        self.total_minutes, self.converge = total_minutes, converge
         self.start = clock()
         self.finished: list[float] = []  # wall seconds of each finished bucket
         self.index = 0
 
     def budget_text(self, timeout_s: float, sweep_max: int | None = None) -> str:
-        head = (f"{self.buckets} bucket{'s' if self.buckets != 1 else ''} x at most "
-                f"{self.trials} trials per searched stage")
+        head = (f"{self.buckets} bucket{'s' if self.buckets != 1 else ''} x "
+                + (f"{self.trials} trials per sampled stage, then refinement until no neighbour "
+                   f"of the best is untried (at most {2 * self.trials})" if self.converge else
+                   f"at most {self.trials} trials per sampled stage"))
         if sweep_max:
             head += f" (a stage of at most {sweep_max} points: every point)"
         if self.minutes:
