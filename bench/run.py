@@ -376,6 +376,8 @@ def run_sweep(args, ctx):
 
 script_benchmark("sweep-compare", "sweep_compare.py", NO_GPU, "rank the picks of sampler studies "
                  "in an exhaustive sweep: GRID_JOURNAL TPE_JOURNAL...")
+script_benchmark("replay", "replay.py", NO_GPU, "replay the tuner's stage search against an "
+                 "exhaustive sweep's timings, many seeds, no GPU: GRID_JOURNAL [--seeds N] ...")
 script_benchmark("trial-rate", "trial_rate.py", NO_GPU, "trials per minute of tune journals and "
                  "their picks side by side: JOURNAL...")
 script_benchmark("compare-configs", "compare_configs.py", NEEDS_GPU, "the default, tuned files' "

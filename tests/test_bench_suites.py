@@ -153,3 +153,45 @@ def test_every_bench_file_is_named_by_the_readme_or_the_runner():
         if path.is_file() and "__pycache__" not in path.parts and not path.name.startswith("."):
             relative = path.relative_to(BENCH).as_posix()
             assert relative in named or path.name in named, f"bench/{relative} is named nowhere"
+
+
+def test_replay_reads_a_sweep_and_judges_seeds_against_its_best(tmp_path, monkeypatch):
+    """bench/run.py replay: a sweep journal (here of a fake worker whose times fall knob by
+    knob towards one attn_bwd point) is the table the search is replayed against; each
+    seed's pick is judged by the sweep's times, and a search given every point finds the
+    best in every seed."""
+    from dfgen.select.bucket import Bucket
+    from dfgen.tools.tuning import tuner, worker
+
+    space = {"attn_bwd.BLOCK_M": [16, 32], "attn_bwd.BLOCK_N": [16, 32], "attn_bwd.num_warps": 4,
+             "attn_bwd.num_stages": [1, 2], "solve_bwd.CHUNK": 16, "solve_bwd.BLOCK_M": 16,
+             "solve_bwd.SOLVE_PRECISION": "tf32", "solve_bwd.INV_FP16": [True, False],
+             "solve_bwd.num_warps": 4, "solve_bwd.num_stages": 2}
+
+    def fake(request, timeout_s, deadline=None):
+        def ms(section, knobs):
+            if section == "attn_bwd":
+                return 1.0 + (knobs["BLOCK_M"] != 32) + (knobs["BLOCK_N"] != 16) + 0.5 * (knobs["num_stages"] != 2)
+            return 2.0 + (knobs["INV_FP16"] is not True)
+        if request["op"] == "stage":
+            return {"ok": True, "median_ms": ms(request["slot"], request["knobs"]), "error": 0.0}
+        config = request["config"]
+        total = ms("attn_bwd", config["attn_bwd"]) + ms("solve_bwd", config["solve_bwd"])
+        return {"ok": True, "median_ms": total, "error": 0.0, "seconds": 0.0}
+
+    monkeypatch.setattr(worker, "evaluate", fake)
+    grid = tmp_path / "grid.journal"
+    (tmp_path / "space.yaml").write_text("\n".join(f"{k}: {v}" for k, v in space.items()))
+    tuner.tune_bucket(Bucket("fwd+bwd", "bf16", 32, 24, 1), trials=1, sampler="grid", seed=0,
+                      storage=tuner.open_storage(str(grid)), timeout_s=10, log=lambda *a: None,
+                      limits=tuner.load_space(tmp_path / "space.yaml"))
+    run = lambda *args: subprocess.run([sys.executable, str(BENCH / "run.py"), "replay", str(grid),  # noqa: E731
+                                        "--space", str(tmp_path / "space.yaml"), *args],
+                                       capture_output=True, text=True, timeout=300)
+    whole = run("--seeds", "2", "--trials", "100%", "--noise", "0")
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+    row = [line for line in whole.stdout.splitlines() if line.startswith("| fwd+bwd/bf16/d32/t24/bh1 |")]
+    assert row and row[0].split("|")[2:6] == [" 2 / 2 ", " 2 / 2 ", " 1.000x ", " 1.000x "], whole.stdout
+    assert "attn_bwd 8, solve_bwd 2" in row[0]
+    one = run("--seeds", "3", "--trials", "1", "--noise", "0")  # one trial a stage: a random point
+    assert one.returncode == 0 and "/ 3 |" in one.stdout, one.stdout + one.stderr
