@@ -301,7 +301,7 @@ class StageSearch:
         try:
             while soft_deadline is None or time.monotonic() < soft_deadline:
                 while len(queue) < self._depth(lookahead, asked) and (
-                        asked < self.remaining or (not queue and self._extend(asked_points))):
+                        asked < self.remaining or self._extend(asked_points)):
                     if self.exhaustive and not self._queue_next_point(asked_points):
                         self.remaining = asked  # other processes took the rest
                         break
