@@ -264,9 +264,10 @@ class StageSearch:
 
     def _extend(self, asked: set) -> bool:
         """Past its trials, one more refinement trial while the best point has an untried
-        neighbour (a stage left at a point that one knob improves has not converged: a cold
-        start's TPE picks on the H200 were 1.3x the default at head dim 128 after 30 trials,
-        each a knob or two from it), at most `extend_max` in all."""
+        neighbour, at most `extend_max` in all: a stage left where one knob may still
+        improve it has not converged (H200, cold start, forward d64 T 1024: 30 trials ended
+        on the default, converging found 1.17x; replays of the run-15 sweeps at 25 %: 27
+        and 29 of 30 seeds within 3 %, converging 30 and 30)."""
         if self.extended >= self.extend_max or \
                 not self._untried_neighbours(self.study.get_trials(deepcopy=False), asked):
             return False
