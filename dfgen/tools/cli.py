@@ -294,7 +294,8 @@ def cmd_tune(args) -> int:
         (INTERPRETER_SWEEP_MAX if interpreted else GPU_SWEEP_MAX)
     storage_spec = args.storage or str(cache_root() / "studies" / f"{key}.journal")
     storage = tuner.open_storage(storage_spec)
-    progress = TuneProgress(len(buckets), trials, minutes, total, converge=args.trials is None)
+    converge = args.trials is None  # the default trials refine on to a local optimum
+    progress = TuneProgress(len(buckets), trials, minutes, total, converge=converge)
     ahead = CompileAhead.for_device(jobs, args.timeout)
     print(f"dfgen tune: {progress.budget_text(args.timeout, sweep_max)}; one timing worker"
           + (f", {jobs} compiling ahead" if ahead else "") + f", sampler {args.sampler}"
@@ -328,7 +329,7 @@ def cmd_tune(args) -> int:
                                        cold_start=args.cold_start, progress=progress,
                                        forward=forward, sweep_max=sweep_max, ahead=ahead,
                                        strategy_margin=None if interpreted else tuner.STRATEGY_MARGIN,
-                                       converge=args.trials is None)
+                                       converge=converge)
         except DfgenError as err:  # this bucket found nothing; the others may
             print(f"dfgen tune: {err}", flush=True)
             failed.append(bucket_key)
@@ -508,12 +509,11 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--passes", help="comma list of fwd, fwd+bwd (default: both)")
     tune.add_argument("--head-dims", help="comma list: tune only the buckets of these head dims "
                       "(e.g. 128)")
-    tune.add_argument("--trials", help="trials per sampled stage (default 30; 4 without a "
-                      "GPU; without --trials, refinement goes on, at most as many again, until "
-                      "the best point's every one-knob neighbour was tried), or a share of "
-                      "each stage's points (e.g. 25%%); the last third refine the best point "
-                      "one knob at a time; a stage of at most "
-                      "--sweep-max points runs every point")
+    tune.add_argument("--trials", help="trials per sampled stage, or a share of each stage's "
+                      "points (e.g. 25%%); the last third refine the best point one knob at a "
+                      "time. Default 30 (4 without a GPU), and refinement then goes on, at most "
+                      "as many again, until every one-knob neighbour of the best was tried. A "
+                      "stage of at most --sweep-max points runs every point")
     tune.add_argument("--seed", type=int, default=0)
     tune.add_argument("--sampler", choices=["tpe", "random", "grid"], default="tpe",
                       help="how a stage larger than --sweep-max is searched: tpe (default), "

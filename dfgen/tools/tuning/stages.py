@@ -250,26 +250,27 @@ class StageSearch:
         self.rng.shuffle(near)
         return [params for params in near if _point(params) not in taken]
 
-    def _queue_neighbour(self, asked: set) -> None:
+    def _queue_neighbour(self, asked: set) -> bool:
         """A sampled stage past `refine_from` finished trials: queue a point one knob away
-        from the best one so far that no trial has (none left: the sampler picks)."""
+        from the best one so far that no trial has (none left: the sampler picks). Whether
+        a point is queued now (this process's or another's)."""
         trials = self.study.get_trials(deepcopy=False)
         if any(t.state == optuna.trial.TrialState.WAITING for t in trials):
-            return
+            return True
         if len([t for t in trials if t.state.is_finished()]) < self.refine_from:
-            return
+            return False
         near = self._untried_neighbours(trials, asked)
         if near:
             self.study.enqueue_trial(near[0])
+        return bool(near)
 
     def _extend(self, asked: set) -> bool:
-        """Past its trials, one more refinement trial while the best point has an untried
-        neighbour, at most `extend_max` in all: a stage left where one knob may still
-        improve it has not converged (H200, cold start, forward d64 T 1024: 30 trials ended
-        on the default, converging found 1.17x; replays of the run-15 sweeps at 25 %: 27
-        and 29 of 30 seeds within 3 %, converging 30 and 30)."""
-        if self.extended >= self.extend_max or \
-                not self._untried_neighbours(self.study.get_trials(deepcopy=False), asked):
+        """Past its trials, one more refinement trial (queued here) while the best point
+        has an untried neighbour, at most `extend_max` in all: a stage left where one knob
+        may still improve it has not converged (H200, cold start, forward d64 T 1024: 30
+        trials ended on the default, converging found 1.17x; replays of the run-15 sweeps
+        at 25 %: 27 and 29 of 30 seeds within 3 %, converging 30 and 30)."""
+        if self.extended >= self.extend_max or not self._queue_neighbour(asked):
             return False
         self.extended += 1
         self.remaining += 1

@@ -120,7 +120,7 @@ def tune_bucket(bucket: Bucket, *, trials: int, sampler: str, seed: int, storage
     starts = _start_configs(default, starts, bucket, log)
     combos = len({s.strategy for s in slots}) if not bucket.backward else \
         1 + (fixed.json != _pass_sections(default, backward=False).json)  # the two forwards
-    budget = BucketBudget(minutes, retime_runs=2 * (1 + combos))
+    budget = BucketBudget(minutes, retime_runs=_final_runs(combos))
     progress = progress or TuneProgress(1, trials, minutes)
     progress.start_bucket(budget)
     tune = _BucketTune(bucket, default, fixed, seed, timeout_s, budget, progress, log)
@@ -128,7 +128,7 @@ def tune_bucket(bucket: Bucket, *, trials: int, sampler: str, seed: int, storage
         tune.time_default()
         if not bucket.backward and combos > 1 and strategy_margin is not None:
             slots = tune.promising_strategies(slots, strategy_margin)
-            budget.rounds = 2 * (1 + len({s.strategy for s in slots}))
+            budget.rounds = _final_runs(len({s.strategy for s in slots}))
         searches = [StageSearch(slot, bucket, storage=storage, sampler=sampler, seed=seed,
                                 trials=trials, sweep_max=sweep_max, limits=limits,
                                 cold_start=cold_start, converge=converge,
@@ -140,6 +140,11 @@ def tune_bucket(bucket: Bucket, *, trials: int, sampler: str, seed: int, storage
         return tune.finish(searches)
     finally:
         progress.finish_bucket()
+
+
+def _final_runs(combos: int) -> int:
+    """End-to-end runs of the final timing: the default and each combination, twice."""
+    return 2 * (1 + combos)
 
 
 def bucket_default(bucket: Bucket) -> KernelConfig:
