@@ -333,3 +333,12 @@ def test_the_serving_config_is_logged_once_at_info_and_every_lookup_at_debug(tmp
     debug = [r for r in caplog.records if r.levelno == logging.DEBUG]
     assert len(info) == 1 and "[e]" in info[0].getMessage()
     assert len(debug) == 4
+
+
+def test_a_bucket_key_reads_back_as_its_bucket():
+    for bucket in (Bucket("fwd", "bf16", 128, 4096, 16), Bucket("fwd+bwd", "fp32", 64, 1, 512, "qsolve")):
+        assert Bucket.from_key(bucket.key) == bucket
+    for bad in ("fwd/bf16/d128/t4096", "fwd/bf16/128/t4096/bh16", "fwd/bf16/d128/t4096/bh16/x",
+                "fwd/bf16/d96/t4096/bh16", "bwd/bf16/d128/t4096/bh16", "fwd/bf16/d128/t0/bh16", 7):
+        with pytest.raises(ConfigError, match="bucket key"):
+            Bucket.from_key(bad)

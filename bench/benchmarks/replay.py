@@ -33,13 +33,6 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 COMPLETE = optuna.trial.TrialState.COMPLETE
 
 
-def bucket_of(key: str) -> Bucket:
-    """The Bucket of a tuned-file key such as 'fwd+bwd/bf16/d128/t4096/bh16'."""
-    parts = key.split("/")
-    return Bucket(parts[0], parts[1], int(parts[2][1:]), int(parts[3][1:]), int(parts[4][2:]),
-                  parts[5] if len(parts) > 5 else "")
-
-
 def sweep_tables(grid_path: str) -> dict:
     """{bucket key: {section: {knobs as JSON: ms}}} of a sweep's journal."""
     out: dict = {}
@@ -150,7 +143,7 @@ def main() -> None:
     print("| bucket | seeds within 3 % | within 1 % | median | worst | trials per stage (median) |")
     print("|---|---|---|---|---|---|")
     for key, tables in sorted(sweep_tables(opts.grid).items()):
-        bucket = bucket_of(key)
+        bucket = Bucket.from_key(key)
         if not bucket.backward:
             print(f"| {key} | forward buckets are not replayed (their end-to-end time is not a sum "
                   "of stage times in the sweep) | | | | |")

@@ -73,3 +73,19 @@ class Bucket(NamedTuple):
                               f"{', '.join(map(str, SUPPORTED_HEAD_DIMS))}, got {data['head_dim']}")
         return cls(data["pass"], data["dtype"], data["head_dim"], data["T"], data["BH"],
                    data.get("variant", ""))
+
+    @classmethod
+    def from_key(cls, key: str) -> "Bucket":
+        """The bucket of a key (the inverse of `key`: 'fwd/bf16/d128/t4096/bh16[/qsolve]',
+        as tuned entries and tune studies name buckets); ConfigError if it is not one."""
+        parts = key.split("/") if isinstance(key, str) else []
+        try:
+            pass_, dtype, d, t, bh, *rest = parts
+            if d[:1] != "d" or t[:1] != "t" or bh[:2] != "bh" or len(rest) > 1:
+                raise ValueError
+            fields = {"pass": pass_, "dtype": dtype, "head_dim": int(d[1:]), "T": int(t[1:]),
+                      "BH": int(bh[2:]), **({"variant": rest[0]} if rest else {})}
+        except ValueError:
+            raise ConfigError(f"bucket key {key!r}: expected pass/dtype/d<head dim>/t<T>/bh<BH>"
+                              "[/qsolve], e.g. fwd/bf16/d128/t4096/bh16") from None
+        return cls.from_fields(fields, f"bucket key {key!r}")
