@@ -17,7 +17,7 @@ from dfgen.select.bucket import Bucket
 from dfgen.tools.check import validate_config
 from dfgen.tools.tuning import compile_ahead, stages, tuner, worker
 from dfgen.tools.tuning.progress import BucketBudget, TuneProgress
-from dfgen.tools.tuning.space import stage_choices, stage_knobs, stage_points
+from dfgen.tools.tuning.space import stage_choices, stage_knobs, stage_params, stage_points
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU interpreter tune")
 
@@ -56,10 +56,12 @@ def studies_of(journal) -> dict:
 def test_forward_then_backward_per_stage_sweeps_resume_and_pass_the_reference(tmp_path):
     """A forward bucket and the forward+backward bucket of its shape, the backward's stages
     in small spaces: every stage has its own study; the backward's are swept, each point
-    once; the fwd+bwd entry keeps the forward entry's config and takes each backward
-    section from its stage's best or the default, and that combination passes the
-    reference. Run again, the sweeps have nothing left to run; a cold start is a study of
-    its own that sweeps again, with the default still timed end to end."""
+    once; the training forward is searched locally from the forward entry's config; the
+    fwd+bwd entry takes its forward from that search and each backward section from its
+    stage's best (or all from the default), and that combination passes the reference.
+    Run again, the sweeps have nothing left to run; a cold start is a study of its own
+    that sweeps again (and starts the training forward from the kept forward), with the
+    default still timed end to end."""
     (tmp_path / "space.yaml").write_text("strategy: fused\n" + BACKWARD_SPACE)
     (tmp_path / "shapes.yaml").write_text(SHAPES)
     out_file, journal = tmp_path / "t.yaml", tmp_path / "s.journal"
@@ -71,6 +73,7 @@ def test_forward_then_backward_per_stage_sweeps_resume_and_pass_the_reference(tm
     studies = studies_of(journal)
     by_slot = {(name.split(":")[1], name.split(":")[2]): study for name, study in studies.items()}
     assert set(by_slot) == {("fwd/bf16/d32/t24/bh1", "solve_fwd(fused)"),
+                            ("fwd+bwd/bf16/d32/t24/bh1", "solve_fwd(fused, training)"),
                             ("fwd+bwd/bf16/d32/t24/bh1", "solve_bwd"),
                             ("fwd+bwd/bf16/d32/t24/bh1", "attn_bwd")}
     limits = tuner.load_space(tmp_path / "space.yaml")
@@ -82,10 +85,13 @@ def test_forward_then_backward_per_stage_sweeps_resume_and_pass_the_reference(tm
         assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     entries = tuned_file.read(out_file)["entries"]
     forward, both = entries["fwd/bf16/d32/t24/bh1"], entries["fwd+bwd/bf16/d32/t24/bh1"]
-    assert both["trials"] == 6 and both["failures"] == 0
+    assert both["trials"] == 8 and both["failures"] == 0  # 2 + 2 + 4
     assert both["config"]["strategy"] == forward["config"]["strategy"]
-    assert both["config"]["solve"] == forward["config"]["solve"]  # the forward's choice is kept
     default = default_config(32, torch.bfloat16)
+    training = by_slot[("fwd+bwd/bf16/d32/t24/bh1", "solve_fwd(fused, training)")]
+    assert training.trials[0].params == stage_params("solve_fwd", forward["config"]["solve"])
+    assert both["config"]["solve"] in (stage_knobs("solve_fwd", training.best_trial.params),
+                                       dict(default.solve))
     for stage in ("solve_bwd", "attn_bwd"):
         study = by_slot[("fwd+bwd/bf16/d32/t24/bh1", stage)]
         best = stage_knobs(stage, study.best_trial.params)
@@ -102,21 +108,24 @@ def test_forward_then_backward_per_stage_sweeps_resume_and_pass_the_reference(tm
     cold = run(*args, "--cold-start", "--passes", "fwd+bwd", cwd=tmp_path)
     assert "fwd+bwd/bf16/d32/t24/bh1: the default, end to end:" in cold
     cold_studies = [s for name, s in studies_of(journal).items() if name.endswith(":cold-start")]
-    assert sorted(len(s.trials) for s in cold_studies) == [2, 4]
+    assert sorted(len(s.trials) for s in cold_studies) == [2, 2, 4]
 
 
-def _timed_by_knobs(monkeypatch, stage_ms):
-    """worker.evaluate replaced: a stage candidate takes stage_ms(slot, knobs) ms, a pass
-    the sum over its stages (so the stages' bests put together are the fastest pass)."""
+def _timed_by_knobs(monkeypatch, stage_ms, forward_ms=lambda knobs: 0.0):
+    """worker.evaluate replaced: a backward stage candidate takes stage_ms(slot, knobs) ms,
+    the training forward forward_ms(knobs), a pass the sum over its stages (so the stages'
+    bests put together are the fastest pass)."""
     requests = []
 
     def fake(request, timeout_s, deadline=None):
         requests.append(request)
         if request["op"] == "stage":
-            return {"ok": True, "median_ms": stage_ms(request["slot"], request["knobs"]),
-                    "error": 0.0}
+            ms = forward_ms(request["knobs"]) if request["slot"].startswith("solve_fwd") \
+                else stage_ms(request["slot"], request["knobs"])
+            return {"ok": True, "median_ms": ms, "error": 0.0}
         config = request["config"]
-        total = stage_ms("solve_bwd", config["solve_bwd"]) + stage_ms("attn_bwd", config["attn_bwd"])
+        total = forward_ms(config["solve"]) + stage_ms("solve_bwd", config["solve_bwd"]) + \
+            stage_ms("attn_bwd", config["attn_bwd"])
         return {"ok": True, "median_ms": total, "error": 0.0, "seconds": 0.01}
 
     monkeypatch.setattr(worker, "evaluate", fake)
@@ -147,43 +156,79 @@ def test_each_stage_is_timed_alone_and_the_bests_are_combined(tmp_path, monkeypa
     assert config["attn"] == dict(default_config(32, strategy="two_stage").attn)
     assert config["attn_bwd"]["BLOCK_M"] == 64 and config["attn_bwd"]["num_stages"] == 2
     assert config["solve_bwd"]["BLOCK_M"] == 16
-    assert result.entry["median_ms"] == 3.0 and result.entry["trials"] == 6
+    assert result.entry["median_ms"] == 3.0 and result.entry["trials"] == 9  # 3 + 2 + 4
     stage_requests = [r for r in requests if r["op"] == "stage"]
-    assert {r["slot"] for r in stage_requests} == {"solve_bwd", "attn_bwd"}
+    assert {r["slot"] for r in stage_requests} == {"solve_fwd(two_stage, training)", "solve_bwd",
+                                                   "attn_bwd"}
     assert all(r["forward"]["strategy"] == "two_stage" and r["forward"]["solve"]["CHUNK"] == 32
                for r in stage_requests)
     assert any("attn_bwd: best 1.0000 ms" in line for line in logs)
 
 
-def test_the_backward_bests_also_go_with_the_default_forward(tmp_path, monkeypatch):
-    """The forward bucket's pick may be slower in a training pass than the default's
-    forward: the backward's bests are timed end to end with both forwards, and the
-    faster pass is written."""
+def test_the_training_forward_is_searched_from_the_kept_one(tmp_path, monkeypatch):
+    """The forward bucket's pick may be slower in a training pass (which also writes a)
+    than the default's forward: the training forward is searched locally from the kept
+    forward and the default, on its own kernel time, and the entry holds the faster one
+    with the backward's bests. From a cold start the kept forward is still its start (this
+    tune's own pick) and the default is not."""
     def stage_ms(slot, knobs):
         return 1.0 + (knobs["BLOCK_M"] != (64 if slot == "attn_bwd" else 16))
 
-    requests = _timed_by_knobs(monkeypatch, stage_ms)
-    fake = worker.evaluate
+    def forward_ms(knobs):  # the kept forward (CHUNK 32) costs 5 ms more when it also writes a
+        return 1.0 + 5.0 * (knobs["CHUNK"] == 32)
 
-    def with_forward(request, timeout_s, deadline=None):  # the kept forward costs 5 ms more
-        result = fake(request, timeout_s, deadline)
-        if request["op"] != "stage" and request["config"]["solve"]["CHUNK"] == 32:
-            result = dict(result, median_ms=result["median_ms"] + 5.0)
-        return result
-
-    monkeypatch.setattr(worker, "evaluate", with_forward)
-    forward = {"strategy": "fused", "solve": dict(default_config(32).solve, CHUNK=32)}
+    requests = _timed_by_knobs(monkeypatch, stage_ms, forward_ms)
+    kept = dict(default_config(32).solve, CHUNK=32)
     (tmp_path / "space.yaml").write_text(BACKWARD_SPACE)
-    result = tuner.tune_bucket(Bucket("fwd+bwd", "bf16", 32, 24, 1), trials=3, sampler="tpe", seed=0,
-                               timeout_s=10, limits=tuner.load_space(tmp_path / "space.yaml"),
-                               storage=tuner.open_storage(str(tmp_path / "f.journal")),
-                               forward=forward, log=lambda *a: None, sweep_max=16)
+    common = dict(trials=3, sampler="tpe", seed=0, timeout_s=10, forward={"strategy": "fused", "solve": kept},
+                  limits=tuner.load_space(tmp_path / "space.yaml"), log=lambda *a: None, sweep_max=16,
+                  storage=tuner.open_storage(str(tmp_path / "f.journal")))
+    result = tuner.tune_bucket(Bucket("fwd+bwd", "bf16", 32, 24, 1), **common)
     config = result.entry["config"]
-    assert config["solve"] == dict(default_config(32).solve)  # the default's forward
+    assert config["solve"]["CHUNK"] != 32  # not the kept forward
     assert config["attn_bwd"]["BLOCK_M"] == 64 and config["solve_bwd"]["BLOCK_M"] == 16
-    assert result.entry["median_ms"] == 2.0
-    timed = {json.dumps(r["config"]["solve"], sort_keys=True) for r in requests if r["op"] != "stage"}
-    assert len(timed) == 2  # both forwards were timed end to end
+    assert result.entry["median_ms"] == 3.0
+    training = [r for r in requests if r["op"] == "stage" and r["slot"] == "solve_fwd(fused, training)"]
+    assert [r["knobs"] for r in training[:2]] == [kept, dict(default_config(32).solve)]
+    assert len(training) == 3
+
+    requests.clear()
+    tuner.tune_bucket(Bucket("fwd+bwd", "bf16", 32, 24, 1), cold_start=True, **common)
+    training = [r for r in requests if r["op"] == "stage" and r["slot"] == "solve_fwd(fused, training)"]
+    assert training[0]["knobs"] == kept and len(training) == 3
+
+
+def test_a_local_search_stops_at_a_local_optimum(tmp_path, monkeypatch):
+    """A local search tries the untried one-knob neighbours of the best point so far and
+    ends, short of its trials, once the best has none left."""
+    times = []
+
+    def fake(request, timeout_s, deadline=None):
+        knobs = request["knobs"]
+        times.append(knobs)
+        return {"ok": True, "median_ms": 1.0 + (knobs["num_warps"] != 4) + (knobs["num_stages"] != 2),
+                "error": 0.0}
+
+    monkeypatch.setattr(worker, "evaluate", fake)
+    bucket = Bucket("fwd+bwd", "bf16", 32, 24, 1)
+    default = default_config(32)
+    limits = {f"solve.{k}": v for k, v in default.solve.items()}  # one point, but for two knobs
+    limits.update({"solve.num_warps": [2, 4, 8], "solve.num_stages": [2, 3, 4]})
+    search = stages.StageSearch(stages.slot("solve_fwd(fused, training)"), bucket,
+                                storage=tuner.open_storage(str(tmp_path / "l.journal")),
+                                sampler="tpe", seed=0, trials=30, sweep_max=0, limits=limits,
+                                cold_start=True, firsts=[], request=dict(bucket.fields(), seed=0),
+                                timeout_s=10, anchors=[KernelConfig(
+                                    strategy="fused", solve=dict(default.solve, num_warps=8, num_stages=4))])
+    assert search.local and search.remaining == 30
+    search.run(None, None, _FakeAhead())
+    best = search.best()
+    assert best[1] == 1.0 and best[0]["num_warps"] == 4 and best[0]["num_stages"] == 2
+    # from (8, 4): its 4 neighbours, then those of (4, 4) or (8, 2), then the optimum's:
+    # never all 9 points, and every point once
+    points = [json.dumps(k, sort_keys=True) for k in times]
+    assert len(points) == len(set(points)) < 9
+    assert search.remaining == len(times) and search.total == len(times)
 
 
 def test_a_cut_sweep_point_is_run_again_and_no_other(tmp_path, monkeypatch):
@@ -193,7 +238,7 @@ def test_a_cut_sweep_point_is_run_again_and_no_other(tmp_path, monkeypatch):
     calls, outcomes = [], {1: ("wrong", False), 2: ("cut", True)}  # by attn_bwd call, first run
 
     def fake(request, timeout_s, deadline=None):
-        if request["op"] == "pass":
+        if request["op"] == "pass" or request["slot"].startswith("solve_fwd"):  # (the training forward)
             return {"ok": True, "median_ms": 5.0, "error": 0.0, "seconds": 0.01}
         calls.append(json.dumps(request["knobs"], sort_keys=True))
         reason, cut = outcomes.pop(len(calls) - 1, (None, False)) if request["slot"] == "attn_bwd" \
@@ -335,13 +380,18 @@ def test_progress_reports_trials_per_minute():
 def test_stage_spaces_and_slots():
     """A forward bucket searches each strategy's stages (fused: the solve writing o;
     two-stage: the solve writing u, then attention), within the strategy limit; a
-    forward+backward bucket the backward's two; the q_solve variant the two-stage ones."""
+    forward+backward bucket its forward's solve as training runs it, locally, then the
+    backward's two; the q_solve variant the two-stage ones."""
     names = lambda bucket, limits=None: [s.name for s in stages.bucket_slots(bucket, limits)]  # noqa: E731
     fwd = Bucket("fwd", "bf16", 64, 1024, 8)
     assert names(fwd) == ["solve_fwd(fused)", "solve_fwd(two_stage)", "attn_fwd"]
     assert names(fwd, {"strategy": "fused"}) == ["solve_fwd(fused)"]
     assert names(fwd._replace(variant="qsolve")) == ["solve_fwd(two_stage)", "attn_fwd"]
-    assert names(fwd._replace(pass_="fwd+bwd")) == ["solve_bwd", "attn_bwd"]
+    assert names(fwd._replace(pass_="fwd+bwd")) == ["solve_fwd(fused, training)", "solve_bwd", "attn_bwd"]
+    assert [s.name for s in stages.bucket_slots(fwd._replace(pass_="fwd+bwd"), None, "two_stage")][0] \
+        == "solve_fwd(two_stage, training)"
+    assert stages.is_local(stages.slot("solve_fwd(fused, training)"))
+    assert not stages.is_local(stages.slot("solve_fwd(fused)"))
     assert len(stage_points(stage_choices("attn_bwd", 128))) <= stages.SWEEP_MAX  # swept on a GPU
     name = stages.study_name("fwd/bf16/d64/t1024/bh8", stages.slot("attn_fwd"), "tpe",
                              {"solve.CHUNK": [32]}, False)

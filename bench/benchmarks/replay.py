@@ -27,17 +27,20 @@ import optuna
 from dfgen.select.bucket import Bucket
 from dfgen.tools.tuning import tuner, worker
 from dfgen.tools.tuning.space import stage_knobs
-from dfgen.tools.tuning.stages import slot, stage_studies
+from dfgen.tools.tuning.stages import is_local, slot, stage_studies
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 COMPLETE = optuna.trial.TrialState.COMPLETE
 
 
 def sweep_tables(grid_path: str) -> dict:
-    """{bucket key: {section: {knobs as JSON: ms}}} of a sweep's journal."""
+    """{bucket key: {section: {knobs as JSON: ms}}} of a sweep's journal (the stages it
+    swept: a training forward's local search is no sweep)."""
     out: dict = {}
     for key, name, study in stage_studies(tuner.open_storage(grid_path)):
         stage_slot = slot(name)
+        if is_local(stage_slot):
+            continue
         table = out.setdefault(key, {}).setdefault(stage_slot.section, {})
         for trial in study.get_trials(deepcopy=False, states=(COMPLETE,)):
             if "duplicate_of" not in trial.user_attrs:
@@ -59,7 +62,8 @@ class SweepWorker:
     """Stands in for worker.evaluate: a stage candidate takes its sweep time (with noise),
     a whole pass the forward's time plus its stages'; a stage point the sweep lacks fails,
     and in a pass it counts as the sweep's slowest (the default may lie outside a sweep
-    of part of the space; the picks are judged on the stages alone)."""
+    of part of the space; the picks are judged on the stages alone). The training
+    forward, which the sweep does not cover, takes the forward's time whatever its knobs."""
 
     def __init__(self, tables: dict, forward_ms: float, noise: float, seed: int):
         self.tables, self.forward_ms, self.noise = tables, forward_ms, noise
@@ -69,7 +73,9 @@ class SweepWorker:
         return ms * (1.0 + self.rng.gauss(0.0, self.noise))
 
     def __call__(self, request: dict, timeout_s: float, deadline=None) -> dict:
-        if request["op"] == "stage":
+        if request["op"] == "stage" and is_local(slot(request["slot"])):
+            ms = self.forward_ms
+        elif request["op"] == "stage":
             section = slot(request["slot"]).section
             ms = _lookup(self.tables[section], request["knobs"])
         else:
@@ -113,6 +119,8 @@ def replay_seed(bucket: Bucket, tables: dict, opts, seed: int) -> tuple[float, d
     picked, used = opts.forward_ms, {}
     for name, study in result.studies.items():
         section = slot(name).section
+        if section not in tables:  # the training forward: not judged here
+            continue
         done = [t for t in study.get_trials(deepcopy=False, states=(COMPLETE,))
                 if "duplicate_of" not in t.user_attrs]
         best = min(done, key=lambda t: t.value)  # as the search saw it (noise included)

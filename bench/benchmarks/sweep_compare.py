@@ -12,7 +12,7 @@ import sys
 
 import optuna
 
-from dfgen.tools.tuning.stages import stage_studies
+from dfgen.tools.tuning.stages import is_local, slot, stage_studies
 from dfgen.tools.tuning.tuner import open_storage
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -20,8 +20,10 @@ DONE = (optuna.trial.TrialState.COMPLETE,)
 
 
 def studies(path):
-    """{"bucket key stage": study} of one journal."""
-    return {f"{bucket} {stage}": study for bucket, stage, study in stage_studies(open_storage(path))}
+    """{"bucket key stage": study} of one journal (the stages a grid sweeps: a training
+    forward's local search is not one)."""
+    return {f"{bucket} {stage}": study for bucket, stage, study in stage_studies(open_storage(path))
+            if not is_local(slot(stage))}
 
 
 def main(grid_path, *tpe_paths):

@@ -34,9 +34,13 @@ SLOTS = {  # slot: (template stage, forward strategy it belongs to; None for the
     "solve_fwd(fused)": ("solve_fwd", "fused"),
     "solve_fwd(two_stage)": ("solve_fwd", "two_stage"),
     "attn_fwd": ("attn_fwd", "two_stage"),
+    # a training pass's forward: the same kernel, also writing a (what the backward needs)
+    "solve_fwd(fused, training)": ("solve_fwd", "fused"),
+    "solve_fwd(two_stage, training)": ("solve_fwd", "two_stage"),
     "solve_bwd": ("solve_bwd", None),
     "attn_bwd": ("attn_bwd", None),
 }
+TRAINING_SLOTS = {"fused": "solve_fwd(fused, training)", "two_stage": "solve_fwd(two_stage, training)"}
 WARM_SHAPE = (1, 512, 2)  # (B, T, H): a pass compiles here first, outside the GPU lock
 
 _benches: dict = {}  # (bucket, seed) -> {(slot, forward, compile only): StageBench}
@@ -216,9 +220,10 @@ class StageBench:
             self.stage, self.stage)))
         if self.stage == "solve_fwd":
             fused = self.strategy == "fused"
+            training = request["slot"] in TRAINING_SLOTS.values()
 
-            def run(knobs):
-                return fwd.solve_stage(qs, k, v, beta, knobs, write_o=fused)[:3]
+            def run(knobs):  # (u, o or None, lse, a or None)
+                return fwd.solve_stage(qs, k, v, beta, knobs, write_o=fused, write_a=training)
         elif self.stage == "attn_fwd":
             u = fwd.solve_stage(qs, k, v, beta, default.solve, write_o=False)[0]
 

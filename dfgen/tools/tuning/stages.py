@@ -5,10 +5,18 @@ optuna-dashboard lists them):
     dfgen:{bucket key}:{slot}:templates-{hash}[:{sampler}-space-{hash}][:cold-start]
 
 A slot is a stage in its place (evaluate.SLOTS): the forward's solve_fwd under the fused
-strategy (it writes o) or the two-stage one (it writes u, then attn_fwd runs); the
-backward's solve_bwd and attn_bwd. A pass's time is the sum of its kernels' times and
-each kernel's best knobs do not depend on the others' (the forward saves the same u, a
-and lse whatever its config), so the stages are searched apart and their bests combined.
+strategy (it writes o) or the two-stage one (it writes u, then attn_fwd runs); in a
+training pass the same solve_fwd also writing a, then the backward's solve_bwd and
+attn_bwd. A pass's time is the sum of its kernels' times and each kernel's best knobs do
+not depend on the others' (the forward saves the same u, a and lse whatever its config),
+so the stages are searched apart and their bests combined.
+
+A training pass's forward is searched locally (`local`): from the forward the pass keeps
+(the forward bucket's pick) and the default, one knob at a time, to a local optimum. The
+fastest inference forward is not always the fastest training one (H200, d64 T 1024: the
+forward bucket's pick, maxnreg 128 and bf16, made the training pass slower than the
+default's forward, and another forward, LOOKAHEAD 1 with relaxed polls, 4 % faster), and
+the forward bucket's own search has already explored the space around its pick.
 
 A stage whose feasible space has at most `sweep_max` points (or every stage, with
 --sampler grid) is swept: every point once, in a seeded random order after the start
@@ -37,7 +45,7 @@ from ...kernels.config import SECTION_OF_STAGE, KernelConfig
 from ...kernels.spec import templates_hash
 from . import worker
 from .storage import ask_trial, end_heartbeat
-from .evaluate import SLOTS
+from .evaluate import SLOTS, TRAINING_SLOTS
 from .space import bucket_limits, grid_size, stage_choices, stage_knobs, stage_limits, stage_params, stage_points, strategies
 
 SWEEP_MAX = 128  # a stage of at most this many feasible points is swept whole (GPU default)
@@ -46,6 +54,7 @@ SWEEP_MAX = 128  # a stage of at most this many feasible points is swept whole (
 # each stage's points), TPE alone picked within 3 % end to end in 22 and 26 of 30 seeds
 # (head dims 128 and 64), TPE then refinement in 29 and 28.
 LOCAL_FRACTION = 1 / 3
+LOCAL_MAX = 40  # trials of a local search at most (a one-knob neighbourhood in h200-bf16: 14 points)
 SAMPLERS = ("tpe", "random", "grid")
 DONE = (optuna.trial.TrialState.COMPLETE,)
 
@@ -66,16 +75,23 @@ def slot(name: str) -> Slot:
     return Slot(name, *SLOTS[name])
 
 
-def bucket_slots(bucket, limits: dict | None) -> list[Slot]:
+def bucket_slots(bucket, limits: dict | None, forward_strategy: str = "fused") -> list[Slot]:
     """The stages a bucket searches: a forward bucket those of each strategy it may use
-    (the variant's and the limits' choice); a forward+backward bucket the backward's (its
-    forward is the forward bucket's choice)."""
+    (the variant's and the limits' choice); a forward+backward bucket its forward's solve
+    as a training pass runs it (`forward_strategy`: the strategy of the forward it keeps),
+    then the backward's two."""
     if bucket.backward:
-        return [slot("solve_bwd"), slot("attn_bwd")]
+        return [slot(TRAINING_SLOTS[forward_strategy]), slot("solve_bwd"), slot("attn_bwd")]
+    training = set(TRAINING_SLOTS.values())
     out = []
     for strategy in strategies(bucket.variant, limits):
-        out += [slot(n) for n, (_, s) in SLOTS.items() if s == strategy]
+        out += [slot(n) for n, (_, s) in SLOTS.items() if s == strategy and n not in training]
     return out
+
+
+def is_local(slot: Slot) -> bool:
+    """Whether a slot is searched locally (a training pass's forward: the module docstring)."""
+    return slot.name in TRAINING_SLOTS.values()
 
 
 def stage_trials(trials, size: int) -> int:
@@ -161,27 +177,38 @@ class StageSearch:
     that the study holds no long queue that every read of it would reread), skipping the
     points the study already has: processes sharing the study split the sweep between
     them. A point left running by a killed process is not run again in a journal study
-    (no heartbeat tells it from a live one); a database study fails and retries it."""
+    (no heartbeat tells it from a live one); a database study fails and retries it.
+
+    A local search (a training pass's forward: is_local) starts from `anchors` (taken
+    even in a cold start: the forward the pass keeps, this tune's own pick) and the start
+    points, then only tries untried one-knob neighbours of the best point so far, and ends
+    when it has none (a local optimum) or after its trials (at most LOCAL_MAX). It is not
+    swept under --sampler grid unless its space is within `sweep_max` points."""
 
     def __init__(self, slot: Slot, bucket, *, storage, sampler: str, seed: int, trials: int,
                  sweep_max: int, limits: dict | None, cold_start: bool, converge: bool = False,
-                 firsts: Sequence[KernelConfig], request: dict, timeout_s: float, log=print):
+                 firsts: Sequence[KernelConfig], request: dict, timeout_s: float, log=print,
+                 anchors: Sequence[KernelConfig] = ()):
         self.slot, self.key, self.timeout_s, self.log = slot, bucket.key, timeout_s, log
         self.request = dict(request, op="stage", slot=slot.name)
         self.space = stage_choices(slot.stage, bucket.head_dim, limits)
         self.size = grid_size(self.space)
-        self.exhaustive = sampler == "grid" or self.size <= sweep_max
+        self.exhaustive = self.size <= sweep_max or (sampler == "grid" and not is_local(slot))
+        self.local = is_local(slot) and not self.exhaustive
         trials = stage_trials(trials, self.size)
-        # the trials from this one on refine the best point (sampled stages; not "random");
-        # `converge` (a tune without --trials): past `trials`, refinement goes on (at most
-        # `trials` more) while the best point has a one-knob neighbour no trial has, so that
-        # the stage ends at a local optimum
-        self.refine_from = trials - int(trials * LOCAL_FRACTION) if sampler == "tpe" else None
+        if self.local:
+            trials = min(trials, LOCAL_MAX)
+        # the trials from this one on refine the best point (sampled stages; not "random";
+        # a local search: all); `converge` (a tune without --trials): past `trials`,
+        # refinement goes on (at most `trials` more) while the best point has a one-knob
+        # neighbour no trial has, so that the stage ends at a local optimum
+        self.refine_from = 0 if self.local else \
+            trials - int(trials * LOCAL_FRACTION) if sampler == "tpe" else None
         self.extend_max = trials if converge and self.refine_from is not None \
-            and not self.exhaustive else 0
+            and not self.exhaustive and not self.local else 0
         self.extended = 0
         # past TPE's random start, candidates are asked for one ahead only (below: _depth)
-        self.guided_from = tpe_startup(self.refine_from) \
+        self.guided_from = 0 if self.local else tpe_startup(self.refine_from) \
             if sampler == "tpe" and not self.exhaustive else None
         self.rng = random.Random(f"{seed}:{slot.name}:refine")
         self.study = optuna.create_study(
@@ -190,7 +217,9 @@ class StageSearch:
             load_if_exists=True, direction="minimize", sampler=make_sampler(sampler, seed, self.refine_from or trials))
         self.ran = 0  # candidates this process evaluated to the end (trials per minute)
         self.evaluated = 0  # trials this process finished (duplicates and cut ones too)
-        firsts = self._first_points([] if cold_start else firsts)
+        firsts = self._first_points([("the kept forward", c) for c in anchors] + (
+            [] if cold_start else [("the default" if i == 0 else "a start config", c)
+                                   for i, c in enumerate(firsts)]))
         trials_now = self.study.get_trials(deepcopy=False)
         if self.exhaustive:  # the start points first, then the rest in a seeded random order
             points = stage_points(self.space)
@@ -211,17 +240,17 @@ class StageSearch:
     def _fits(self, params: dict) -> bool:
         return all(value in self.space.get(name, [value]) for name, value in params.items())
 
-    def _first_points(self, firsts: Sequence[KernelConfig]) -> list[dict]:
-        """The start configs' points of this stage that lie in its space (the default's
-        first); one outside it is named once."""
+    def _first_points(self, firsts: Sequence[tuple[str, KernelConfig]]) -> list[dict]:
+        """The points of this stage of the start configs ((what it is, config)) that lie in
+        its space, in order; one outside it is named once."""
         out = []
-        for i, config in enumerate(firsts):
+        for what, config in firsts:
             params = stage_params(self.slot.stage, getattr(config, self.slot.section))
             if self._fits(params):
                 out.append(params)
             else:
-                self.log(f"{self.key} {self.slot.name}: {'the default' if i == 0 else 'a start config'} "
-                         "lies outside the searched space; not tried first")
+                self.log(f"{self.key} {self.slot.name}: {what} lies outside the searched space; "
+                         "not tried first")
         return out
 
     def _queue_next_point(self, asked: set) -> bool:
@@ -263,6 +292,22 @@ class StageSearch:
         if near:
             self.study.enqueue_trial(near[0])
         return bool(near)
+
+    def _local_step(self, asked: set, in_flight: bool) -> str:
+        """A local search's next candidate: "queued" (a start point or an untried
+        neighbour of the best is queued), "wait" (none now, but results are still to come
+        that may move the best), "sample" (nothing timed yet: the sampler picks), "done"
+        (a local optimum: every neighbour of the best has been tried)."""
+        trials = self.study.get_trials(deepcopy=False)
+        if any(t.state == optuna.trial.TrialState.WAITING for t in trials):
+            return "queued"
+        if not any(t.state == optuna.trial.TrialState.COMPLETE for t in trials):
+            return "wait" if in_flight else "sample"
+        near = self._untried_neighbours(trials, asked)
+        if near:
+            self.study.enqueue_trial(near[0])
+            return "queued"
+        return "wait" if in_flight else "done"
 
     def _extend(self, asked: set) -> bool:
         """Past its trials, one more refinement trial (queued here) while the best point
@@ -307,7 +352,14 @@ class StageSearch:
                     if self.exhaustive and not self._queue_next_point(asked_points):
                         self.remaining = asked  # other processes took the rest
                         break
-                    if not self.exhaustive and self.refine_from is not None:
+                    if self.local:
+                        step = self._local_step(asked_points, bool(queue))
+                        if step == "done":
+                            self.total -= self.remaining - asked
+                            self.remaining = asked
+                        if step in ("wait", "done"):
+                            break
+                    elif not self.exhaustive and self.refine_from is not None:
                         self._queue_neighbour(asked_points)
                     trial, beat = ask_trial(self.study)
                     params = {name: trial.suggest_categorical(name, values)

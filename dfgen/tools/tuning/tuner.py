@@ -23,7 +23,7 @@ from . import worker
 from .progress import BucketBudget, TuneProgress, clock_text, rate_text
 from .storage import open_storage  # noqa: F401 (dfgen.tools.tuning.tuner.open_storage)
 from .space import bucket_limits, check_limits
-from .stages import SAMPLERS, SWEEP_MAX, StageSearch, bucket_slots
+from .stages import SAMPLERS, SWEEP_MAX, StageSearch, bucket_slots, is_local
 
 # The shipped bucket set (what `dfgen tune` tunes on a GPU without --shapes, and what
 # tuned/<gpu>.yaml holds): forward and forward+backward, head dims 64 and 128, T 512 to
@@ -87,9 +87,11 @@ def tune_bucket(bucket: Bucket, *, trials: int, sampler: str, seed: int, storage
     """Tune one bucket. The built-in default is timed end to end first (checked against
     the reference), so that no budget leaves a challenger without it to beat. Then each
     stage is searched on its own kernel time in a study of its own (stages.py): a forward
-    bucket the stages of each strategy it may use, a forward+backward bucket solve_bwd and
-    attn_bwd on inputs from a real forward under `forward` (the forward bucket's choice
-    for this shape; default: the built-in default). A stage of at most `sweep_max` points
+    bucket the stages of each strategy it may use; a forward+backward bucket its forward's
+    solve as training runs it (also writing a), searched locally from `forward` (the
+    forward bucket's choice for this shape; default: the built-in default) and the
+    default, then solve_bwd and attn_bwd on inputs from a real forward under `forward`.
+    A stage of at most `sweep_max` points
     (every stage with sampler "grid") is swept whole, a larger one sampled for `trials`
     trials (a resumed study counts what it has); a new study's first trials are the
     default's knobs, then `starts`' (configs such as the tuned file's entry for the
@@ -115,8 +117,8 @@ def tune_bucket(bucket: Bucket, *, trials: int, sampler: str, seed: int, storage
     default = bucket_default(bucket)
     limits = bucket_limits(bucket.dtype, limits)  # float32: float32-accurate precisions only
     check_limits(limits)
-    slots = bucket_slots(bucket, limits)
     fixed = _forward_of(bucket, forward, default, log) if bucket.backward else None
+    slots = bucket_slots(bucket, limits, fixed.strategy if fixed is not None else "fused")
     starts = _start_configs(default, starts, bucket, log)
     combos = len({s.strategy for s in slots}) if not bucket.backward else \
         1 + (fixed.json != _pass_sections(default, backward=False).json)  # the two forwards
@@ -134,6 +136,7 @@ def tune_bucket(bucket: Bucket, *, trials: int, sampler: str, seed: int, storage
                                 cold_start=cold_start, converge=converge,
                                 request=tune.stage_request,
                                 firsts=_firsts(slot, bucket, starts),
+                                anchors=[fixed] if is_local(slot) else [],
                                 timeout_s=timeout_s, log=log)
                     for slot in slots]
         tune.search(searches, ahead)
@@ -306,11 +309,12 @@ class _BucketTune:
     def combinations(self, searches: list) -> list[KernelConfig]:
         """The stages' bests put together: one config per strategy searched (a stage with
         no checked trial keeps the default's knobs); the default itself left out. A
-        forward+backward bucket's backward bests go with the forward it keeps and, where
-        that differs, with the default's forward too: the forward bucket's pick is the
-        fastest inference forward, and a training forward (which saves more) may spill
-        under it (H200, d64 T1024: a pick with maxnreg 128 made the pass slower than the
-        default's, so the backward's 10 % were lost; run 18)."""
+        forward+backward bucket's backward bests go with the best training forward its
+        local search found, or where it found none, with the forward it keeps and (where
+        that differs) the default's forward: the forward bucket's pick is the fastest
+        inference forward, and a training forward (which saves more) may spill under it
+        (H200, d64 T1024: a pick with maxnreg 128 made the pass slower than the default's,
+        so the backward's 10 % were lost; run 18)."""
         bests = {s.slot.name: s.best() for s in searches}
         for search in searches:
             best = bests[search.slot.name]
@@ -322,7 +326,11 @@ class _BucketTune:
         out = []
         if self.bucket.backward:
             sections = {s.slot.section: (bests[s.slot.name] or (None,))[0] for s in searches}
-            for forward in (self.fixed, self.default):
+            forwards = (self.fixed, self.default)
+            if sections.get("solve"):  # the training forward's search (its strategy: the kept one's)
+                forwards = (KernelConfig(strategy=self.fixed.strategy, solve=sections["solve"],
+                                         attn=self.fixed.attn),)
+            for forward in forwards:
                 out.append(KernelConfig(
                     strategy=forward.strategy, solve=forward.solve, attn=forward.attn,
                     solve_bwd=sections.get("solve_bwd") or self.default.solve_bwd,
