@@ -198,6 +198,42 @@ def test_the_training_forward_is_searched_from_the_kept_one(tmp_path, monkeypatc
     assert training[0]["knobs"] == kept and len(training) == 3
 
 
+def test_a_disturbed_final_run_is_timed_again(tmp_path, monkeypatch):
+    """The final timing's runs of one config far apart (one disturbed run): more rounds
+    are timed, the noise is then the gap between each config's two fastest runs, and a
+    combination that is really faster is kept; steady runs take two rounds only."""
+    def stage_ms(slot, knobs):
+        return 1.0 + (knobs["BLOCK_M"] != (64 if slot == "attn_bwd" else 16))
+
+    requests = _timed_by_knobs(monkeypatch, stage_ms)
+    fake, passes = worker.evaluate, []
+
+    def disturbed(request, timeout_s, deadline=None):
+        result = fake(request, timeout_s, deadline)
+        if request["op"] == "pass":
+            passes.append(request)
+            if len(passes) == 5:  # the combination's second final run (after the default's first time)
+                result = dict(result, median_ms=result["median_ms"] * 1.5)
+        return result
+
+    monkeypatch.setattr(worker, "evaluate", disturbed)
+    (tmp_path / "space.yaml").write_text(BACKWARD_SPACE)
+    limits = tuner.load_space(tmp_path / "space.yaml")
+    limits.update({f"solve.{k}": v for k, v in default_config(32).solve.items()})  # one forward
+    logs = []
+    result = tuner.tune_bucket(Bucket("fwd+bwd", "bf16", 32, 24, 1), trials=3, sampler="tpe", seed=0,
+                               timeout_s=10, limits=limits, log=logs.append, sweep_max=16,
+                               storage=tuner.open_storage(str(tmp_path / "d.journal")))
+    # the first default, then three rounds of two (after the third, the combination's two
+    # fastest runs agree)
+    assert len(passes) == 1 + 2 * 3
+    assert result.entry["median_ms"] == 2.0 and result.entry["config"]["attn_bwd"]["BLOCK_M"] == 64
+    assert [line.split(": ", 1)[1] for line in logs if "end to end: " in line][-2:] == \
+        ["the default end to end: 3.0000, 3.0000, 3.0000 ms", "combination 1 end to end: 2.0000, 3.0000, 2.0000 ms"]
+    assert tuner.final_noise([[2.0, 3.0, 2.0], [4.0, 4.1]]) == pytest.approx(0.025)
+    assert tuner.final_noise([[2.0, 3.0]]) == pytest.approx(0.5)
+
+
 def test_a_local_search_stops_at_a_local_optimum(tmp_path, monkeypatch):
     """A local search tries the untried one-knob neighbours of the best point so far and
     ends, short of its trials, once the best has none left."""
