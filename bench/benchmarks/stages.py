@@ -5,7 +5,8 @@ inputs; triton.testing.do_bench medians). Tells where the time of one training s
 "solve_fwd, no waits" runs the forward solve with every chunk's flag already set and u
 already solved (from a first run): the same work without the wavefront's chain, so the
 gap to "solve_fwd (o)" is what the sequential dependency costs (it includes one small
-copy that sets the flags).
+copy that sets the flags); nan where the config splits the prefix (SPLIT_PREFIX: its
+partial sums cannot be pre-satisfied).
 
     python bench/run.py stages [--shapes "1,4096,16,128;8,1024,32,64"] [--config cfg.yaml]
 """
@@ -28,7 +29,10 @@ median_ms = timer(on_gpu=True)  # do_bench medians, as `dfgen bench` times
 
 def _without_waits(q, k, v, beta, knobs):
     """A launch of the forward solve whose flags are all set and whose u is already the
-    solution: every wait passes at once and each program rewrites the same u."""
+    solution: every wait passes at once and each program rewrites the same u. None where
+    that does not reproduce the output: a split prefix (SPLIT_PREFIX) waits on partial sums
+    that each launch writes anew, so setting its flags ahead lets programs read them
+    before they are written."""
     D = q.shape[3]
     module = build.load("solve_fwd", q.dtype, D, knobs)
     u, o, _, lse, sync = forward.solve_buffers(q, module, write_o=True)
@@ -41,8 +45,7 @@ def _without_waits(q, k, v, beta, knobs):
         sync.copy_(ready)
         module.launch(q, k, v, beta, u, o, None, lse, sync, 1.0 / math.sqrt(D))
     run()
-    assert torch.equal(o, expected), "a run without waits must give the same output"
-    return run
+    return run if torch.equal(o, expected) else None
 
 
 def stage_times(shape, dtype, config):
@@ -53,7 +56,8 @@ def stage_times(shape, dtype, config):
     dv, e, dbeta, delta, dsd = backward.reverse_sweep(q, k, do, u, a, beta, lse, cfg.solve_bwd)
     times = {
         "solve_fwd (o)": median_ms(lambda: forward.solve_stage(q, k, v, beta, cfg.solve, write_o=True)),
-        "solve_fwd, no waits": median_ms(_without_waits(q, k, v, beta, cfg.solve)),
+        "solve_fwd, no waits": median_ms(no_waits) if (no_waits := _without_waits(
+            q, k, v, beta, cfg.solve)) else float("nan"),
         "solve_fwd (o, a)": median_ms(lambda: forward.forward(q, k, v, beta, cfg, for_backward=True)),
         "solve_bwd": median_ms(lambda: backward.reverse_sweep(q, k, do, u, a, beta, lse, cfg.solve_bwd)),
         "attn_bwd": median_ms(lambda: backward.query_key_grads(q, k, u, e, lse, delta, dsd, cfg.attn_bwd)),

@@ -34,7 +34,8 @@
 #                      of the bucket suite $SHAPES_COLD (default h200-core; HEAD_DIMS=128 or 64: those
 #                      buckets), its tuned file copied back
 #                      as cold.yaml (then: COMPARE_FILES="cold=DIR/cold.yaml" ... compare)
-#   compare            compare-configs on the core buckets: the default, the packaged tuned file and
+#   compare            compare-configs on the core buckets (COMPARE_SHAPES: another bucket suite): the
+#                      default, the packaged tuned file, a cold phase's cold.yaml of this run, and
 #                      COMPARE_FILES (NAME=FILE ...: tuned files or journals, paths relative to the
 #                      checkout) end to end side by side
 #   sweep              Optuna (TPE, 3 seeds, cold start) against an exhaustive sweep on the buckets
@@ -150,8 +151,9 @@ while [ $# -gt 0 ]; do
         > "$out/cold.txt" 2>&1 || status=1
       grep -E "^[a-z+]+/.*: (best|the defaults)|^\||^dfgen tune: [0-9]+ bucket|no config" "$out/cold.txt";;
     compare)
-      $run --write buckets h200-core "$out/core.yaml" > /dev/null
-      files=(); for f in ${COMPARE_FILES:-}; do  # NAME=FILE, FILE relative to the checkout
+      $run --write buckets "${COMPARE_SHAPES:-h200-core}" "$out/core.yaml" > /dev/null
+      files=(); [ -f "$out/cold.yaml" ] && files+=("cold=$out/cold.yaml")  # this run's cold phase
+      for f in ${COMPARE_FILES:-}; do  # NAME=FILE, FILE relative to the checkout
         name=${f%%=*}; file=${f#*=}; [[ "$file" == /* ]] || file="$SRC/$file"; files+=("$name=$file"); done
       capped "${CAP_COMPARE:-240}" $run compare-configs --buckets "$out/core.yaml" \
         packaged="$(python3 -c "from dfgen.settings import packaged_dir; print(packaged_dir('tuned'))")/$gpu.yaml" \
