@@ -166,3 +166,25 @@ def test_merge_keeps_the_file_mode_and_a_new_file_follows_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "new.yaml").stat().st_mode) == 0o644
+
+
+def test_every_packaged_entry_is_vouched_for_under_the_shipped_templates():
+    """A template change must come with its tuned files re-tuned or re-checked on their GPU
+    (`dfgen check --record`): otherwise every user of that GPU gets a staleness warning and
+    entries nobody has run with the new kernels. Each packaged entry was tuned under the
+    shipped templates, or a check under them passed it. (Only the templates: CI's triton
+    is not the one a GPU's file was tuned with.)"""
+    from dfgen.kernels.spec import templates_hash
+    from dfgen.settings import packaged_dir
+
+    folder = packaged_dir("tuned")
+    files = sorted(folder.glob("*.yaml")) if folder is not None else []
+    assert files, "no packaged tuned file found"
+    running = templates_hash()
+    for path in files:
+        data = tuned_file.read(path)
+        for key, item in data["entries"].items():
+            tuned = tuned_file.tuned_under(data, item).get("templates")
+            checked = item.get("checked") or {}
+            assert tuned == running or (checked.get("templates") == running and checked.get("passed") is True), \
+                f"{path.name} {key}: tuned with templates {tuned}, not checked under {running}"
