@@ -257,6 +257,11 @@ def test_a_local_search_stops_at_a_local_optimum(tmp_path, monkeypatch):
                                 timeout_s=10, anchors=[KernelConfig(
                                     strategy="fused", solve=dict(default.solve, num_warps=8, num_stages=4))])
     assert search.local and search.remaining == 30
+    converging = stages.StageSearch(stages.slot("solve_fwd(fused, training)"), bucket, storage=None,
+                                    sampler="tpe", seed=0, trials=30, sweep_max=0, limits=None,
+                                    cold_start=True, converge=True, firsts=[], timeout_s=10,
+                                    request=dict(bucket.fields(), seed=0))
+    assert converging.remaining == stages.LOCAL_MAX  # to a local optimum, within LOCAL_MAX
     search.run(None, None, _FakeAhead())
     best = search.best()
     assert best[1] == 1.0 and best[0]["num_warps"] == 4 and best[0]["num_stages"] == 2

@@ -54,7 +54,10 @@ SWEEP_MAX = 128  # a stage of at most this many feasible points is swept whole (
 # each stage's points), TPE alone picked within 3 % end to end in 22 and 26 of 30 seeds
 # (head dims 128 and 64), TPE then refinement in 29 and 28.
 LOCAL_FRACTION = 1 / 3
-LOCAL_MAX = 40  # trials of a local search at most (a one-knob neighbourhood in h200-bf16: 14 points)
+# Trials of a local search at most: a one-knob neighbourhood of the forward's solve has 33
+# to 36 points in the templates' space (19 to 22 in bench's h200-bf16), so 40 see the
+# start points' whole neighbourhood.
+LOCAL_MAX = 40
 SAMPLERS = ("tpe", "random", "grid")
 DONE = (optuna.trial.TrialState.COMPLETE,)
 
@@ -182,8 +185,9 @@ class StageSearch:
     A local search (a training pass's forward: is_local) starts from `anchors` (taken
     even in a cold start: the forward the pass keeps, this tune's own pick) and the start
     points, then only tries untried one-knob neighbours of the best point so far, and ends
-    when it has none (a local optimum) or after its trials (at most LOCAL_MAX). It is not
-    swept under --sampler grid unless its space is within `sweep_max` points."""
+    when it has none (a local optimum) or after its trials (at most LOCAL_MAX; LOCAL_MAX
+    with `converge`). It is not swept under --sampler grid unless its space is within
+    `sweep_max` points."""
 
     def __init__(self, slot: Slot, bucket, *, storage, sampler: str, seed: int, trials: int,
                  sweep_max: int, limits: dict | None, cold_start: bool, converge: bool = False,
@@ -196,8 +200,8 @@ class StageSearch:
         self.exhaustive = self.size <= sweep_max or (sampler == "grid" and not is_local(slot))
         self.local = is_local(slot) and not self.exhaustive
         trials = stage_trials(trials, self.size)
-        if self.local:
-            trials = min(trials, LOCAL_MAX)
+        if self.local:  # converging: to a local optimum, at most LOCAL_MAX trials
+            trials = LOCAL_MAX if converge else min(trials, LOCAL_MAX)
         # the trials from this one on refine the best point (sampled stages; not "random";
         # a local search: all); `converge` (a tune without --trials): past `trials`,
         # refinement goes on (at most `trials` more) while the best point has a one-knob
