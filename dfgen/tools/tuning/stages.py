@@ -302,16 +302,13 @@ class StageSearch:
         neighbour of the best is queued), "wait" (none now, but results are still to come
         that may move the best), "sample" (nothing timed yet: the sampler picks), "done"
         (a local optimum: every neighbour of the best has been tried)."""
-        trials = self.study.get_trials(deepcopy=False)
-        if any(t.state == optuna.trial.TrialState.WAITING for t in trials):
+        if self._queue_neighbour(asked):  # (refine_from is 0: from the first trial on)
             return "queued"
-        if not any(t.state == optuna.trial.TrialState.COMPLETE for t in trials):
-            return "wait" if in_flight else "sample"
-        near = self._untried_neighbours(trials, asked)
-        if near:
-            self.study.enqueue_trial(near[0])
-            return "queued"
-        return "wait" if in_flight else "done"
+        if in_flight:
+            return "wait"
+        timed = any(t.state == optuna.trial.TrialState.COMPLETE
+                    for t in self.study.get_trials(deepcopy=False))
+        return "done" if timed else "sample"
 
     def _extend(self, asked: set) -> bool:
         """Past its trials, one more refinement trial (queued here) while the best point
