@@ -7,7 +7,7 @@ import torch
 from conftest import DEVICE, DTYPES, ON_GPU, assert_close, gpu_only, make_inputs, rel_err
 from dfgen.kernels.backward import query_key_grads, reverse_sweep
 from dfgen.kernels.config import KernelConfig, default_config
-from dfgen.kernels.forward import solve_stage
+from dfgen.kernels.forward import inverse_buffer, solve_stage
 from dfgen.reference import (naive_backward_terms, naive_deltaformer_attn, naive_deltaformer_u,
                          naive_strict_lse)
 from dfgen.runtime import deltaformer_attn
@@ -52,21 +52,42 @@ def _tol(dtype, knobs=None):
 @pytest.mark.parametrize("dtype_name", ["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("case", STAGE_CASES, ids=_stage_id)
 def test_reverse_sweep_alone(case, dtype_name):
+    """The sweep building its in-chunk inverses, and reading those the forward kept."""
     B, T, H, D, knobs, _ = case
     dtype = DTYPES[dtype_name]
     q, k, v, beta = make_inputs(B, T, H, D, dtype, seed=T)
     do = torch.randn(B, T, H, D, generator=torch.Generator().manual_seed(1)).to(dtype).to(DEVICE)
-    u, _, lse, a = solve_stage(q, k, v, beta, fwd_knobs(), write_o=False, write_a=True)
-    dv, e, dbeta, delta, ds_diag = reverse_sweep(q, k, do, u, a, beta, lse, knobs)
-    # the reference from the kernel's own u and a isolates this stage's error
+    inv = inverse_buffer(q, knobs["CHUNK"])
+    u, _, lse, a = solve_stage(q, k, v, beta, fwd_knobs(knobs["CHUNK"]), write_o=False, write_a=True,
+                               inv=inv)
     ref = naive_backward_terms(q, k, v, beta, do, REF)
     tol = _tol(dtype, knobs)
-    assert_close(dv, ref["dv"], dtype, "dv", tol)
-    assert_close(e, ref["e"], dtype, "e", tol)
-    if T > 1:
-        assert_close(dbeta, ref["dbeta"], dtype, "dbeta", tol)
-        assert_close(delta, ref["delta"], dtype, "delta", tol)
-        assert_close(ds_diag, ref["ds_diag"], dtype, "ds_diag", tol)
+    for kept in (None, inv):
+        dv, e, dbeta, delta, ds_diag = reverse_sweep(q, k, do, u, a, beta, lse, knobs, inv=kept)
+        # the reference from the kernel's own u and a isolates this stage's error
+        assert_close(dv, ref["dv"], dtype, "dv", tol)
+        assert_close(e, ref["e"], dtype, "e", tol)
+        if T > 1:
+            assert_close(dbeta, ref["dbeta"], dtype, "dbeta", tol)
+            assert_close(delta, ref["delta"], dtype, "delta", tol)
+            assert_close(ds_diag, ref["ds_diag"], dtype, "ds_diag", tol)
+
+
+def test_the_reverse_sweep_reads_the_kept_inverses_only_under_its_chunk():
+    """The forward's in-chunk inverses are what the sweep reads (spoiled ones spoil dv),
+    and only where they were built under the sweep's CHUNK (else it builds its own)."""
+    q, k, v, beta = make_inputs(2, 45, 2, 32, torch.float32, seed=3)
+    do = torch.randn(2, 45, 2, 32, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    inv = inverse_buffer(q, 16)
+    assert inv.shape == (4, 3, 16, 16) and inv.dtype == torch.float32
+    assert inverse_buffer(q.to(torch.bfloat16), 16).dtype == torch.float16
+    u, _, lse, a = solve_stage(q, k, v, beta, fwd_knobs(16), write_o=False, write_a=True, inv=inv)
+    built = reverse_sweep(q, k, do, u, a, beta, lse, sweep_knobs(16, 16))[0]
+    spoiled = torch.zeros_like(inv)
+    assert rel_err(reverse_sweep(q, k, do, u, a, beta, lse, sweep_knobs(16, 16), inv=spoiled)[0],
+                   built) > 0.5
+    other = reverse_sweep(q, k, do, u, a, beta, lse, sweep_knobs(32, 16), inv=spoiled)[0]
+    assert rel_err(other, reverse_sweep(q, k, do, u, a, beta, lse, sweep_knobs(32, 16))[0]) == 0
 
 
 @pytest.mark.parametrize("dtype_name", ["fp32", "fp16", "bf16"])

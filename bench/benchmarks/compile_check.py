@@ -47,6 +47,8 @@ def signature(fn, dtype, constexprs):
             sig[name] = "*i64"
         elif name in FP32_POINTERS:
             sig[name] = "*fp32"
+        elif name == "INV":  # the kept in-chunk inverses: float16 for 16-bit inputs
+            sig[name] = "*fp32" if dtype == "fp32" else "*fp16"
         elif name.isupper() or name in ("DV", "DK"):
             sig[name] = f"*{dtype}"
         elif name == "sm_scale":
@@ -94,8 +96,9 @@ def main():
         cfg = default_config(head_dim, torch.bfloat16, strategy="two_stage")
         stages = {"solve_fwd": cfg.solve, "attn_fwd": cfg.attn, "solve_bwd": cfg.solve_bwd,
                   "attn_bwd": cfg.attn_bwd}
-        switches = {"solve_fwd": ("HAS_BETA", "WRITE_O", "WRITE_A", "VARLEN"),
-                    "attn_fwd": ("WRITE_LSE", "VARLEN"), "solve_bwd": ("HAS_BETA", "GATED", "VARLEN"),
+        switches = {"solve_fwd": ("HAS_BETA", "WRITE_O", "WRITE_A", "WRITE_INV", "VARLEN"),
+                    "attn_fwd": ("WRITE_LSE", "VARLEN"),
+                    "solve_bwd": ("HAS_BETA", "GATED", "VARLEN", "LOAD_INV"),
                     "attn_bwd": ("WRITE_DU", "VARLEN")}
         variants = [(stage, {**knobs, **extra}, not extra) for stage, knobs in stages.items()
                     if stage in wanted for extra in VARIANTS.get(stage, ({},))

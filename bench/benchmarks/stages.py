@@ -52,14 +52,15 @@ def stage_times(shape, dtype, config):
     B, T, H, D = shape
     q, k, v, beta, do, _ = random_pass_inputs(shape, dtype, "cuda", seed=0)
     cfg = (config or default_config(D, dtype)).with_defaults(default_config(D, dtype))
-    o, u, lse, a = forward.forward(q, k, v, beta, cfg, for_backward=True)
-    dv, e, dbeta, delta, dsd = backward.reverse_sweep(q, k, do, u, a, beta, lse, cfg.solve_bwd)
+    o, u, lse, a, inv = forward.forward(q, k, v, beta, cfg, for_backward=True)
+    dv, e, dbeta, delta, dsd = backward.reverse_sweep(q, k, do, u, a, beta, lse, cfg.solve_bwd, inv=inv)
     times = {
         "solve_fwd (o)": median_ms(lambda: forward.solve_stage(q, k, v, beta, cfg.solve, write_o=True)),
         "solve_fwd, no waits": median_ms(no_waits) if (no_waits := _without_waits(
             q, k, v, beta, cfg.solve)) else float("nan"),
         "solve_fwd (o, a)": median_ms(lambda: forward.forward(q, k, v, beta, cfg, for_backward=True)),
-        "solve_bwd": median_ms(lambda: backward.reverse_sweep(q, k, do, u, a, beta, lse, cfg.solve_bwd)),
+        "solve_bwd": median_ms(lambda: backward.reverse_sweep(q, k, do, u, a, beta, lse, cfg.solve_bwd,
+                                                              inv=inv)),
         "attn_bwd": median_ms(lambda: backward.query_key_grads(q, k, u, e, lse, delta, dsd, cfg.attn_bwd)),
     }
     qs, ks, vs = (t.transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))

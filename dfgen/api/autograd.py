@@ -1,5 +1,6 @@
-"""The autograd Functions of eager calls: the forward saves O(B*T*H*D) tensors (no C x C
-matrices), the backward runs the templated backward kernels."""
+"""The autograd Functions of eager calls: the forward saves O(B*T*H*D) tensors and each
+chunk's CHUNK x CHUNK inverse (O(B*T*H*CHUNK)), the backward runs the templated backward
+kernels."""
 
 from __future__ import annotations
 
@@ -10,22 +11,24 @@ from ..kernels.forward import forward, forward_q_solve
 
 
 class DeltaFormerAttnFunction(torch.autograd.Function):
-    """Saves q, k, beta, u, a = P u and the strict lse: O(B*T*H*D), no C x C matrices."""
+    """Saves q, k, beta, u, a = P u, the strict lse and the in-chunk inverses (T * CHUNK
+    values per head, the size of u at head dim CHUNK), so the reverse sweep need not build
+    them again."""
 
     @staticmethod
     def forward(ctx, q, k, v, beta, config, seqs):
-        o, u, lse, a = forward(q, k, v, beta, config, for_backward=True, seqs=seqs)
-        ctx.save_for_backward(q, k, beta, u, a, lse)
+        o, u, lse, a, inv = forward(q, k, v, beta, config, for_backward=True, seqs=seqs)
+        ctx.save_for_backward(q, k, beta, u, a, lse, inv)
         ctx.config, ctx.seqs = config, seqs
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, beta, u, a, lse = ctx.saved_tensors
+        q, k, beta, u, a, lse, inv = ctx.saved_tensors
         if do.stride(-1) != 1:
             do = do.contiguous()
         dq, dk, dv, dbeta = backward(q, k, beta, u, a, lse, do, ctx.config.solve_bwd,
-                                     ctx.config.attn_bwd, seqs=ctx.seqs)
+                                     ctx.config.attn_bwd, seqs=ctx.seqs, inv=inv)
         return dq, dk, dv, dbeta, None, None
 
 
@@ -34,19 +37,20 @@ class DeltaFormerAttnQSolveFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, q_solve, k, v, beta, config, seqs):
-        o, u, lse_solve, a, lse_attn = forward_q_solve(q, q_solve, k, v, beta, config,
-                                                       for_backward=True, seqs=seqs)
-        ctx.save_for_backward(q, q_solve, k, beta, u, a, lse_solve, o, lse_attn)
+        o, u, lse_solve, a, lse_attn, inv = forward_q_solve(q, q_solve, k, v, beta, config,
+                                                            for_backward=True, seqs=seqs)
+        ctx.save_for_backward(q, q_solve, k, beta, u, a, lse_solve, o, lse_attn, inv)
         ctx.config, ctx.seqs = config, seqs
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, q_solve, k, beta, u, a, lse_solve, o, lse_attn = ctx.saved_tensors
+        q, q_solve, k, beta, u, a, lse_solve, o, lse_attn, inv = ctx.saved_tensors
         if do.stride(-1) != 1:
             do = do.contiguous()
         dq, dq_solve, dk, dv, dbeta = backward_q_solve(q, q_solve, k, beta, u, a, lse_solve, o,
-                                                       lse_attn, do, ctx.config, seqs=ctx.seqs)
+                                                       lse_attn, do, ctx.config, seqs=ctx.seqs,
+                                                       inv=inv)
         return dq, dq_solve, dk, dv, dbeta, None, None
 
 

@@ -46,7 +46,10 @@ def _(q, k, v, beta, config):
 @torch.library.custom_op("dfgen::attn_fwd_train", mutates_args=())
 def attn_fwd_train(q: Tensor, k: Tensor, v: Tensor, beta: Optional[Tensor],
                    config: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    o, u, lse, a = forward(q, k, v, beta, _config(config, q, True), for_backward=True)
+    # The traced op's outputs have shapes that do not depend on the config, so the reverse
+    # sweep builds the in-chunk inverses itself here (eager calls keep the forward's)
+    o, u, lse, a, _ = forward(q, k, v, beta, _config(config, q, True), for_backward=True,
+                              keep_inverse=False)
     return o, u, a, lse
 
 

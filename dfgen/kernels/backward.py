@@ -28,10 +28,11 @@ def _sum_groups(grad, kv_like):
     return grad.view(B, T, H_kv, H // H_kv, D).sum(3).to(kv_like.dtype)
 
 
-def reverse_sweep(q, k, do, u, a, beta, lse, knobs, *, gated: bool = True, seqs=None):
+def reverse_sweep(q, k, do, u, a, beta, lse, knobs, *, gated: bool = True, seqs=None, inv=None):
     """The solve_bwd stage alone: (dv, e, dbeta or None, delta, ds_diag); dv is per query
     head ([B, T, H, D], float32 with grouped kv heads), dbeta float32 [B, T, H], delta and
-    ds_diag float32 [B, H, T]."""
+    ds_diag float32 [B, H, T]. inv: the forward's in-chunk inverses (forward.inverse_buffer),
+    read where their chunk is these knobs' CHUNK, else the sweep builds its own."""
     B, T, H, D = q.shape
     wide = kernel_head_dim(D, q.dtype)
     if wide != D:
@@ -45,8 +46,10 @@ def reverse_sweep(q, k, do, u, a, beta, lse, knobs, *, gated: bool = True, seqs=
     n_seqs, longest = (B, T) if seqs is None else (seqs[0].numel() - 1, seqs[1])
     n_chunks = -(-longest // module.CHUNK_ROWS)
     sync = torch.zeros(1 + n_seqs * H * n_chunks, dtype=torch.int32, device=q.device)
+    if inv is not None and inv.shape[-1] != module.CHUNK_ROWS:
+        inv = None  # built under another CHUNK
     module.launch(q, k, do, u, a, beta, lse, dv, e, dbeta, delta, ds_diag, sync,
-                  1.0 / math.sqrt(D), gated, *packing(seqs))
+                  1.0 / math.sqrt(D), gated, *packing(seqs), inv=inv)
     if wide != D:
         dv, e = narrow(dv, D), narrow(e, D)
     return dv, e, dbeta, delta, ds_diag
@@ -70,10 +73,11 @@ def query_key_grads(q, k, u, e, lse, delta, ds_diag, knobs, *, with_du: bool = F
     return (dq, dk, du) if with_du else (dq, dk)
 
 
-def backward(q, k, beta, u, a, lse, do, solve_knobs, attn_knobs, seqs=None):
+def backward(q, k, beta, u, a, lse, do, solve_knobs, attn_knobs, seqs=None, inv=None):
     """(dq, dk, dv, dbeta or None) for o = deltaformer_attn(q, k, v, beta) given do; k and
-    v (hence dk, dv) may have fewer heads than q."""
-    dv, e, dbeta, delta, ds_diag = reverse_sweep(q, k, do, u, a, beta, lse, solve_knobs, seqs=seqs)
+    v (hence dk, dv) may have fewer heads than q; inv: the forward's in-chunk inverses."""
+    dv, e, dbeta, delta, ds_diag = reverse_sweep(q, k, do, u, a, beta, lse, solve_knobs, seqs=seqs,
+                                                 inv=inv)
     dq, dk = query_key_grads(q, k, u, e, lse, delta, ds_diag, attn_knobs, seqs=seqs)
     if dbeta is not None:
         dbeta = dbeta.to(beta.dtype)
@@ -99,7 +103,8 @@ def attention_stage_grads(q, k, u, o, lse_attn, do, attn_knobs, seqs=None):
     return dq, dk_attn, du
 
 
-def backward_q_solve(q, q_solve, k, beta, u, a, lse_solve, o, lse_attn, do, config, seqs=None):
+def backward_q_solve(q, q_solve, k, beta, u, a, lse_solve, o, lse_attn, do, config, seqs=None,
+                     inv=None):
     """(dq, dq_solve, dk, dv, dbeta or None) for o = causal_softmax(q k^T) u with
     u = (I + diag(beta) P')^{-1} v, P' from q_solve k^T. The attention stage's backward
     (e = do, delta = do . o, the diagonal in ds_ii) gives dq, part of dk and
@@ -107,7 +112,7 @@ def backward_q_solve(q, q_solve, k, beta, u, a, lse_solve, o, lse_attn, do, conf
     dbeta and, through a second dq/dk pass over q_solve, dq_solve and the rest of dk."""
     dq, dk_attn, du = attention_stage_grads(q, k, u, o, lse_attn, do, config.attn_bwd, seqs=seqs)
     dv, e, dbeta, delta, ds_diag = reverse_sweep(q_solve, k, du, u, a, beta, lse_solve,
-                                                 config.solve_bwd, gated=False, seqs=seqs)
+                                                 config.solve_bwd, gated=False, seqs=seqs, inv=inv)
     dq_solve, dk_solve = query_key_grads(q_solve, k, u, e, lse_solve, delta, ds_diag,
                                          config.attn_bwd, seqs=seqs)
     if dbeta is not None:

@@ -15,20 +15,32 @@ from .config import KernelConfig
 from .padding import kernel_head_dim, narrow, packing, widen
 
 
-def solve_stage(q, k, v, beta, knobs, *, write_o: bool, write_a: bool = False, seqs=None):
+def solve_stage(q, k, v, beta, knobs, *, write_o: bool, write_a: bool = False, seqs=None,
+                inv=None):
     """Run the solve stage alone. Returns (u, o or None, lse [B, H, T] float32, a or None),
     a_i = sum_{j<i} P_ij u_j being what the backward needs. seqs: None for a padded batch,
-    or (cu_seqlens, longest length) for packed sequences in [1, total, H, D] tensors."""
+    or (cu_seqlens, longest length) for packed sequences in [1, total, H, D] tensors. inv:
+    None, or inverse_buffer(...) under these knobs, which gets the in-chunk inverses."""
     D = q.shape[3]
     wide = kernel_head_dim(D, q.dtype)
     if wide != D:
         q, k, v = widen(q, wide), widen(k, wide), widen(v, wide)
     module = build.load("solve_fwd", q.dtype, wide, knobs)
     u, o, a, lse, sync = solve_buffers(q, module, write_o=write_o, write_a=write_a, seqs=seqs)
-    module.launch(q, k, v, beta, u, o, a, lse, sync, 1.0 / math.sqrt(D), *packing(seqs))
+    module.launch(q, k, v, beta, u, o, a, lse, sync, 1.0 / math.sqrt(D), *packing(seqs), inv=inv)
     if wide != D:
         u, o, a = narrow(u, D), narrow(o, D), narrow(a, D)
     return u, o, lse, a
+
+
+def inverse_buffer(q, chunk: int, seqs=None):
+    """Where a training forward keeps each chunk's in-chunk inverse for the reverse sweep
+    ([sequences * H, chunks, chunk, chunk]; float16 for 16-bit inputs, as the forward's
+    fp16 inverse products round it, float32 for float32 ones): T * chunk values per head."""
+    B, T, H, _ = q.shape
+    n_seqs, longest = (B, T) if seqs is None else (seqs[0].numel() - 1, seqs[1])
+    dtype = torch.float32 if q.dtype == torch.float32 else torch.float16
+    return torch.empty(n_seqs * H, -(-longest // chunk), chunk, chunk, dtype=dtype, device=q.device)
 
 
 def solve_buffers(q, module, *, write_o: bool, write_a: bool = False, seqs=None):
@@ -63,26 +75,31 @@ def attention_stage(q, k, u, knobs, *, return_lse: bool = False, seqs=None):
     return (o, lse) if return_lse else o
 
 
-def forward(q, k, v, beta, config: KernelConfig, *, for_backward: bool = False, seqs=None):
-    """(o, u, lse, a) under `config`'s strategy; a (None unless for_backward) is
-    sum_{j<i} P_ij u_j, which the backward needs besides u and lse."""
+def forward(q, k, v, beta, config: KernelConfig, *, for_backward: bool = False, seqs=None,
+            keep_inverse: bool = True):
+    """(o, u, lse, a, inv) under `config`'s strategy; a and inv (None unless for_backward;
+    inv also None without keep_inverse) are sum_{j<i} P_ij u_j, which the backward needs
+    besides u and lse, and the in-chunk inverses (inverse_buffer), which its reverse sweep
+    reads instead of building them again where its CHUNK is the forward's."""
     fused = config.strategy == "fused"
+    inv = inverse_buffer(q, config.solve["CHUNK"], seqs) if for_backward and keep_inverse else None
     u, o, lse, a = solve_stage(q, k, v, beta, config.solve, write_o=fused, write_a=for_backward,
-                               seqs=seqs)
+                               seqs=seqs, inv=inv)
     if not fused:
         o = attention_stage(q, k, u, config.attn, seqs=seqs)
-    return o, u, lse, a
+    return o, u, lse, a, inv
 
 
 def forward_q_solve(q, q_solve, k, v, beta, config: KernelConfig, *, for_backward: bool = False,
                     seqs=None):
     """The two-stage pass with the solve stage's own queries: u from the strict softmax of
-    q_solve k^T, then o = causal softmax(q k^T) u. Returns (o, u, lse_solve, a, lse_attn),
-    a and lse_attn (inclusive) being None unless for_backward."""
+    q_solve k^T, then o = causal softmax(q k^T) u. Returns (o, u, lse_solve, a, lse_attn,
+    inv), a, lse_attn (inclusive) and inv (forward's) being None unless for_backward."""
+    inv = inverse_buffer(q_solve, config.solve["CHUNK"], seqs) if for_backward else None
     u, _, lse_solve, a = solve_stage(q_solve, k, v, beta, config.solve, write_o=False,
-                                     write_a=for_backward, seqs=seqs)
+                                     write_a=for_backward, seqs=seqs, inv=inv)
     if for_backward:
         o, lse_attn = attention_stage(q, k, u, config.attn, return_lse=True, seqs=seqs)
     else:
         o, lse_attn = attention_stage(q, k, u, config.attn, seqs=seqs), None
-    return o, u, lse_solve, a, lse_attn
+    return o, u, lse_solve, a, lse_attn, inv

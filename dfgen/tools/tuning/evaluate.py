@@ -222,35 +222,36 @@ class StageBench:
             fused = self.strategy == "fused"
             training = request["slot"] in TRAINING_SLOTS.values()
 
-            def run(knobs):  # (u, o or None, lse, a or None)
-                return fwd.solve_stage(qs, k, v, beta, knobs, write_o=fused, write_a=training)
+            def run(knobs):  # (u, o or None, lse, a or None); training also keeps the inverses
+                inv = fwd.inverse_buffer(qs, knobs["CHUNK"]) if training else None
+                return fwd.solve_stage(qs, k, v, beta, knobs, write_o=fused, write_a=training, inv=inv)
         elif self.stage == "attn_fwd":
             u = fwd.solve_stage(qs, k, v, beta, default.solve, write_o=False)[0]
 
             def run(knobs):
                 return (fwd.attention_stage(q, k, u, knobs),)
         elif not qsolve:
-            _, u, lse, a = fwd.forward(q, k, v, beta, forward, for_backward=True)
-            if self.stage == "solve_bwd":
+            _, u, lse, a, inv = fwd.forward(q, k, v, beta, forward, for_backward=True)
+            if self.stage == "solve_bwd":  # the forward's inverses read where the CHUNKs agree
                 def run(knobs):
-                    return bwd.reverse_sweep(q, k, do, u, a, beta, lse, knobs)
+                    return bwd.reverse_sweep(q, k, do, u, a, beta, lse, knobs, inv=inv)
             else:
                 _, e, _, delta, ds_diag = bwd.reverse_sweep(q, k, do, u, a, beta, lse,
-                                                            default.solve_bwd)
+                                                            default.solve_bwd, inv=inv)
 
                 def run(knobs):
                     return bwd.query_key_grads(q, k, u, e, lse, delta, ds_diag, knobs)
         else:  # the q_solve backward: the attention stage's grads, then the solve stage's
-            o, u, lse_solve, a, lse_attn = fwd.forward_q_solve(q, q_solve, k, v, beta, forward,
-                                                               for_backward=True)
+            o, u, lse_solve, a, lse_attn, inv = fwd.forward_q_solve(q, q_solve, k, v, beta, forward,
+                                                                    for_backward=True)
             du = bwd.attention_stage_grads(q, k, u, o, lse_attn, do, default.attn_bwd)[2]
             if self.stage == "solve_bwd":
                 def run(knobs):
                     return bwd.reverse_sweep(q_solve, k, du, u, a, beta, lse_solve, knobs,
-                                             gated=False)
+                                             gated=False, inv=inv)
             else:
                 _, e, _, delta, ds_diag = bwd.reverse_sweep(q_solve, k, du, u, a, beta, lse_solve,
-                                                            default.solve_bwd, gated=False)
+                                                            default.solve_bwd, gated=False, inv=inv)
 
                 def run(knobs):
                     return (bwd.attention_stage_grads(q, k, u, o, lse_attn, do, knobs)
