@@ -90,6 +90,39 @@ def test_the_reverse_sweep_reads_the_kept_inverses_only_under_its_chunk():
     assert rel_err(other, reverse_sweep(q, k, do, u, a, beta, lse, sweep_knobs(32, 16))[0]) == 0
 
 
+@pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])
+@pytest.mark.parametrize("B,T,H,H_kv,D,block", [(1, 1, 1, 1, 32, 16), (2, 45, 2, 1, 32, 16),
+                                               (1, 70, 2, 2, 64, 32), (1, 83, 1, 1, 32, 64)])
+def test_one_launch_gives_what_two_launches_give(B, T, H, H_kv, D, block, dtype_name):
+    """ONE_LAUNCH (program j: key block j's dk, then row block j's dq) computes each block
+    as the two launches do: equal dq, dk and du, grouped heads, packed sequences, blocks of
+    two sizes and T not a multiple of the block included."""
+    dtype = DTYPES[dtype_name]
+    gen = torch.Generator().manual_seed(T)
+    q, u, e = (torch.randn(B, T, H, D, generator=gen).to(dtype).to(DEVICE) for _ in range(3))
+    k = torch.randn(B, T, H_kv, D, generator=gen).to(dtype).to(DEVICE)
+    lse = (torch.randn(B, H, T, generator=gen) + 3.0).to(DEVICE)
+    delta, ds_diag = (torch.randn(B, H, T, generator=gen).to(DEVICE) for _ in range(2))
+    two = query_key_grads(q, k, u, e, lse, delta, ds_diag, qk_knobs(block, block), with_du=True)
+    one = query_key_grads(q, k, u, e, lse, delta, ds_diag, dict(qk_knobs(block, block), ONE_LAUNCH=True),
+                          with_du=True)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+    if B == 2:  # packed sequences of 10 and 80 tokens (block T is the longest's)
+        cu = torch.tensor([0, 10, 90], dtype=torch.int32, device=DEVICE)
+        packed = [torch.randn(1, 90, n, D, generator=gen).to(dtype).to(DEVICE) for n in (H, H_kv, H, H)]
+        rows = [(torch.randn(H, 90, generator=gen) + (3.0 if i == 0 else 0.0)).to(DEVICE) for i in range(3)]
+        args = (packed[0], packed[1], packed[2], packed[3], *rows)
+        two = query_key_grads(*args, qk_knobs(block, block), seqs=(cu, 80))
+        one = query_key_grads(*args, dict(qk_knobs(block, block), ONE_LAUNCH=True), seqs=(cu, 80))
+        assert all(torch.equal(a, b) for a, b in zip(one, two))
+    # blocks of two sizes: the grid covers the more numerous ones
+    two = query_key_grads(q, k, u, e, lse, delta, ds_diag, qk_knobs(16, 32), with_du=True)
+    one = query_key_grads(q, k, u, e, lse, delta, ds_diag, dict(qk_knobs(16, 32), ONE_LAUNCH=True),
+                          with_du=True)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+
+
 @pytest.mark.parametrize("dtype_name", ["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("case", STAGE_CASES, ids=_stage_id)
 def test_query_key_grads_alone(case, dtype_name):
@@ -122,6 +155,8 @@ CONFIGS = {
     "fused-C32": KernelConfig("fused", dict(SOLVE_A, CHUNK=32, LOOKAHEAD=1),
                               solve_bwd=sweep_knobs(32, 32, fp16_inverse=True, precision="tf32"),
                               attn_bwd=qk_knobs(32, 16)),
+    "fused-one-launch": KernelConfig("fused", SOLVE_A, solve_bwd=sweep_knobs(16, 16),
+                                     attn_bwd=dict(qk_knobs(32, 32), ONE_LAUNCH=True)),
 }
 CPU_GRAD_CASES = [((2, 45, 2, 32), "rand"), ((1, 70, 1, 32), None), ((1, 50, 2, 64), 1.5),
                   ((1, 1, 1, 32), "rand")]
@@ -137,8 +172,9 @@ def _grad_params():
                                         id=f"B{shape[0]}-T{shape[1]}-H{shape[2]}-D{shape[3]}-beta{beta}-{name}-{dt}"))
     for shape, beta in GPU_GRAD_CASES:
         for dt in ("fp16", "bf16"):
-            out.append(pytest.param(shape, beta, dt, "default", marks=gpu_only,
-                                    id=f"B{shape[0]}-T{shape[1]}-H{shape[2]}-D{shape[3]}-beta{beta}-default-{dt}"))
+            for name in ("default", "default-one-launch"):
+                out.append(pytest.param(shape, beta, dt, name, marks=gpu_only,
+                                        id=f"B{shape[0]}-T{shape[1]}-H{shape[2]}-D{shape[3]}-beta{beta}-{name}-{dt}"))
     return out
 
 
@@ -147,6 +183,10 @@ def test_gradients_match_reference(shape, beta_kind, dtype_name, config_name):
     dtype = DTYPES[dtype_name]
     q, k, v, beta = make_inputs(*shape, dtype, beta=beta_kind, seed=sum(shape))
     config = CONFIGS.get(config_name)  # None: the built-in default
+    if config_name == "default-one-launch":  # the default's 64 x 64 blocks in one launch
+        default = default_config(shape[3], dtype)
+        config = KernelConfig(default.strategy, default.solve, solve_bwd=default.solve_bwd,
+                              attn_bwd=dict(default.attn_bwd, ONE_LAUNCH=True))
     leaves = [t.requires_grad_() for t in (q, k, v)]
     if beta is not None:
         leaves.append(beta.requires_grad_())

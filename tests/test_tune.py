@@ -300,7 +300,7 @@ def test_space_limits_are_checked():
     # one stage's space: its own section's parameters, within the limits that name it
     attn = stage_choices("attn_bwd", 128, {"attn_bwd.BLOCK_M": [32, 64], "solve.CHUNK": [32]})
     assert list(attn) == ["attn_bwd.BLOCK_M", "attn_bwd.BLOCK_N", "attn_bwd.num_warps",
-                          "attn_bwd.num_stages"] and attn["attn_bwd.BLOCK_M"] == [32, 64]
+                          "attn_bwd.num_stages", "attn_bwd.ONE_LAUNCH"] and attn["attn_bwd.BLOCK_M"] == [32, 64]
     with pytest.raises(DfgenError, match="unknown parameters"):
         stage_choices("attn_bwd", 128, {"attn_bwd.BLOCK_K": [32]})
 

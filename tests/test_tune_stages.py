@@ -17,7 +17,7 @@ from dfgen.select.bucket import Bucket
 from dfgen.tools.check import validate_config
 from dfgen.tools.tuning import compile_ahead, stages, tuner, worker
 from dfgen.tools.tuning.progress import BucketBudget, TuneProgress
-from dfgen.tools.tuning.space import stage_choices, stage_knobs, stage_params, stage_points
+from dfgen.tools.tuning.space import bucket_limits, stage_choices, stage_knobs, stage_params, stage_points
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU interpreter tune")
 
@@ -28,6 +28,7 @@ attn_bwd.BLOCK_M: [32, 64]
 attn_bwd.BLOCK_N: 64
 attn_bwd.num_warps: 4
 attn_bwd.num_stages: [1, 2]
+attn_bwd.ONE_LAUNCH: false
 solve_bwd.CHUNK: 32
 solve_bwd.BLOCK_M: [16, 32]
 solve_bwd.SOLVE_PRECISION: tf32
@@ -433,7 +434,7 @@ def test_stage_spaces_and_slots():
         == "solve_fwd(two_stage, training)"
     assert stages.is_local(stages.slot("solve_fwd(fused, training)"))
     assert not stages.is_local(stages.slot("solve_fwd(fused)"))
-    assert len(stage_points(stage_choices("attn_bwd", 128))) <= stages.SWEEP_MAX  # swept on a GPU
+    assert len(stage_points(stage_choices("attn_bwd", 128, bucket_limits("bf16")))) <= stages.SWEEP_MAX  # swept on a GPU
     name = stages.study_name("fwd/bf16/d64/t1024/bh8", stages.slot("attn_fwd"), "tpe",
                              {"solve.CHUNK": [32]}, False)
     assert name.startswith("dfgen:fwd/bf16/d64/t1024/bh8:attn_fwd:templates-")
@@ -537,7 +538,7 @@ def test_a_sampled_stage_spends_its_last_third_refining_the_best_point(tmp_path,
 
     _timed_by_knobs(monkeypatch, stage_ms)
     bucket = Bucket("fwd+bwd", "bf16", 32, 24, 1)
-    size = len(stage_points(stage_choices("attn_bwd", 32, None)))
+    size = len(stage_points(stage_choices("attn_bwd", 32, bucket_limits("bf16"))))
     trials = stages.stage_trials("9%", size)
     assert trials == int(0.09 * size) and stages.stage_trials("0.1%", 4) == 1 and stages.stage_trials(7, 99) == 7
     result = tuner.tune_bucket(bucket, trials="9%", sampler="tpe", seed=0, timeout_s=10,
