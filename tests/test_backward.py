@@ -27,7 +27,8 @@ def qk_knobs(M, N):
 
 
 def fwd_knobs(C=16):
-    return dict(default_config(32, torch.float32).solve, CHUNK=C, BLOCK_N=16, LOOKAHEAD=1)
+    return dict(default_config(32, torch.float32).solve, CHUNK=C, BLOCK_N=16 if C <= 32 else 32,
+                LOOKAHEAD=1)
 
 
 # (B, T, H, D, sweep knobs, dq/dk knobs): chunks and blocks that do not divide T, T = 1

@@ -108,3 +108,25 @@ def test_one_stage_solve_is_refused_below_head_dim_64():
                              config=config)
         assert (1,) not in spec("solve_fwd").feasible_combinations(("num_stages",), head_dim)
     assert (1,) in spec("solve_fwd").feasible_combinations(("num_stages",), 64)
+
+
+def test_narrow_key_blocks_under_wide_chunks_are_refused_at_head_dim_32():
+    """16-key blocks under 64-row chunks at head dim 32 end in an illegal memory access on
+    the H200 in fp16 and bf16 (Triton 3.6): refused with the constraint named, never sampled
+    by the tuner there; head dim 64 and 32-row chunks keep them."""
+    from dfgen.kernels.config import default_config
+    from dfgen.errors import ConfigError
+    from dfgen.kernels.spec import spec
+
+    config = default_config(32, torch.float16).to_dict()
+    config["solve"] = dict(config["solve"], CHUNK=64, BLOCK_N=16)
+    with pytest.raises(ConfigError, match="BLOCK_N >= 32 or CHUNK <= 32"):
+        deltaformer_attn(*random_pass_inputs((1, 8, 1, 32), torch.float16, DEVICE, seed=0)[:4],
+                         config=config)
+    group = next(g for g in spec("solve_fwd").knob_groups() if "CHUNK" in g)
+
+    def pairs(head_dim):
+        return {(c[group.index("CHUNK")], c[group.index("BLOCK_N")])
+                for c in spec("solve_fwd").feasible_combinations(group, head_dim)}
+    assert (64, 16) not in pairs(32) and (128, 16) not in pairs(32) and (32, 16) in pairs(32)
+    assert (64, 16) in pairs(64)

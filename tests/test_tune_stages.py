@@ -434,7 +434,10 @@ def test_stage_spaces_and_slots():
         == "solve_fwd(two_stage, training)"
     assert stages.is_local(stages.slot("solve_fwd(fused, training)"))
     assert not stages.is_local(stages.slot("solve_fwd(fused)"))
-    assert len(stage_points(stage_choices("attn_bwd", 128, bucket_limits("bf16")))) <= stages.SWEEP_MAX  # swept on a GPU
+    # the dq/dk pass searches one launch and two at every point (d128: sampled, not swept)
+    two_launches = stage_choices("attn_bwd", 128, {**bucket_limits("bf16"), "attn_bwd.ONE_LAUNCH": [False]})
+    assert len(stage_points(two_launches)) <= stages.SWEEP_MAX
+    assert len(stage_points(stage_choices("attn_bwd", 128, bucket_limits("bf16")))) == 2 * len(stage_points(two_launches))
     name = stages.study_name("fwd/bf16/d64/t1024/bh8", stages.slot("attn_fwd"), "tpe",
                              {"solve.CHUNK": [32]}, False)
     assert name.startswith("dfgen:fwd/bf16/d64/t1024/bh8:attn_fwd:templates-")
@@ -569,7 +572,7 @@ def test_refinement_walks_past_the_stage_trials_to_a_local_optimum(tmp_path, mon
         return 1.0 + sum(knobs[k] != v for k, v in target.items()) if slot == "attn_bwd" else 1.0
 
     _timed_by_knobs(monkeypatch, stage_ms)
-    result = tuner.tune_bucket(Bucket("fwd+bwd", "bf16", 32, 24, 1), trials=6, sampler="tpe", seed=0,
+    result = tuner.tune_bucket(Bucket("fwd+bwd", "bf16", 32, 24, 1), trials=6, sampler="tpe", seed=1,
                                timeout_s=10, storage=tuner.open_storage(str(tmp_path / "w.journal")),
                                log=lambda *a: None, sweep_max=0, cold_start=True, converge=True)
     done = [t for t in result.studies["attn_bwd"].trials if t.state.name == "COMPLETE"]

@@ -255,7 +255,10 @@ def _default_config(head_dim: int, dtype: str, strategy: str) -> KernelConfig:
     # mma.sync instead of wgmma; 64 made forward+backward 1.14x to 1.19x faster at every
     # head-dim-128 bucket from T = 1024 to 16384 of the H200 tune (run 14). float32 tiles at
     # head dim 128 need 257 KB of shared memory with 64 rows (the H200 has 227): 32 there.
+    # One launch (program j: key block j's dk, then row block j's dq) at head dim 128 in
+    # 16 bits: the dq/dk pass 12 % faster at (1, 4096, 16, 128), 2 to 4 % slower at
+    # (1, 16384, 8, 128); at head dim 64 it was 18 to 25 % slower (run 25).
     attn_bwd = dict(BLOCK_M=32 if fp32 and head_dim > 64 else 64, BLOCK_N=64, num_warps=4,
-                    num_stages=2)
+                    num_stages=2, ONE_LAUNCH=head_dim > 64 and not fp32)
     return KernelConfig(strategy=strategy, solve=solve, attn=attn, solve_bwd=solve_bwd,
                         attn_bwd=attn_bwd).check(head_dim, backward=True)

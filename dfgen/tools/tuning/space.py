@@ -155,7 +155,6 @@ def _section(stage: str) -> str:
 SEARCH_LIMITS = {
     "solve.CHUNK": [16, 32, 64], "solve.num_warps": [4, 8],
     "solve_bwd.CHUNK": [16, 32, 64], "solve_bwd.num_warps": [4, 8],
-    "attn_bwd.ONE_LAUNCH": [False],  # not yet measured on a GPU: searched only when --space names it
 }
 
 
