@@ -90,7 +90,10 @@ def main():
     rows.append(("forward+backward",
                  per_call_us(lambda: deltaformer_attn(qg, kg, vg, bg).backward(do), 200, sync),
                  per_call_us(lambda: sdpa_causal(qsg, ksg, vsg).backward(do_s), 200, sync)))
-    print(f"\nshape (B, T, H, D) = {shape}, bf16; us per eager call (wall / process CPU)")
+    path = "Triton's (DFGEN_TRITON_LAUNCH=1)" if os.environ.get("DFGEN_TRITON_LAUNCH") == "1" \
+        else "dfgen's kept kernels (dfgen/kernels/launcher.py)"
+    print(f"\nshape (B, T, H, D) = {shape}, bf16; launch path: {path}; us per eager call "
+          "(wall / process CPU)")
     print("| call | dfgen wall | SDPA wall | dfgen - SDPA | dfgen CPU | SDPA CPU |")
     print("|---|---|---|---|---|---|")
     for name, (d_wall, d_cpu), (s_wall, s_cpu) in rows:
@@ -105,15 +108,22 @@ def main():
             flags.zero_()
             module.launch(q, k, v, beta, u, o, None, lse, flags, shape[3] ** -0.5)
         direct = per_call_us(launch, 200, sync)[1]
-        real_launch = module.launch
-        module.launch = lambda *args, **kwargs: None  # everything dfgen does but the launch
-        try:
-            python_only = per_call_us(lambda: deltaformer_attn(q, k, v, beta), 200, sync)[1]
-        finally:
-            module.launch = real_launch
         sync()
-    print(f"\nforward's kernels launched directly on preallocated outputs: {direct:.1f} us CPU; "
-          f"dfgen's CPU time per forward with the Triton launch stubbed out: {python_only:.1f} us")
+    modules = list(build._loaded.values())  # every kernel module the calls above used
+    real_launches = [m.launch for m in modules]
+    for m in modules:
+        m.launch = lambda *args, **kwargs: None  # everything dfgen does but the launches
+    try:
+        with torch.no_grad():
+            python_only = per_call_us(lambda: deltaformer_attn(q, k, v, beta), 200, sync)[1]
+        python_step = per_call_us(lambda: deltaformer_attn(qg, kg, vg, bg).backward(do), 200, sync)[1]
+    finally:
+        for m, launch in zip(modules, real_launches):
+            m.launch = launch
+    sync()
+    print(f"\nforward's kernel launched directly on preallocated outputs (flags zeroed): {direct:.1f} us "
+          f"CPU; with every Triton launch stubbed out, dfgen's CPU time per forward: "
+          f"{python_only:.1f} us, per forward+backward: {python_step:.1f} us")
 
 
 if __name__ == "__main__":
