@@ -22,6 +22,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from dfgen.kernels import build
+from dfgen.kernels.launcher import unwrap
 from dfgen.kernels.config import default_config
 from dfgen.kernels.spec import spec
 
@@ -111,7 +112,7 @@ def main():
             except Exception as exc:  # a variant the templates' constraints reject at this head dim
                 print(f"skip {stage} d{head_dim} {knobs}: {str(exc).splitlines()[0][:160]}")
                 continue
-            kernels = [getattr(module, n) for n in dir(module) if n.endswith("_kernel")]
+            kernels = [unwrap(getattr(module, n)) for n in dir(module) if n.endswith("_kernel")]
             for fn in kernels:
                 present = [s for s in switches[stage] if s in fn.arg_names]
                 for values in itertools.product(*[(False, True) if every_switch else (True,)] * len(present)):

@@ -1,18 +1,20 @@
-"""Per-call CPU overhead of dfgen.runtime.deltaformer_attn above the kernels.
+"""Host time per eager call of dfgen.runtime.deltaformer_attn, beside torch SDPA's in the
+same run (issue 17's measure: a tiny shape, where the GPU work is a few microseconds and
+the call's time is the host's).
 
-    python bench/run.py overhead
+    python bench/run.py overhead [--shape 1,256,4,64]
 
-Measures (median of many calls, CPU time):
-  dispatch   input checks + tuned-config lookup + config check (what runtime adds before
-             any kernel work); runs anywhere.
-  on a GPU also:
-  call       deltaformer_attn at a tiny shape, where the kernels take microseconds
-  launch     the same kernels launched directly (preallocated outputs, no dfgen Python)
-  stubbed    deltaformer_attn with the Triton launch replaced by a no-op: dfgen's own CPU
-             time per call (checks, lookup, allocating outputs, zeroing the flags)
-Bursts of 100 calls with a synchronize (untimed) before each, so a full GPU queue cannot
-stall the timed calls.
+Measures (median over bursts of calls, each burst after a synchronize, untimed, so that a
+full GPU queue cannot stall the timed calls):
+  dispatch   input checks + tuned-config lookup + config check (anywhere);
+  on a GPU also, at the tiny shape, each as wall time per call and as the process's CPU
+  time per call (autograd's backward thread included):
+  forward            deltaformer_attn under no_grad   | SDPA's causal forward
+  forward+backward   o = deltaformer_attn(...); o.backward(do) | the same with SDPA
+  launch     the forward's kernels launched directly (preallocated outputs, no dfgen Python)
+  stubbed    the forward with the Triton launch replaced by a no-op: dfgen's own CPU time
 """
+import argparse
 import os
 import statistics
 import time
@@ -26,67 +28,102 @@ from dfgen.api.inputs import check_inputs
 from dfgen.api.resolve import resolve_config
 from dfgen.kernels.config import KernelConfig
 from dfgen.runtime import deltaformer_attn
+from dfgen.tools.arguments import parse_shapes
+from dfgen.tools.bench import sdpa_causal
 from dfgen.tools.check import random_inputs
 
 
-def cpu_us(fn, n=2000, sync=None):
-    """Median CPU time of one call (us), over bursts of n calls; `sync` (untimed) runs
-    before each burst, so that a GPU queue that fills up cannot stall the timed calls."""
+def per_call_us(fn, n=2000, sync=None, reps=7):
+    """(wall us, CPU us) per call: medians over `reps` bursts of n calls; `sync` (untimed)
+    runs before each burst."""
     fn()
-    samples = []
-    for _ in range(7):
+    walls, cpus = [], []
+    for _ in range(reps):
         if sync:
             sync()
-        start = time.process_time()
+        wall, cpu = time.perf_counter(), time.process_time()
         for _ in range(n):
             fn()
-        samples.append((time.process_time() - start) / n * 1e6)
-    return statistics.median(samples)
+        if sync:
+            sync()  # the burst's GPU work finishes inside its wall time
+        walls.append((time.perf_counter() - wall) / n * 1e6)
+        cpus.append((time.process_time() - cpu) / n * 1e6)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="1,256,4,64", help="B,T,H,D of the tiny call (bf16)")
+    args = ap.parse_args()
+    shape = parse_shapes(args.shape)[0]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    q, k, v, beta = random_inputs((1, 256, 4, 64), torch.bfloat16, device, seed=0)
+    q, k, v, beta = random_inputs(shape, torch.bfloat16, device, seed=0)
 
     def dispatch():
         check_inputs(q, k, v, beta)
         resolve_config(None, q, False)
 
-    print(f"dispatch: {cpu_us(dispatch):.2f} us per call (input checks + lookup + config check)")
+    print(f"dispatch: {per_call_us(dispatch)[1]:.2f} us CPU per call (input checks + lookup + "
+          "config check)")
     given = KernelConfig("fused", dict(resolve_config(None, q, False).solve))
 
     def dispatch_given():
         check_inputs(q, k, v, beta)
         resolve_config(given, q, False)
 
-    print(f"dispatch with a config passed: {cpu_us(dispatch_given):.2f} us per call")
+    print(f"dispatch with a config passed: {per_call_us(dispatch_given)[1]:.2f} us CPU per call")
     if device.type != "cuda":
-        print("no GPU: call and launch overheads need one")
+        print("no GPU: the per-call host times beside SDPA need one")
         return
     from dfgen.kernels import build, forward
 
-    cfg = resolve_config(None, q, False)
     sync = torch.cuda.synchronize
+    qg, kg, vg, bg = (t.detach().clone().requires_grad_() for t in (q, k, v, beta))
+    do = torch.randn_like(q)
+    qs, ks, vs = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    qsg, ksg, vsg = (t.detach().clone().requires_grad_() for t in (qs, ks, vs))
+    do_s = do.transpose(1, 2).contiguous()
+    rows = []
     with torch.no_grad():
-        module = build.load("solve_fwd", q.dtype, 64, cfg.solve)
-        call = cpu_us(lambda: deltaformer_attn(q, k, v, beta), n=100, sync=sync)
+        rows.append(("forward", per_call_us(lambda: deltaformer_attn(q, k, v, beta), 200, sync),
+                     per_call_us(lambda: sdpa_causal(qs, ks, vs), 200, sync)))
+    rows.append(("forward+backward",
+                 per_call_us(lambda: deltaformer_attn(qg, kg, vg, bg).backward(do), 200, sync),
+                 per_call_us(lambda: sdpa_causal(qsg, ksg, vsg).backward(do_s), 200, sync)))
+    path = "Triton's (DFGEN_TRITON_LAUNCH=1)" if os.environ.get("DFGEN_TRITON_LAUNCH") == "1" \
+        else "dfgen's kept kernels (dfgen/kernels/launcher.py)"
+    print(f"\nshape (B, T, H, D) = {shape}, bf16; launch path: {path}; us per eager call "
+          "(wall / process CPU)")
+    print("| call | dfgen wall | SDPA wall | dfgen - SDPA | dfgen CPU | SDPA CPU |")
+    print("|---|---|---|---|---|---|")
+    for name, (d_wall, d_cpu), (s_wall, s_cpu) in rows:
+        print(f"| {name} | {d_wall:.1f} | {s_wall:.1f} | {d_wall - s_wall:+.1f} | {d_cpu:.1f} | "
+              f"{s_cpu:.1f} |")
+    cfg = resolve_config(None, q, False)
+    with torch.no_grad():
+        module = build.load("solve_fwd", q.dtype, shape[3], cfg.solve)
         u, o, _, lse, flags = forward.solve_buffers(q, module, write_o=True)
 
         def launch():
             flags.zero_()
-            module.launch(q, k, v, beta, u, o, None, lse, flags, 0.125)
-        direct = cpu_us(launch, n=100, sync=sync)
-        real_launch = module.launch
-        module.launch = lambda *args, **kwargs: None  # everything dfgen does but the launch
-        try:
-            python_only = cpu_us(lambda: deltaformer_attn(q, k, v, beta), n=100, sync=sync)
-        finally:
-            module.launch = real_launch
+            module.launch(q, k, v, beta, u, o, None, lse, flags, shape[3] ** -0.5)
+        direct = per_call_us(launch, 200, sync)[1]
         sync()
-    print(f"call: {call:.2f} us; the same kernels launched directly on preallocated outputs: "
-          f"{direct:.2f} us; difference: {call - direct:.2f} us per call")
-    print(f"dfgen's CPU time per call with the Triton launch stubbed out (checks, lookup, "
-          f"output allocation, the flags' memset): {python_only:.2f} us")
+    modules = list(build._loaded.values())  # every kernel module the calls above used
+    real_launches = [m.launch for m in modules]
+    for m in modules:
+        m.launch = lambda *args, **kwargs: None  # everything dfgen does but the launches
+    try:
+        with torch.no_grad():
+            python_only = per_call_us(lambda: deltaformer_attn(q, k, v, beta), 200, sync)[1]
+        python_step = per_call_us(lambda: deltaformer_attn(qg, kg, vg, bg).backward(do), 200, sync)[1]
+    finally:
+        for m, launch in zip(modules, real_launches):
+            m.launch = launch
+    sync()
+    print(f"\nforward's kernel launched directly on preallocated outputs (flags zeroed): {direct:.1f} us "
+          f"CPU; with every Triton launch stubbed out, dfgen's CPU time per forward: "
+          f"{python_only:.1f} us, per forward+backward: {python_step:.1f} us")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from ..errors import ConfigError
 from ..files import atomic_write_text
 from ..settings import cache_root, dtype_name
 from .interpreter import patch_interpreter_if_active
+from .launcher import wrap_kernels
 from .spec import spec, templates_dir, templates_hash
 
 _lock = threading.Lock()
@@ -187,4 +188,5 @@ def _module_from_text(module_name: str, path: Path, text: str) -> ModuleType:
     except BaseException:
         sys.modules.pop(module_name, None)
         raise
+    wrap_kernels(module)  # launched with less host time (launcher.py); the kernels are as rendered
     return module
