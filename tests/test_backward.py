@@ -7,7 +7,7 @@ import torch
 from conftest import DEVICE, DTYPES, ON_GPU, assert_close, gpu_only, make_inputs, rel_err
 from dfgen.kernels.backward import query_key_grads, reverse_sweep
 from dfgen.kernels.config import KernelConfig, default_config
-from dfgen.kernels.forward import inverse_buffer, solve_stage
+from dfgen.kernels.forward import forward, inverse_buffer, keeps_inverse, solve_stage
 from dfgen.reference import (naive_backward_terms, naive_deltaformer_attn, naive_deltaformer_u,
                          naive_strict_lse)
 from dfgen.runtime import deltaformer_attn
@@ -58,12 +58,13 @@ def test_reverse_sweep_alone(case, dtype_name):
     dtype = DTYPES[dtype_name]
     q, k, v, beta = make_inputs(B, T, H, D, dtype, seed=T)
     do = torch.randn(B, T, H, D, generator=torch.Generator().manual_seed(1)).to(dtype).to(DEVICE)
-    inv = inverse_buffer(q, knobs["CHUNK"])
+    kept = keeps_inverse(dtype, D, knobs["CHUNK"])
+    inv = inverse_buffer(q, knobs["CHUNK"]) if kept else None
     u, _, lse, a = solve_stage(q, k, v, beta, fwd_knobs(knobs["CHUNK"]), write_o=False, write_a=True,
                                inv=inv)
     ref = naive_backward_terms(q, k, v, beta, do, REF)
     tol = _tol(dtype, knobs)
-    for kept in (None, inv):
+    for kept in (None, inv) if inv is not None else (None,):
         dv, e, dbeta, delta, ds_diag = reverse_sweep(q, k, do, u, a, beta, lse, knobs, inv=kept)
         # the reference from the kernel's own u and a isolates this stage's error
         assert_close(dv, ref["dv"], dtype, "dv", tol)
@@ -89,6 +90,25 @@ def test_the_reverse_sweep_reads_the_kept_inverses_only_under_its_chunk():
                    built) > 0.5
     other = reverse_sweep(q, k, do, u, a, beta, lse, sweep_knobs(32, 16), inv=spoiled)[0]
     assert rel_err(other, reverse_sweep(q, k, do, u, a, beta, lse, sweep_knobs(32, 16))[0]) == 0
+
+
+def test_no_inverse_is_kept_where_its_store_is_miscompiled():
+    """16-bit inputs on head-dim-32 kernels with chunks of 64 rows: the forward's store of
+    the inverses ends in an illegal memory access on the H200 (Triton 3.6), so a training
+    forward keeps none there (the sweep builds its own) and solve_stage refuses to."""
+    for dtype in (torch.float16, torch.bfloat16):
+        assert not keeps_inverse(dtype, 32, 64) and not keeps_inverse(dtype, 16, 64)
+        assert not keeps_inverse(dtype, 32, 128)
+        assert keeps_inverse(dtype, 32, 32) and keeps_inverse(dtype, 64, 64) and keeps_inverse(dtype, 128, 64)
+    assert keeps_inverse(torch.float32, 32, 64) and keeps_inverse(torch.float32, 16, 64)
+    q, k, v, beta = make_inputs(1, 20, 1, 32, torch.bfloat16, seed=5)
+    config = default_config(32, torch.bfloat16)
+    assert config.solve["CHUNK"] == 64
+    assert forward(q, k, v, beta, config, for_backward=True)[4] is None
+    with pytest.raises(ValueError, match="keeps_inverse"):
+        solve_stage(q, k, v, beta, config.solve, write_o=False, write_a=True, inv=inverse_buffer(q, 64))
+    q32, k32, v32, beta32 = make_inputs(1, 20, 1, 32, torch.float32, seed=5)
+    assert forward(q32, k32, v32, beta32, default_config(32, torch.float32), for_backward=True)[4] is not None
 
 
 @pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])

@@ -163,7 +163,7 @@ def test_replay_reads_a_sweep_and_judges_seeds_against_its_best(tmp_path, monkey
     from dfgen.select.bucket import Bucket
     from dfgen.tools.tuning import tuner, worker
 
-    space = {"attn_bwd.BLOCK_M": [16, 32], "attn_bwd.BLOCK_N": [16, 32], "attn_bwd.num_warps": 4,
+    space = {"attn_bwd.BLOCK_M": [16, 32], "attn_bwd.BLOCK_N": [16, 32], "attn_bwd.num_warps": 4, "attn_bwd.ONE_LAUNCH": False,
              "attn_bwd.num_stages": [1, 2], "solve_bwd.CHUNK": 16, "solve_bwd.BLOCK_M": 16,
              "solve_bwd.SOLVE_PRECISION": "tf32", "solve_bwd.INV_FP16": [True, False],
              "solve_bwd.num_warps": 4, "solve_bwd.num_stages": 2}

@@ -15,12 +15,9 @@ from dfgen.kernels import launcher
 from conftest import DEVICE, ON_GPU
 
 
-def _plain_jit(monkeypatch):
-    """A real JITFunction (not the interpreter's), whatever TRITON_INTERPRET says."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    from triton import knobs
-    monkeypatch.setattr(knobs.runtime, "interpret", False, raising=False)
-
+def _plain_jit():
+    """A real JITFunction (not the interpreter's), whatever TRITON_INTERPRET says: built
+    directly, not through triton.jit (and never compiled here)."""
     def scale_kernel(X, Y, n, alpha, FLAG: tl.constexpr, BLOCK: tl.constexpr = 16):
         i = tl.arange(0, BLOCK)
         tl.store(Y + i, tl.load(X + i, mask=i < n) * alpha, mask=i < n)
@@ -41,7 +38,7 @@ class _Compiled:
 
 @pytest.fixture
 def stand_in(monkeypatch):
-    fn = _plain_jit(monkeypatch)
+    fn = _plain_jit()
     triton_calls = []
 
     def triton_run(*args, grid, warmup, **kwargs):  # Triton's path: "compiles" and launches

@@ -22,6 +22,9 @@ def solve_stage(q, k, v, beta, knobs, *, write_o: bool, write_a: bool = False, s
     or (cu_seqlens, longest length) for packed sequences in [1, total, H, D] tensors. inv:
     None, or inverse_buffer(...) under these knobs, which gets the in-chunk inverses."""
     D = q.shape[3]
+    if inv is not None and not keeps_inverse(q.dtype, D, knobs["CHUNK"]):
+        raise ValueError(f"the in-chunk inverses cannot be kept at head dim {D} in {q.dtype} with "
+                         f"CHUNK {knobs['CHUNK']} (keeps_inverse)")
     wide = kernel_head_dim(D, q.dtype)
     if wide != D:
         q, k, v = widen(q, wide), widen(k, wide), widen(v, wide)
@@ -31,6 +34,15 @@ def solve_stage(q, k, v, beta, knobs, *, write_o: bool, write_a: bool = False, s
     if wide != D:
         u, o, a = narrow(u, D), narrow(o, D), narrow(a, D)
     return u, o, lse, a
+
+
+def keeps_inverse(dtype, head_dim: int, chunk: int) -> bool:
+    """Whether a training forward keeps its in-chunk inverses for the reverse sweep: not for
+    16-bit inputs served by head-dim-32 kernels with chunks of 64 rows or more, where Triton
+    3.6 miscompiles the forward's store of them for Hopper (an illegal memory access on the
+    H200 in fp16 and bf16 at every such config mapped in run 28, 48 of 48; head dim 64,
+    32-row chunks and float32 were right). The reverse sweep builds its own there."""
+    return dtype == torch.float32 or kernel_head_dim(head_dim, dtype) >= 64 or chunk <= 32
 
 
 def inverse_buffer(q, chunk: int, seqs=None):
@@ -82,7 +94,9 @@ def forward(q, k, v, beta, config: KernelConfig, *, for_backward: bool = False, 
     besides u and lse, and the in-chunk inverses (inverse_buffer), which its reverse sweep
     reads instead of building them again where its CHUNK is the forward's."""
     fused = config.strategy == "fused"
-    inv = inverse_buffer(q, config.solve["CHUNK"], seqs) if for_backward and keep_inverse else None
+    chunk = config.solve["CHUNK"]
+    keep = for_backward and keep_inverse and keeps_inverse(q.dtype, q.shape[3], chunk)
+    inv = inverse_buffer(q, chunk, seqs) if keep else None
     u, o, lse, a = solve_stage(q, k, v, beta, config.solve, write_o=fused, write_a=for_backward,
                                seqs=seqs, inv=inv)
     if not fused:
@@ -95,7 +109,9 @@ def forward_q_solve(q, q_solve, k, v, beta, config: KernelConfig, *, for_backwar
     """The two-stage pass with the solve stage's own queries: u from the strict softmax of
     q_solve k^T, then o = causal softmax(q k^T) u. Returns (o, u, lse_solve, a, lse_attn,
     inv), a, lse_attn (inclusive) and inv (forward's) being None unless for_backward."""
-    inv = inverse_buffer(q_solve, config.solve["CHUNK"], seqs) if for_backward else None
+    chunk = config.solve["CHUNK"]
+    keep = for_backward and keeps_inverse(q.dtype, q.shape[3], chunk)
+    inv = inverse_buffer(q_solve, chunk, seqs) if keep else None
     u, _, lse_solve, a = solve_stage(q_solve, k, v, beta, config.solve, write_o=False,
                                      write_a=for_backward, seqs=seqs, inv=inv)
     if for_backward:
