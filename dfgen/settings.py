@@ -7,6 +7,8 @@ files, the packaged templates and tuned files), DFGEN_* variables, and dtype nam
                       (default $XDG_CONFIG_HOME/dfgen/tuned, else ~/.config/dfgen/tuned)
     DFGEN_DEBUG=1     checks that cost a host sync (cu_seqlens, |beta| <= 2); read at import
     DFGEN_STRICT=1    an unusable tuned file is an error, not a warning
+    DFGEN_TRITON_LAUNCH=1  launch kernels through Triton's own path, not kept compiled kernels
+                      (kernels/launcher.py); read when a kernel module is built
     TRITON_INTERPRET=1  kernels run in Triton's CPU interpreter
 
 Imports nothing heavy (no torch at import).
@@ -52,6 +54,11 @@ def torch_dtype(name: str):
 def interpreter_active() -> bool:
     """Kernels run in Triton's interpreter (read at each call: the CLI sets it without a GPU)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_launch() -> bool:
+    """DFGEN_TRITON_LAUNCH=1: every launch through Triton's JITFunction.run."""
+    return os.environ.get("DFGEN_TRITON_LAUNCH", "0") in ("1", "true", "yes")
 
 
 def strict() -> bool:

@@ -26,10 +26,11 @@ has pre-run hooks, and when DFGEN_TRITON_LAUNCH=1 asks for it.
 from __future__ import annotations
 
 import inspect
-import os
 from typing import Any
 
 import torch
+
+from ..settings import interpreter_active, triton_launch
 
 # What Triton's CUDA driver asks for the current device and stream (torch's raw calls).
 _current_device = getattr(torch._C, "_cuda_getDevice", torch.cuda.current_device)
@@ -40,8 +41,7 @@ _MAX_SIGNATURES = 256  # per kernel: shapes of a long-running job come and go
 
 
 def _enabled() -> bool:
-    return os.environ.get("DFGEN_TRITON_LAUNCH", "") not in ("1", "true", "yes") \
-        and os.environ.get("TRITON_INTERPRET", "") not in ("1", "true", "yes")
+    return not triton_launch() and not interpreter_active()
 
 
 class FastKernel:
