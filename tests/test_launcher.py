@@ -67,16 +67,21 @@ def test_a_kept_kernel_is_launched_with_triton_s_arguments(stand_in):
     assert call[9:13] == (x, y, 32, 0.25) and call[13:] == (True, 16)
 
 
-@pytest.mark.parametrize("change", ["misaligned", "int", "dtype", "constexpr", "option", "kwargs order"])
+@pytest.mark.parametrize("change", ["misaligned", "int", "bool for int", "dtype", "constexpr", "option",
+                                    "kwargs order"])
 def test_a_new_signature_takes_triton_s_path(stand_in, change):
     kernel, triton_calls, compiled = stand_in
     x, y = torch.randn(33), torch.empty(32)
     args, kwargs = [x[:32], y, 32, 0.5], dict(FLAG=True, num_warps=4)
+    if change == "bool for int":
+        args[2] = 1
     kernel[(1,)](*args, **kwargs)
     if change == "misaligned":
         args[0] = x[1:]  # 4 bytes past a 16-byte boundary
     elif change == "int":
         args[2] = 31
+    elif change == "bool for int":
+        args[2] = True  # equal to 1 in Python, an i1 to Triton
     elif change == "dtype":
         args[0] = x[:32].double()
     elif change == "constexpr":

@@ -119,7 +119,8 @@ def _hooked(hook) -> bool:
 
 def _signature(values) -> tuple:
     """What a launch's arguments are to Triton's specialization, and more: a tensor's dtype
-    and 16-byte alignment, an int's or bool's or string's value, a float's type, None."""
+    and 16-byte alignment, a float's type, any other value with its type (True and 1 are
+    equal in Python, not to Triton: a bool is an i1, an int 1 a constant)."""
     out = []
     for value in values:
         if isinstance(value, torch.Tensor):
@@ -127,7 +128,7 @@ def _signature(values) -> tuple:
         elif isinstance(value, float):
             out.append(float)
         else:
-            out.append(value)  # ints, bools, strings, None, tl.constexpr (hashable)
+            out.append((value.__class__, value))  # ints, bools, strings, None, tl.constexpr
     return tuple(out)
 
 
