@@ -38,10 +38,12 @@ def solve_stage(q, k, v, beta, knobs, *, write_o: bool, write_a: bool = False, s
 
 def keeps_inverse(dtype, head_dim: int, chunk: int) -> bool:
     """Whether a training forward keeps its in-chunk inverses for the reverse sweep: not for
-    16-bit inputs served by head-dim-32 kernels with chunks of 64 rows or more, where Triton
-    3.6 miscompiles the forward's store of them for Hopper (an illegal memory access on the
-    H200 in fp16 and bf16 at every such config mapped in run 28, 48 of 48; head dim 64,
-    32-row chunks and float32 were right). The reverse sweep builds its own there."""
+    16-bit inputs served by head-dim-32 kernels with chunks of 64 rows or more. There Triton
+    3.6 miscompiles the forward's store of them for Hopper: on the H200 the forward at CHUNK
+    64 (BLOCK_N 32, a float32 inverse) ended in an illegal memory access in fp16 and bf16 in
+    each of run 28's 24 cases, and ran right with the same knobs without the store; head dim
+    64, 32-row chunks and float32 were right. The rule covers every such config, mapped or
+    not; the reverse sweep builds its own inverse there."""
     return dtype == torch.float32 or kernel_head_dim(head_dim, dtype) >= 64 or chunk <= 32
 
 
