@@ -7,7 +7,7 @@ import torch
 from conftest import DEVICE, DTYPES, ON_GPU, assert_close, gpu_only, make_inputs, rel_err
 from dfgen.kernels.backward import query_key_grads, reverse_sweep
 from dfgen.kernels.config import KernelConfig, default_config
-from dfgen.kernels.forward import forward, inverse_buffer, keeps_inverse, solve_stage
+from dfgen.kernels.forward import forward, inverse_buffer, kept_inverses, keeps_inverse, solve_stage
 from dfgen.reference import (naive_backward_terms, naive_deltaformer_attn, naive_deltaformer_u,
                          naive_strict_lse)
 from dfgen.runtime import deltaformer_attn
@@ -105,6 +105,7 @@ def test_no_inverse_is_kept_where_its_store_is_miscompiled():
     config = default_config(32, torch.bfloat16)
     assert config.solve["CHUNK"] == 64
     assert forward(q, k, v, beta, config, for_backward=True)[4] is None
+    assert kept_inverses(q, 64) is None and kept_inverses(q, 32) is not None
     with pytest.raises(ValueError, match="keeps_inverse"):
         solve_stage(q, k, v, beta, config.solve, write_o=False, write_a=True, inv=inverse_buffer(q, 64))
     q32, k32, v32, beta32 = make_inputs(1, 20, 1, 32, torch.float32, seed=5)

@@ -57,6 +57,12 @@ def inverse_buffer(q, chunk: int, seqs=None):
     return torch.empty(n_seqs * H, -(-longest // chunk), chunk, chunk, dtype=dtype, device=q.device)
 
 
+def kept_inverses(q, chunk: int, seqs=None):
+    """The buffer a training forward keeps its in-chunk inverses in (inverse_buffer), or
+    None where it keeps none (keeps_inverse): what every caller that keeps them asks."""
+    return inverse_buffer(q, chunk, seqs) if keeps_inverse(q.dtype, q.shape[3], chunk) else None
+
+
 def solve_buffers(q, module, *, write_o: bool, write_a: bool = False, seqs=None):
     """What one launch of the solve_fwd `module` writes: (u, o or None, a or None, lse
     [B, H, T] float32, sync: the ticket counter and the module's FLAGS_PER_CHUNK flags per
@@ -96,9 +102,7 @@ def forward(q, k, v, beta, config: KernelConfig, *, for_backward: bool = False, 
     besides u and lse, and the in-chunk inverses (inverse_buffer), which its reverse sweep
     reads instead of building them again where its CHUNK is the forward's."""
     fused = config.strategy == "fused"
-    chunk = config.solve["CHUNK"]
-    keep = for_backward and keep_inverse and keeps_inverse(q.dtype, q.shape[3], chunk)
-    inv = inverse_buffer(q, chunk, seqs) if keep else None
+    inv = kept_inverses(q, config.solve["CHUNK"], seqs) if for_backward and keep_inverse else None
     u, o, lse, a = solve_stage(q, k, v, beta, config.solve, write_o=fused, write_a=for_backward,
                                seqs=seqs, inv=inv)
     if not fused:
@@ -111,9 +115,7 @@ def forward_q_solve(q, q_solve, k, v, beta, config: KernelConfig, *, for_backwar
     """The two-stage pass with the solve stage's own queries: u from the strict softmax of
     q_solve k^T, then o = causal softmax(q k^T) u. Returns (o, u, lse_solve, a, lse_attn,
     inv), a, lse_attn (inclusive) and inv (forward's) being None unless for_backward."""
-    chunk = config.solve["CHUNK"]
-    keep = for_backward and keeps_inverse(q.dtype, q.shape[3], chunk)
-    inv = inverse_buffer(q_solve, chunk, seqs) if keep else None
+    inv = kept_inverses(q_solve, config.solve["CHUNK"], seqs) if for_backward else None
     u, _, lse_solve, a = solve_stage(q_solve, k, v, beta, config.solve, write_o=False,
                                      write_a=for_backward, seqs=seqs, inv=inv)
     if for_backward:

@@ -48,15 +48,17 @@ class FastKernel:
     """A Triton JITFunction, launched as `kernel[grid](*args, **kwargs)` like the original
     (every other attribute is the original's)."""
 
-    __slots__ = ("fn", "_kept", "_enabled", "_triton_run")
+    __slots__ = ("fn", "_kept", "_enabled", "_triton_run", "_runtime")
 
     def __init__(self, fn):
+        from triton import knobs
         from triton.runtime.jit import JITFunction
 
         self.fn = fn
         self._kept: dict[tuple, tuple] = {}
         self._enabled = _enabled()
         self._triton_run = JITFunction.run  # a later patch of it turns the shortcut off
+        self._runtime = knobs.runtime  # where launch hooks are set
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.fn, name)
@@ -68,11 +70,8 @@ class FastKernel:
         fn = self.fn
         if not self._enabled or type(fn).run is not self._triton_run or getattr(fn, "pre_run_hooks", None):
             return fn[grid](*args, **kwargs)
-        from triton import knobs
-
-        if _hooked(knobs.runtime.launch_enter_hook) or _hooked(knobs.runtime.launch_exit_hook):
-            return fn[grid](*args, **kwargs)
-        if callable(grid):
+        runtime = self._runtime
+        if _hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook) or callable(grid):
             return fn[grid](*args, **kwargs)
         device = _current_device()
         try:

@@ -223,8 +223,7 @@ class StageBench:
             training = request["slot"] in TRAINING_SLOTS.values()
 
             def run(knobs):  # (u, o or None, lse, a or None); training also keeps the inverses
-                keep = training and fwd.keeps_inverse(qs.dtype, head_dim, knobs["CHUNK"])
-                inv = fwd.inverse_buffer(qs, knobs["CHUNK"]) if keep else None
+                inv = fwd.kept_inverses(qs, knobs["CHUNK"]) if training else None
                 return fwd.solve_stage(qs, k, v, beta, knobs, write_o=fused, write_a=training, inv=inv)
         elif self.stage == "attn_fwd":
             u = fwd.solve_stage(qs, k, v, beta, default.solve, write_o=False)[0]
