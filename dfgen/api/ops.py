@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ..kernels.backward import backward
 from ..kernels.config import KernelConfig
+from ..kernels.flags import unpooled
 from ..kernels.forward import forward
 from .resolve import resolve_config
 
@@ -35,7 +36,8 @@ def _config(text: str, q: Tensor, needs_grad: bool) -> KernelConfig:
 
 @torch.library.custom_op("dfgen::attn_fwd", mutates_args=())
 def attn_fwd(q: Tensor, k: Tensor, v: Tensor, beta: Optional[Tensor], config: str) -> Tensor:
-    return forward(q, k, v, beta, _config(config, q, False))[0]
+    with unpooled():  # CUDA graph trees may run this in their memory pool (flags.py)
+        return forward(q, k, v, beta, _config(config, q, False))[0]
 
 
 @attn_fwd.register_fake
@@ -48,8 +50,9 @@ def attn_fwd_train(q: Tensor, k: Tensor, v: Tensor, beta: Optional[Tensor],
                    config: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     # The traced op's outputs have shapes that do not depend on the config, so the reverse
     # sweep builds the in-chunk inverses itself here (eager calls keep the forward's)
-    o, u, lse, a, _ = forward(q, k, v, beta, _config(config, q, True), for_backward=True,
-                              keep_inverse=False)
+    with unpooled():
+        o, u, lse, a, _ = forward(q, k, v, beta, _config(config, q, True), for_backward=True,
+                                  keep_inverse=False)
     return o, u, a, lse
 
 
@@ -66,7 +69,8 @@ def attn_bwd(q: Tensor, k: Tensor, beta: Optional[Tensor], u: Tensor, a: Tensor,
     cfg = _config(config, q, True)
     if do.stride(-1) != 1:
         do = do.contiguous()
-    dq, dk, dv, dbeta = backward(q, k, beta, u, a, lse, do, cfg.solve_bwd, cfg.attn_bwd)
+    with unpooled():
+        dq, dk, dv, dbeta = backward(q, k, beta, u, a, lse, do, cfg.solve_bwd, cfg.attn_bwd)
     return dq, dk, dv, dbeta if dbeta is not None else q.new_empty(0)
 
 

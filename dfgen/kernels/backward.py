@@ -10,6 +10,7 @@ import math
 import torch
 
 from . import build
+from .flags import zeroed_flags
 from .padding import kernel_head_dim, narrow, packing, widen
 
 
@@ -30,7 +31,8 @@ def _sum_groups(grad, kv_like):
 
 def reverse_sweep(q, k, do, u, a, beta, lse, knobs, *, gated: bool = True, seqs=None, inv=None):
     """The solve_bwd stage alone: (dv, e, dbeta or None, delta, ds_diag); dv is per query
-    head ([B, T, H, D], float32 with grouped kv heads), dbeta float32 [B, T, H], delta and
+    head ([B, T, H, D], float32 with grouped kv heads), dbeta [B, T, H] in beta's dtype (the
+    kernel's float32 sums rounded as they are stored: no conversion launch), delta and
     ds_diag float32 [B, H, T]. inv: the forward's in-chunk inverses (forward.inverse_buffer),
     read where their chunk is these knobs' CHUNK, else the sweep builds its own."""
     B, T, H, D = q.shape
@@ -39,13 +41,13 @@ def reverse_sweep(q, k, do, u, a, beta, lse, knobs, *, gated: bool = True, seqs=
         q, k, do, u, a = (widen(t, wide) for t in (q, k, do, u, a))
     dv = _per_query_head(u, H // k.shape[2])
     e = torch.empty_like(u)  # e_i = g_i do_i - beta_i dv_i
-    dbeta = torch.empty(B, T, H, dtype=torch.float32, device=q.device) if beta is not None else None
+    dbeta = torch.empty(B, T, H, dtype=beta.dtype, device=q.device) if beta is not None else None
     delta = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
     ds_diag = torch.empty_like(delta)
     module = build.load("solve_bwd", q.dtype, wide, knobs)
     n_seqs, longest = (B, T) if seqs is None else (seqs[0].numel() - 1, seqs[1])
     n_chunks = -(-longest // module.CHUNK_ROWS)
-    sync = torch.zeros(1 + n_seqs * H * n_chunks, dtype=torch.int32, device=q.device)
+    sync = zeroed_flags(1 + n_seqs * H * n_chunks, q.device)
     if inv is not None and inv.shape[-1] != module.CHUNK_ROWS:
         inv = None  # built under another CHUNK
     module.launch(q, k, do, u, a, beta, lse, dv, e, dbeta, delta, ds_diag, sync,
@@ -79,8 +81,6 @@ def backward(q, k, beta, u, a, lse, do, solve_knobs, attn_knobs, seqs=None, inv=
     dv, e, dbeta, delta, ds_diag = reverse_sweep(q, k, do, u, a, beta, lse, solve_knobs, seqs=seqs,
                                                  inv=inv)
     dq, dk = query_key_grads(q, k, u, e, lse, delta, ds_diag, attn_knobs, seqs=seqs)
-    if dbeta is not None:
-        dbeta = dbeta.to(beta.dtype)
     return dq, dk, _sum_groups(dv, k), dbeta
 
 
@@ -115,7 +115,5 @@ def backward_q_solve(q, q_solve, k, beta, u, a, lse_solve, o, lse_attn, do, conf
                                                  config.solve_bwd, gated=False, seqs=seqs, inv=inv)
     dq_solve, dk_solve = query_key_grads(q_solve, k, u, e, lse_solve, delta, ds_diag,
                                          config.attn_bwd, seqs=seqs)
-    if dbeta is not None:
-        dbeta = dbeta.to(beta.dtype)
     dk = (dk_attn.float() + dk_solve.float()).to(k.dtype)
     return dq, dq_solve, dk, _sum_groups(dv, k), dbeta

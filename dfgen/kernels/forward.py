@@ -11,6 +11,7 @@ import math
 import torch
 
 from . import build
+from .flags import zeroed_flags
 from .config import KernelConfig
 from .padding import kernel_head_dim, narrow, packing, widen
 
@@ -75,7 +76,7 @@ def solve_buffers(q, module, *, write_o: bool, write_a: bool = False, seqs=None)
     lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
     n_chunks = -(-longest // module.CHUNK_ROWS)
     n_flags = getattr(module, "FLAGS_PER_CHUNK", 1) * n_seqs * H * n_chunks  # (older modules: 1)
-    sync = torch.zeros(1 + n_flags, dtype=torch.int32, device=q.device)
+    sync = zeroed_flags(1 + n_flags, q.device)
     return u, o, a, lse, sync
 
 
