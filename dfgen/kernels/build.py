@@ -21,7 +21,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
+from types import MappingProxyType, ModuleType
 from typing import Any, Mapping
 
 import jinja2
@@ -36,7 +36,8 @@ from .spec import spec, templates_dir, templates_hash
 
 _lock = threading.Lock()
 _loaded: dict[str, ModuleType] = {}  # by specialization name
-_by_key: dict[tuple, ModuleType] = {}  # by (stage, dtype, head dim, knobs): the per-call path
+_by_key: dict[tuple, ModuleType] = {}  # by (stage, dtype, head dim, knobs)
+_by_section: dict[tuple, tuple] = {}  # by id of a config's read-only section (kept): the per-call path
 _private_root: Path | None = None  # the fallback cache folder of this process, once needed
 _warned_fallback = False
 
@@ -147,12 +148,22 @@ def _private_root_dir(exc: OSError) -> Path:
 
 def load(stage: str, dtype, head_dim: int, knobs: Mapping[str, Any]) -> ModuleType:
     """The imported module of one specialization (rendered and written on first use).
-    After the first call the cost is one dictionary lookup."""
+    After the first call the cost is one dictionary lookup (a config's section: by its
+    identity, with no sort of its knobs)."""
+    section = (id(knobs), stage, dtype, head_dim) if type(knobs) is MappingProxyType else None
+    if section is not None:  # a KernelConfig's section (read-only): memoized by identity
+        hit = _by_section.get(section)
+        if hit is not None and hit[0] is knobs:
+            return hit[1]
     key = (stage, dtype, head_dim, tuple(sorted(knobs.items())))
     module = _by_key.get(key)
     if module is None:
         module = _build(specialize(stage, dtype, head_dim, knobs))
         _by_key[key] = module
+    if section is not None:
+        if len(_by_section) >= 4096:
+            _by_section.clear()
+        _by_section[section] = (knobs, module)  # the section kept alive: its id stays its own
     return module
 
 
