@@ -534,15 +534,23 @@ def test_minutes_is_a_hard_budget_and_cut_trials_are_counted(tmp_path):
     assert re.search(rf"\| {len(cut)} \| \d+\.\d \|$", row), out  # the cut and trials/min columns
 
 
-def _fake_evaluations(monkeypatch, default, default_ok=True):
+def _fake_evaluations(monkeypatch, default, default_ok=True, entry_solve=None, entry_ms=None):
     """worker.evaluate replaced by a quick stand-in that records the requests: the default's
     knobs (and the default end to end) time 2 ms, every other candidate 1 ms (every
-    challenger looks faster); with default_ok False the default is cut end to end."""
+    challenger looks faster); with default_ok False the default is cut end to end. A tuned
+    file's entry, known by its solve knobs `entry_solve`, takes `entry_ms` end to end
+    (None: cut at the budget; "fail": fails the check)."""
     requests = []
 
     def fake(request, timeout_s, deadline=None):
         requests.append(request)
         if request["op"] == "pass":
+            if entry_solve is not None and request["config"]["solve"] == entry_solve:
+                if entry_ms is None:
+                    return {"ok": False, "cut": True, "reason": "cut"}
+                if entry_ms == "fail":
+                    return {"ok": False, "reason": "wrong: relative error 1"}
+                return {"ok": True, "median_ms": entry_ms, "error": 0.0, "seconds": 0.01}
             is_default = request["config"]["solve"] == dict(default.solve) and \
                 request["config"]["strategy"] == default.strategy
             if is_default and not default_ok:
@@ -591,3 +599,37 @@ def test_no_challenger_wins_without_the_defaults_time(tmp_path, monkeypatch):
         tuner.tune_bucket(bucket, trials=4, sampler="tpe", seed=0, timeout_s=60, sweep_max=0,
                           storage=tuner.open_storage(str(tmp_path / "nodefault.journal")),
                           log=lambda *a: None)
+
+
+def _entry(default):
+    """A tuned file's entry for the CPU bucket that is not the default (num_stages moved)."""
+    solve = dict(default.solve, num_stages=2 if default.solve["num_stages"] != 2 else 3)
+    return {"strategy": default.strategy, "solve": solve}, solve
+
+
+@pytest.mark.parametrize("entry_ms, kept", [(0.5, True), (1.5, False), ("fail", False)])
+def test_the_tuned_file_s_entry_is_the_one_to_beat(tmp_path, monkeypatch, entry_ms, kept):
+    """The entry already in the tuned file is timed end to end beside the default and the
+    combinations, and only a config measured faster replaces it (run 33: a six-minute
+    re-tune of 15 buckets wrote the built-in default over tuned entries whose stage trials
+    had not run); an entry that fails the check is replaced."""
+    bucket = tuner.CPU_BUCKETS[0]
+    default = default_config(bucket.head_dim, torch_dtype(bucket.dtype))
+    entry, solve = _entry(default)
+    _fake_evaluations(monkeypatch, default, entry_solve=solve, entry_ms=entry_ms)
+    result = tuner.tune_bucket(bucket, trials=4, sampler="tpe", seed=0, timeout_s=60, sweep_max=0,
+                               storage=tuner.open_storage(str(tmp_path / "kept.journal")),
+                               log=lambda *a: None, strategy_margin=None, incumbent=entry)
+    assert (result.entry["config"]["solve"] == solve) is kept
+    assert result.entry["median_ms"] == (entry_ms if kept else 1.0)
+
+
+def test_an_entry_not_timed_within_the_budget_stays(tmp_path, monkeypatch):
+    bucket = tuner.CPU_BUCKETS[0]
+    default = default_config(bucket.head_dim, torch_dtype(bucket.dtype))
+    entry, solve = _entry(default)
+    _fake_evaluations(monkeypatch, default, entry_solve=solve, entry_ms=None)
+    with pytest.raises(DfgenError, match="entry was not timed"):
+        tuner.tune_bucket(bucket, trials=4, sampler="tpe", seed=0, timeout_s=60, sweep_max=0,
+                          storage=tuner.open_storage(str(tmp_path / "cut.journal")),
+                          log=lambda *a: None, strategy_margin=None, incumbent=entry)

@@ -320,8 +320,8 @@ def cmd_tune(args) -> int:
             forward_key = bucket._replace(pass_="fwd").key
             forward = chosen.get(forward_key) or earlier.get(forward_key, {}).get("config")
         group = (bucket.pass_, bucket.dtype, bucket.head_dim, bucket.variant)
-        starts = ([earlier[bucket_key]["config"]] if bucket_key in earlier else []) \
-            + learned.get(group, [])[-2:][::-1] + tried_first  # the nearest bucket's bests first
+        # after the tuned file's entry (incumbent): the nearest bucket's bests, then --try
+        starts = learned.get(group, [])[-2:][::-1] + tried_first
         try:
             result = tuner.tune_bucket(bucket, trials=trials, sampler=args.sampler, seed=args.seed,
                                        storage=storage, timeout_s=args.timeout,
@@ -329,7 +329,8 @@ def cmd_tune(args) -> int:
                                        cold_start=args.cold_start, progress=progress,
                                        forward=forward, sweep_max=sweep_max, ahead=ahead,
                                        strategy_margin=None if interpreted else tuner.STRATEGY_MARGIN,
-                                       converge=converge)
+                                       converge=converge,
+                                       incumbent=earlier.get(bucket_key, {}).get("config"))
         except DfgenError as err:  # this bucket found nothing; the others may
             print(f"dfgen tune: {err}", flush=True)
             failed.append(bucket_key)
@@ -356,7 +357,8 @@ def cmd_tune(args) -> int:
               f"bucket(s): {', '.join(skipped)}; not tuned (run again with more --total-minutes, "
               "or --shapes with those buckets: the studies resume)")
     if failed:
-        print(f"dfgen tune: no config found for {len(failed)} bucket(s): {', '.join(failed)}"
+        print(f"dfgen tune: nothing written for {len(failed)} bucket(s) (a tuned entry they had "
+              f"stays; the reason is above): {', '.join(failed)}"
               + ("" if results else f"; nothing written to {out}"))
         return 1
     return 0

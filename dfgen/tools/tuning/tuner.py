@@ -83,7 +83,7 @@ def tune_bucket(bucket: Bucket, *, trials: int, sampler: str, seed: int, storage
                 cold_start: bool = False, progress: TuneProgress | None = None,
                 forward: Mapping | None = None, sweep_max: int = SWEEP_MAX,
                 ahead=None, strategy_margin: float | None = STRATEGY_MARGIN,
-                converge: bool = False) -> BucketResult:
+                converge: bool = False, incumbent: Mapping | None = None) -> BucketResult:
     """Tune one bucket. The built-in default is timed end to end first (checked against
     the reference), so that no budget leaves a challenger without it to beat. Then each
     stage is searched on its own kernel time in a study of its own (stages.py): a forward
@@ -94,15 +94,20 @@ def tune_bucket(bucket: Bucket, *, trials: int, sampler: str, seed: int, storage
     A stage of at most `sweep_max` points
     (every stage with sampler "grid") is swept whole, a larger one sampled for `trials`
     trials (a resumed study counts what it has); a new study's first trials are the
-    default's knobs, then `starts`' (configs such as the tuned file's entry for the
-    bucket; sections they lack come from the default), unless `cold_start`; `converge`:
+    default's knobs, then the tuned file's entry for the bucket (`incumbent`), then
+    `starts`' (such as --try configs; sections any of them lacks come from the default),
+    unless `cold_start`; `converge`:
     a sampled stage refines past `trials` until its best is a local optimum (at most
     `trials` more). Then the
     stages' bests are combined (one combination per strategy), and the default and each
     combination timed end to end twice more, interleaved, and up to twice more again where
     those runs spread by more than 2 %: the default stays unless a combination beats it by
     more than the noise of these runs (final_noise; the default's first time stands in
-    only where none of its final runs fitted the budget).
+    only where none of its final runs fitted the budget). `incumbent`, the entry the tuned
+    file already holds for the bucket, joins that final timing and is the one to beat
+    (then the default, then the combinations): a short or cut tune never replaces a tuned
+    entry with a config not measured faster than it, and where the entry was not timed
+    within the budget (cut; not where it fails), nothing is written for the bucket.
 
     `minutes` is a hard wall-clock budget: the search, shared among the stages by their
     trials left, ends early enough to leave the final timing its reserve (BucketBudget),
@@ -120,13 +125,19 @@ def tune_bucket(bucket: Bucket, *, trials: int, sampler: str, seed: int, storage
     check_limits(limits)
     fixed = _forward_of(bucket, forward, default, log) if bucket.backward else None
     slots = bucket_slots(bucket, limits, fixed.strategy if fixed is not None else "fused")
-    starts = _start_configs(default, starts, bucket, log)
+    # the tuned file's entry: the first start point, and the one to beat end to end
+    kept = _start_configs(default, [incumbent] if incumbent is not None else [], bucket, log)
+    starts = kept + _start_configs(default, starts, bucket, log)
+    kept = _pass_sections(kept[0], bucket.backward) if kept else None
+    if kept is not None and kept.json == _pass_sections(default, bucket.backward).json:
+        kept = None  # the default itself: timed as the default
     combos = len({s.strategy for s in slots}) if not bucket.backward else \
         1 + (fixed.json != _pass_sections(default, backward=False).json)  # the two forwards
+    combos += kept is not None  # timed beside them
     budget = BucketBudget(minutes, retime_runs=_final_runs(combos))
     progress = progress or TuneProgress(1, trials, minutes)
     progress.start_bucket(budget)
-    tune = _BucketTune(bucket, default, fixed, seed, timeout_s, budget, progress, log)
+    tune = _BucketTune(bucket, default, fixed, seed, timeout_s, budget, progress, log, kept)
     try:
         tune.time_default()
         if not bucket.backward and combos > 1 and strategy_margin is not None:
@@ -231,8 +242,9 @@ def describe(config: KernelConfig) -> str:
 class _BucketTune:
     """One bucket's end-to-end timings and stage searches (tune_bucket's steps)."""
 
-    def __init__(self, bucket, default, fixed, seed, timeout_s, budget, progress, log):
+    def __init__(self, bucket, default, fixed, seed, timeout_s, budget, progress, log, kept=None):
         self.bucket, self.key, self.seed, self.timeout_s = bucket, bucket.key, seed, timeout_s
+        self.kept = kept  # the tuned file's entry (None: none, or the default's knobs)
         self.budget, self.progress, self.log = budget, progress, log
         self.default = _pass_sections(default, bucket.backward)
         self.fixed = fixed  # a forward+backward bucket's forward
@@ -241,6 +253,8 @@ class _BucketTune:
                                   forward=fixed.to_dict() if fixed is not None else None)
         self.times: dict[str, list] = {}  # config (JSON) -> its final end-to-end medians
         self.first_default: float | None = None  # the default's time before the search
+        self.failed: set[str] = set()  # configs (JSON) that failed end to end (not cut)
+        self.cut_runs = 0  # end-to-end runs cut at the budget or left out for lack of time
 
     def time_pass(self, config: KernelConfig, seed: int, deadline) -> dict:
         """Check `config` against the reference and time it end to end (fresh inputs)."""
@@ -253,6 +267,7 @@ class _BucketTune:
     def time_default(self) -> None:
         result = self.time_pass(self.default, self.seed + 10_000, self.budget.deadline)
         self.budget.restart_s = worker.startup_seconds()
+        self.cut_runs += bool(result.get("cut"))
         if result["ok"]:
             self.first_default = result["median_ms"]
             self.log(f"{self.key}: the default, end to end: {result['median_ms']:.4f} ms")
@@ -369,7 +384,8 @@ class _BucketTune:
         counts = [s.counts() for s in searches]
         failures, cut = sum(c[2] for c in counts), sum(c[3] for c in counts)
         combos = self.combinations(searches)
-        configs = [self.default] + combos
+        configs = [self.default] + ([self.kept] if self.kept is not None else []) + \
+            [c for c in combos if self.kept is None or c.json != self.kept.json]
         for rep in range(2 + EXTRA_ROUNDS):  # interleaved: d, c1, c2, d, c1, c2 (drift spreads over all)
             if rep >= 2 and (len(configs) < 2 or final_noise(
                     [self.times.get(c.json, []) for c in configs]) <= QUIET):
@@ -377,32 +393,46 @@ class _BucketTune:
             for i, config in enumerate(configs):
                 if not self.budget.fits(self.budget.deadline):
                     self.log(f"{self.key}: no time left to time {describe(config)} end to end")
+                    self.cut_runs += 1
                     continue
                 result = self.time_pass(config, self.seed + 10_001 + 2 * i + rep, self.budget.deadline)
+                self.cut_runs += bool(result.get("cut"))
                 if result["ok"]:
                     self.times.setdefault(config.json, []).append(result["median_ms"])
                 elif not result.get("cut"):
+                    self.failed.add(config.json)
                     self.log(f"{self.key}: {describe(config)} failed end to end: {result['reason']}")
         for i, config in enumerate(configs):
             if self.times.get(config.json):
-                self.log(f"{self.key}: {'the default' if i == 0 else f'combination {i}'} end to end: "
+                name = "the default" if i == 0 else "the tuned file's entry" \
+                    if self.kept is not None and config.json == self.kept.json else f"combination {i}"
+                self.log(f"{self.key}: {name} end to end: "
                          + ", ".join(f"{t:.4f}" for t in self.times[config.json]) + " ms")
         if not self.times.get(self.default.json) and self.first_default is not None:
             self.times[self.default.json] = [self.first_default]  # no final time: the first one
         timings = [(c, self.times[c.json]) for c in configs if self.times.get(c.json)]
         default_times = self.times.get(self.default.json)
         if not timings:
-            if self.budget.deadline is not None and cut:
+            if self.budget.deadline is not None and (cut or self.cut_runs):
                 raise DfgenError(f"{self.key}: no candidate finished within the bucket's "
-                                 f"{self.budget.seconds / 60:g} min ({cut} cut); give it more --minutes")
+                                 f"{self.budget.seconds / 60:g} min ({cut + self.cut_runs} cut); "
+                                 "nothing written for this bucket (give it more --minutes)")
             raise DfgenError(f"{self.key}: no candidate, not even the default, passed the check")
         if not default_times:  # a combination is kept only when measured faster than the default
             raise DfgenError(f"{self.key}: the built-in default was not timed within the bucket's "
                              "budget, so no candidate can be shown to beat it; nothing written "
                              "for this bucket (give it more --minutes)")
+        kept = self.kept
+        if kept is not None and not self.times.get(kept.json) and kept.json not in self.failed:
+            raise DfgenError(f"{self.key}: the tuned file's entry was not timed within the "
+                             "bucket's budget, so no candidate can be shown to beat it; the entry "
+                             "stays as it is (give it more --minutes)")
         noise = final_noise([t for _, t in timings])
-        best, best_ms = self.default, min(default_times)
-        for config, times in timings[1:]:
+        # the one to beat: the file's entry where it was timed, else the default; a
+        # challenger replaces it only when faster by more than the noise
+        order = sorted(timings, key=lambda ct: kept is None or ct[0].json != kept.json)
+        best, best_ms = order[0][0], min(order[0][1])
+        for config, times in order[1:]:
             if min(times) < best_ms * (1.0 - noise):
                 best, best_ms = config, min(times)
         entry = {**self.bucket.fields(), "config": best.to_dict(), "median_ms": round(best_ms, 5),
