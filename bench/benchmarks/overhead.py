@@ -5,12 +5,15 @@ the call's time is the host's).
     python bench/run.py overhead [--shape 1,256,4,64]
 
 Measures (median over bursts of calls, each burst after a synchronize, untimed, so that a
-full GPU queue cannot stall the timed calls):
+full GPU queue cannot stall the timed calls; dfgen's and SDPA's bursts of a row alternate,
+as the host's own speed drifts by up to 2x between runs and within one):
   dispatch   input checks + tuned-config lookup + config check (anywhere);
   on a GPU also, at the tiny shape, each as wall time per call and as the process's CPU
   time per call (autograd's backward thread included):
   forward            deltaformer_attn under no_grad   | SDPA's causal forward
   forward+backward   o = deltaformer_attn(...); o.backward(do) | the same with SDPA
+  (engine here)      the same with autograd's engine on the calling thread (no handoff to
+                     its device thread, where dfgen's Python backward needs the GIL)
   launch     the forward's kernels launched directly (preallocated outputs, no dfgen Python)
   stubbed    the forward with the Triton launch replaced by a no-op: dfgen's own CPU time
 """
@@ -33,27 +36,37 @@ from dfgen.tools.bench import sdpa_causal
 from dfgen.tools.check import random_inputs
 
 
-def per_call_us(fn, n=2000, sync=None, reps=7):
-    """(wall us, CPU us) per call: medians over `reps` bursts of n calls; `sync` (untimed)
-    runs before each burst."""
-    fn()
-    walls, cpus = [], []
+def interleaved_us(fns, n=2000, sync=None, reps=7):
+    """[(wall us, CPU us) per call] of each of `fns`: medians over `reps` rounds, each round
+    one burst of n calls of every fn in turn; `sync` (untimed) runs before each burst."""
+    for fn in fns:
+        fn()
+    walls, cpus = [[] for _ in fns], [[] for _ in fns]
     for _ in range(reps):
-        if sync:
-            sync()
-        wall, cpu = time.perf_counter(), time.process_time()
-        for _ in range(n):
-            fn()
-        if sync:
-            sync()  # the burst's GPU work finishes inside its wall time
-        walls.append((time.perf_counter() - wall) / n * 1e6)
-        cpus.append((time.process_time() - cpu) / n * 1e6)
-    return statistics.median(walls), statistics.median(cpus)
+        for i, fn in enumerate(fns):
+            if sync:
+                sync()
+            wall, cpu = time.perf_counter(), time.process_time()
+            for _ in range(n):
+                fn()
+            if sync:
+                sync()  # the burst's GPU work finishes inside its wall time
+            walls[i].append((time.perf_counter() - wall) / n * 1e6)
+            cpus[i].append((time.process_time() - cpu) / n * 1e6)
+    return [(statistics.median(w), statistics.median(c)) for w, c in zip(walls, cpus)]
+
+
+def per_call_us(fn, n=2000, sync=None, reps=7):
+    """(wall us, CPU us) per call of one fn (interleaved_us)."""
+    return interleaved_us([fn], n, sync, reps)[0]
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="1,256,4,64", help="B,T,H,D of the tiny call (bf16)")
+    ap.add_argument("--compiled", action="store_true", help="also both calls under "
+                    "torch.compile(mode='reduce-overhead', fullgraph=True): CUDA graphs, no host "
+                    "work per kernel")
     args = ap.parse_args()
     shape = parse_shapes(args.shape)[0]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -85,13 +98,20 @@ def main():
     do_s = do.transpose(1, 2).contiguous()
     rows = []
     with torch.no_grad():
-        rows.append(("forward", per_call_us(lambda: deltaformer_attn(q, k, v, beta), 200, sync),
-                     per_call_us(lambda: sdpa_causal(qs, ks, vs), 200, sync)))
-    rows.append(("forward+backward",
-                 per_call_us(lambda: deltaformer_attn(qg, kg, vg, bg).backward(do), 200, sync),
-                 per_call_us(lambda: sdpa_causal(qsg, ksg, vsg).backward(do_s), 200, sync)))
+        rows.append(("forward", *interleaved_us([lambda: deltaformer_attn(q, k, v, beta),
+                                                 lambda: sdpa_causal(qs, ks, vs)], 200, sync)))
+    steps = [lambda: deltaformer_attn(qg, kg, vg, bg).backward(do),
+             lambda: sdpa_causal(qsg, ksg, vsg).backward(do_s)]
+    rows.append(("forward+backward", *interleaved_us(steps, 200, sync)))
+    torch.autograd.set_multithreading_enabled(False)
+    try:
+        rows.append(("forward+backward (engine here)", *interleaved_us(steps, 200, sync)))
+    finally:
+        torch.autograd.set_multithreading_enabled(True)
     path = "Triton's (DFGEN_TRITON_LAUNCH=1)" if os.environ.get("DFGEN_TRITON_LAUNCH") == "1" \
         else "dfgen's kept kernels (dfgen/kernels/launcher.py)"
+    if args.compiled:
+        rows += _compiled_rows(q, k, v, beta, do, qs, ks, vs, do_s, sync)
     print(f"\nshape (B, T, H, D) = {shape}, bf16; launch path: {path}; us per eager call "
           "(wall / process CPU)")
     print("| call | dfgen wall | SDPA wall | dfgen - SDPA | dfgen CPU | SDPA CPU |")
@@ -124,6 +144,30 @@ def main():
     print(f"\nforward's kernel launched directly on preallocated outputs (flags zeroed): {direct:.1f} us "
           f"CPU; with every Triton launch stubbed out, dfgen's CPU time per forward: "
           f"{python_only:.1f} us, per forward+backward: {python_step:.1f} us")
+
+
+def _compiled_rows(q, k, v, beta, do, qs, ks, vs, do_s, sync):
+    """Forward and forward+backward of dfgen and SDPA, each under torch.compile with CUDA
+    graphs (mode='reduce-overhead'), as a model compiled that way runs them."""
+    attn = torch.compile(lambda *t: deltaformer_attn(*t), mode="reduce-overhead", fullgraph=True)
+    sdpa = torch.compile(lambda *t: sdpa_causal(*t), mode="reduce-overhead", fullgraph=True)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, beta)]
+    leaves_s = [t.detach().clone().requires_grad_() for t in (qs, ks, vs)]
+
+    def step(fn, inputs, grad):  # gradients not accumulated into .grad: each replay
+        torch.compiler.cudagraph_mark_step_begin()  # overwrites the last one's outputs
+        torch.autograd.grad(fn(*inputs), inputs, grad)
+
+    def fwd(fn, inputs):
+        torch.compiler.cudagraph_mark_step_begin()
+        fn(*inputs)
+    with torch.no_grad():
+        forward = interleaved_us([lambda: fwd(attn, (q, k, v, beta)),
+                                  lambda: fwd(sdpa, (qs, ks, vs))], 200, sync)
+    both = interleaved_us([lambda: step(attn, leaves, do), lambda: step(sdpa, leaves_s, do_s)],
+                          200, sync)
+    return [("forward, compiled (CUDA graphs)", *forward),
+            ("forward+backward, compiled (CUDA graphs)", *both)]
 
 
 if __name__ == "__main__":
