@@ -1,7 +1,7 @@
 """Naive DeltaFormer attention: the ground truth every kernel is tested against.
 
 Layout: q, k, v are [B, T, H, D]; beta is [B, T, H] (None means all ones). Per batch
-and head, with scale = 1/sqrt(D):
+and head, with scale = 1/sqrt(D) unless a function's `scale` gives another:
 
     s_ij = scale * q_i . k_j
     P_ij = exp(s_ij - lse_i) for j < i, 0 otherwise      (strictly causal softmax)
@@ -23,6 +23,7 @@ import torch
 __all__ = [
     "naive_scores",
     "naive_strict_lse",
+    "naive_lse",
     "naive_deltaformer_u",
     "naive_causal_attention",
     "naive_strict_attention",
@@ -31,12 +32,20 @@ __all__ = [
 ]
 
 
-def naive_scores(q: torch.Tensor, k: torch.Tensor, compute_dtype=torch.float64) -> torch.Tensor:
-    """scale * q k^T as [B, H, T, T] in compute_dtype."""
-    scale = 1.0 / math.sqrt(q.shape[-1])
+def naive_scores(q: torch.Tensor, k: torch.Tensor, compute_dtype=torch.float64,
+                 scale=None) -> torch.Tensor:
+    """scale * q k^T as [B, H, T, T] in compute_dtype (scale None: 1/sqrt(D)); k may have
+    fewer heads than q (grouped heads share them)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    k = _per_query_head(k, q.shape[2])
     qh = q.to(compute_dtype).transpose(1, 2)
     kh = k.to(compute_dtype).transpose(1, 2)
     return scale * (qh @ kh.transpose(-1, -2))
+
+
+def _per_query_head(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, T, H_kv, D] repeated to [B, T, heads, D] (grouped heads)."""
+    return t if t.shape[2] == heads else t.repeat_interleave(heads // t.shape[2], dim=2)
 
 
 def _strict_softmax(s: torch.Tensor):
@@ -48,54 +57,67 @@ def _strict_softmax(s: torch.Tensor):
     return p.masked_fill(~strict, 0.0), lse
 
 
-def naive_strict_lse(q: torch.Tensor, k: torch.Tensor, compute_dtype=torch.float64) -> torch.Tensor:
+def naive_strict_lse(q: torch.Tensor, k: torch.Tensor, compute_dtype=torch.float64,
+                     scale=None) -> torch.Tensor:
     """lse_i = logsumexp_{j<i} s_ij as [B, H, T] (row 0 is -inf)."""
-    return _strict_softmax(naive_scores(q, k, compute_dtype))[1]
+    return _strict_softmax(naive_scores(q, k, compute_dtype, scale))[1]
 
 
-def naive_deltaformer_u(q, k, v, beta=None, compute_dtype=torch.float64) -> torch.Tensor:
+def naive_lse(q: torch.Tensor, k: torch.Tensor, compute_dtype=torch.float64,
+              scale=None) -> torch.Tensor:
+    """The attention's lse_i = logsumexp_{j<=i} s_ij as [B, H, T] (causal, inclusive)."""
+    s = naive_scores(q, k, compute_dtype, scale)
+    T = s.shape[-1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=s.device).tril()
+    return torch.logsumexp(s.masked_fill(~causal, float("-inf")), dim=-1)
+
+
+def naive_deltaformer_u(q, k, v, beta=None, compute_dtype=torch.float64, scale=None) -> torch.Tensor:
     """u = (I + diag(beta) P)^{-1} v, returned as [B, T, H, D] in compute_dtype.
 
     Equivalent to the recurrence u_i = v_i - beta_i * sum_{j<i} P_ij u_j, solved here
     with one triangular solve per batch and head.
     """
     B, T, H, D = q.shape
-    p, _ = _strict_softmax(naive_scores(q, k, compute_dtype))
+    p, _ = _strict_softmax(naive_scores(q, k, compute_dtype, scale))
     if beta is None:
         beta_h = torch.ones(B, H, T, dtype=compute_dtype, device=q.device)
     else:
         beta_h = beta.to(compute_dtype).transpose(1, 2)
     eye = torch.eye(T, dtype=compute_dtype, device=q.device)
     lower = eye + beta_h.unsqueeze(-1) * p
-    vh = v.to(compute_dtype).transpose(1, 2)
+    vh = _per_query_head(v, H).to(compute_dtype).transpose(1, 2)
     u = torch.linalg.solve_triangular(lower, vh, upper=False, unitriangular=True)
     return u.transpose(1, 2).contiguous()
 
 
-def naive_strict_attention(q, k, u, compute_dtype=torch.float64) -> torch.Tensor:
+def naive_strict_attention(q, k, u, compute_dtype=torch.float64, scale=None) -> torch.Tensor:
     """a_i = sum_{j<i} P_ij u_j (strictly causal; row 0 is zero) as [B, T, H, D]."""
-    p, _ = _strict_softmax(naive_scores(q, k, compute_dtype))
+    p, _ = _strict_softmax(naive_scores(q, k, compute_dtype, scale))
     return (p @ u.to(compute_dtype).transpose(1, 2)).transpose(1, 2).contiguous()
 
 
-def naive_causal_attention(q, k, v, compute_dtype=torch.float64) -> torch.Tensor:
+def naive_causal_attention(q, k, v, compute_dtype=torch.float64, scale=None) -> torch.Tensor:
     """o_i = sum_{j<=i} softmax_{j<=i}(s_i)_j v_j as [B, T, H, D] in compute_dtype."""
-    s = naive_scores(q, k, compute_dtype)
+    s = naive_scores(q, k, compute_dtype, scale)
     T = s.shape[-1]
     causal = torch.ones(T, T, dtype=torch.bool, device=s.device).tril()
     p = torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1)
+    v = _per_query_head(v, q.shape[2])
     return (p @ v.to(compute_dtype).transpose(1, 2)).transpose(1, 2).contiguous()
 
 
-def naive_deltaformer_attn(q, k, v, beta=None, compute_dtype=torch.float64, q_solve=None) -> torch.Tensor:
+def naive_deltaformer_attn(q, k, v, beta=None, compute_dtype=torch.float64, q_solve=None,
+                           scale=None) -> torch.Tensor:
     """DeltaFormer attention o = causal_softmax(q k^T) u with u from the solve stage.
 
     q, k, v: [B, T, H, D]; beta: [B, T, H] or None (ones). q_solve: the solve stage's own
     queries (u = (I + diag(beta) P')^{-1} v, P' the strict softmax of q_solve k^T), None
-    for q. Returns o as [B, T, H, D] in compute_dtype (float64 or float32).
+    for q. k and v may have fewer heads than q. scale: the scores' scale (None: 1/sqrt(D)).
+    Returns o as [B, T, H, D] in compute_dtype (float64 or float32).
     """
-    u = naive_deltaformer_u(q if q_solve is None else q_solve, k, v, beta, compute_dtype)
-    return naive_causal_attention(q, k, u, compute_dtype)
+    u = naive_deltaformer_u(q if q_solve is None else q_solve, k, v, beta, compute_dtype, scale)
+    return naive_causal_attention(q, k, u, compute_dtype, scale)
 
 
 def naive_backward_terms(q, k, v, beta, do, compute_dtype=torch.float64) -> dict:

@@ -42,7 +42,7 @@ def test_compile_without_grad_uses_the_forward_op():
 def test_custom_ops_pass_opcheck():
     q, k, v, beta = make_inputs(1, 20, 1, 32, torch.float32, seed=14)
     text = CONFIG.json
-    torch.library.opcheck(torch.ops.dfgen.attn_fwd.default, (q, k, v, beta, text),
+    torch.library.opcheck(torch.ops.dfgen.attn_fwd.default, (q, k, v, beta, text, 0.2),
                           test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(torch.ops.dfgen.attn_fwd_train.default, (q, k, v, None, text),
+    torch.library.opcheck(torch.ops.dfgen.attn_fwd_train.default, (q, k, v, None, text, 0.2),
                           test_utils=("test_schema", "test_faketensor"))

@@ -12,18 +12,19 @@ import torch
 
 from ..errors import ConfigError, InputError
 from ..kernels.config import KernelConfig
-from ..kernels.forward import forward, forward_q_solve
+from ..kernels.forward import forward, forward_q_solve, inclusive_lse, softmax_scale
 from .. import settings
 from . import ops  # noqa: F401  (registers the dfgen:: custom ops that _traced calls)
 from .autograd import AllPaddingFunction, DeltaFormerAttnFunction, DeltaFormerAttnQSolveFunction
-from .inputs import (check_attention_mask, check_beta_range, check_cu_seqlens, check_inputs,
-                     check_large_beta, check_q_solve)
+from .inputs import (check_attention_mask, check_beta_range, check_cu_seqlens, check_flag,
+                     check_inputs, check_large_beta, check_q_solve, check_scale)
 from .resolve import CONFIG_TYPE, resolve_config, two_stage
 
 
 def deltaformer_attn(q, k, v, beta=None, *, q_solve=None, cu_seqlens=None, max_seqlen=None,
                      attention_mask=None, config: KernelConfig | dict | None = None,
-                     large_beta: bool = False):
+                     large_beta: bool = False, scale: float | None = None,
+                     return_lse: bool = False):
     """DeltaFormer attention: o = causal_softmax(q k^T) u, u = (I + diag(beta) P)^{-1} v.
 
     q: [B, T, H, D]; k, v: [B, T, H_kv, D], H a multiple of H_kv (grouped heads share keys
@@ -48,42 +49,60 @@ def deltaformer_attn(q, k, v, beta=None, *, q_solve=None, cu_seqlens=None, max_s
         slower). The default 16-bit configs build it from float16 products, right for
         |beta| <= 2 (sigmoid and 2 * sigmoid models) and not past it (the products cancel;
         NaN near beta = 8). DFGEN_DEBUG=1 checks |beta| <= 2 when large_beta is False.
-    Returns o, [B, T, H, D], in q's dtype; differentiable in q, k, v, beta and q_solve.
+    scale: the softmax scale of every score, s_ij = scale * q_i . k_j, in the solve and the
+        attention alike (None: 1/sqrt(D)), as SDPA's and flash-attn's softmax_scale.
+    return_lse: also return lse_i = logsumexp_{j<=i} s_ij (natural log, the causal row
+        including the diagonal, as flash-attn's softmax_lse): [B, H, T] float32 ([1, H,
+        total_T] with cu_seqlens; -inf at padded positions of an attention_mask). It is not
+        differentiable.
+    Returns o, [B, T, H, D], in q's dtype; differentiable in q, k, v, beta and q_solve;
+    (o, lse) with return_lse.
     """
     check_inputs(q, k, v, beta)
     check_large_beta(large_beta)
+    if scale is not None:
+        scale = check_scale(scale)
+    if return_lse is not False:
+        check_flag("return_lse", return_lse)
     if torch.compiler.is_compiling():
-        return _traced(q, k, v, beta, q_solve, cu_seqlens, attention_mask, config, large_beta)
+        return _traced(q, k, v, beta, q_solve, cu_seqlens, attention_mask, config, large_beta,
+                       scale, return_lse)
     if settings.DEBUG and beta is not None and not large_beta:
         check_beta_range(beta)
     if attention_mask is not None:
         if cu_seqlens is not None:
             raise InputError("give attention_mask or cu_seqlens, not both")
         return _unpadded(check_attention_mask(attention_mask, q), q, k, v, beta, q_solve,
-                         config, large_beta)
+                         config, large_beta, scale, return_lse)
     seqs = check_cu_seqlens(q, cu_seqlens, max_seqlen) if cu_seqlens is not None else None
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, beta, q_solve))
     if q_solve is not None:
-        return _with_q_solve(q, q_solve, k, v, beta, config, needs_grad, seqs, large_beta)
+        return _with_q_solve(q, q_solve, k, v, beta, config, needs_grad, seqs, large_beta, scale,
+                             return_lse)
     config = resolve_config(config, q, needs_grad, seqs, large_beta=large_beta)
     if needs_grad:
-        return DeltaFormerAttnFunction.apply(q, k, v, beta, config, seqs)
-    return forward(q, k, v, beta, config, seqs=seqs)[0]
+        return DeltaFormerAttnFunction.apply(q, k, v, beta, config, seqs, scale, return_lse)
+    o, _, lse, _, _ = forward(q, k, v, beta, config, seqs=seqs, scale=scale)
+    return (o, inclusive_lse(q, k, lse, scale)) if return_lse else o
 
 
-def _with_q_solve(q, q_solve, k, v, beta, config, needs_grad, seqs, large_beta):
+def _with_q_solve(q, q_solve, k, v, beta, config, needs_grad, seqs, large_beta, scale, return_lse):
     """The two-stage path with the solve stage's own queries."""
     check_q_solve(q, q_solve)
     D = q.shape[3]
     config = two_stage(resolve_config(config, q, needs_grad, seqs, variant="qsolve",
                                       large_beta=large_beta), D, q.dtype).check(D, needs_grad)
     if needs_grad:
-        return DeltaFormerAttnQSolveFunction.apply(q, q_solve, k, v, beta, config, seqs)
-    return forward_q_solve(q, q_solve, k, v, beta, config, seqs=seqs)[0]
+        return DeltaFormerAttnQSolveFunction.apply(q, q_solve, k, v, beta, config, seqs, scale,
+                                                   return_lse)
+    o, *_, lse_attn, _ = forward_q_solve(q, q_solve, k, v, beta, config, seqs=seqs, scale=scale,
+                                         return_lse=return_lse)
+    return (o, lse_attn) if return_lse else o
 
 
-def _traced(q, k, v, beta, q_solve, cu_seqlens, attention_mask, config, large_beta):
+def _traced(q, k, v, beta, q_solve, cu_seqlens, attention_mask, config, large_beta, scale,
+            return_lse):
     """Under torch.compile: the call as custom ops (no graph break). The config travels as
     a JSON constant and is resolved inside the op, where tuned files may be read."""
     for name, given in (("attention_mask", attention_mask), ("cu_seqlens", cu_seqlens),
@@ -98,22 +117,31 @@ def _traced(q, k, v, beta, q_solve, cu_seqlens, attention_mask, config, large_be
     if config is not None and not isinstance(config, KernelConfig):
         raise ConfigError(CONFIG_TYPE.format(type(config).__name__))
     text = config.json if config is not None else ""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, beta)):
-        return torch.ops.dfgen.attn_fwd_train(q, k, v, beta, text)[0]
-    return torch.ops.dfgen.attn_fwd(q, k, v, beta, text)
+    scale = softmax_scale(q.shape[3], scale)  # a constant of the traced graph
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, beta))
+    if needs_grad or return_lse:
+        o, _, _, lse = torch.ops.dfgen.attn_fwd_train(q, k, v, beta, text, scale)
+        if return_lse:
+            return o, inclusive_lse(q.detach(), k.detach(), lse.detach(), scale)
+        return o
+    return torch.ops.dfgen.attn_fwd(q, k, v, beta, text, scale)
 
 
-def _unpadded(keep, q, k, v, beta, q_solve, config, large_beta):
+def _unpadded(keep, q, k, v, beta, q_solve, config, large_beta, scale, return_lse):
     """Padding masks by packing: the unpadded tokens of each row (`keep`, [B, T] bool)
     become one sequence (cu_seqlens), so padded positions reach no other position, in the
     solve stage too; the output is zero at padded positions."""
     B, T, H, D = q.shape
     index = keep.flatten().nonzero().squeeze(1)
+    lse = torch.full((H, B * T), float("-inf"), dtype=torch.float32, device=q.device) if return_lse else None
     if index.numel() == 0:  # all padding: a zero output, still differentiable (zero grads)
         inputs = (q, k, v, beta, q_solve)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
-            return AllPaddingFunction.apply(*inputs)
-        return q.new_zeros(B, T, H, D)
+            o = AllPaddingFunction.apply(*inputs)
+        else:
+            o = q.new_zeros(B, T, H, D)
+        return (o, lse.view(H, B, T).transpose(0, 1)) if return_lse else o
     out = q.new_zeros(B * T, H, D)
     cu = torch.zeros(B + 1, dtype=torch.int32, device=q.device)
     cu[1:] = keep.sum(1).cumsum(0)
@@ -122,8 +150,13 @@ def _unpadded(keep, q, k, v, beta, q_solve, config, large_beta):
         return None if t is None else t.reshape(B * T, *t.shape[2:]).index_select(0, index).unsqueeze(0)
 
     o = deltaformer_attn(pack(q), pack(k), pack(v), pack(beta), q_solve=pack(q_solve),
-                         cu_seqlens=cu, config=config, large_beta=large_beta)
-    return out.index_copy(0, index, o[0]).view(B, T, H, D)
+                         cu_seqlens=cu, config=config, large_beta=large_beta, scale=scale,
+                         return_lse=return_lse)
+    if not return_lse:
+        return out.index_copy(0, index, o[0]).view(B, T, H, D)
+    o, packed_lse = o
+    lse.index_copy_(1, index, packed_lse[0])
+    return out.index_copy(0, index, o[0]).view(B, T, H, D), lse.view(H, B, T).transpose(0, 1)
 
 
 __all__ = ["deltaformer_attn"]

@@ -7,51 +7,61 @@ from __future__ import annotations
 import torch
 
 from ..kernels.backward import backward, backward_q_solve
-from ..kernels.forward import forward, forward_q_solve
+from ..kernels.forward import forward, forward_q_solve, inclusive_lse
 
 
 class DeltaFormerAttnFunction(torch.autograd.Function):
     """Saves q, k, beta, u, a = P u, the strict lse and the in-chunk inverses (T * CHUNK
     values per head, the size of u at head dim CHUNK), so the reverse sweep need not build
-    them again."""
+    them again. With return_lse also the attention's (inclusive) lse, not differentiable."""
 
     @staticmethod
-    def forward(ctx, q, k, v, beta, config, seqs):
-        o, u, lse, a, inv = forward(q, k, v, beta, config, for_backward=True, seqs=seqs)
+    def forward(ctx, q, k, v, beta, config, seqs, scale, return_lse):
+        o, u, lse, a, inv = forward(q, k, v, beta, config, for_backward=True, seqs=seqs,
+                                    scale=scale)
         ctx.save_for_backward(q, k, beta, u, a, lse, inv)
-        ctx.config, ctx.seqs = config, seqs
+        ctx.config, ctx.seqs, ctx.scale = config, seqs, scale
+        if return_lse:
+            lse_attn = inclusive_lse(q, k, lse, scale)
+            ctx.mark_non_differentiable(lse_attn)
+            return o, lse_attn
         return o
 
     @staticmethod
-    def backward(ctx, do):
+    def backward(ctx, do, _dlse=None):
         q, k, beta, u, a, lse, inv = ctx.saved_tensors
         if do.stride(-1) != 1:
             do = do.contiguous()
         dq, dk, dv, dbeta = backward(q, k, beta, u, a, lse, do, ctx.config.solve_bwd,
-                                     ctx.config.attn_bwd, seqs=ctx.seqs, inv=inv)
-        return dq, dk, dv, dbeta, None, None
+                                     ctx.config.attn_bwd, seqs=ctx.seqs, inv=inv, scale=ctx.scale)
+        return dq, dk, dv, dbeta, None, None, None, None
 
 
 class DeltaFormerAttnQSolveFunction(torch.autograd.Function):
     """The two-stage form with the solve stage's own queries."""
 
     @staticmethod
-    def forward(ctx, q, q_solve, k, v, beta, config, seqs):
+    def forward(ctx, q, q_solve, k, v, beta, config, seqs, scale, return_lse):
         o, u, lse_solve, a, lse_attn, inv = forward_q_solve(q, q_solve, k, v, beta, config,
-                                                            for_backward=True, seqs=seqs)
+                                                            for_backward=True, seqs=seqs,
+                                                            scale=scale)
         ctx.save_for_backward(q, q_solve, k, beta, u, a, lse_solve, o, lse_attn, inv)
-        ctx.config, ctx.seqs = config, seqs
+        ctx.config, ctx.seqs, ctx.scale = config, seqs, scale
+        if return_lse:
+            lse_out = lse_attn.clone()  # the saved one must not reach the caller
+            ctx.mark_non_differentiable(lse_out)
+            return o, lse_out
         return o
 
     @staticmethod
-    def backward(ctx, do):
+    def backward(ctx, do, _dlse=None):
         q, q_solve, k, beta, u, a, lse_solve, o, lse_attn, inv = ctx.saved_tensors
         if do.stride(-1) != 1:
             do = do.contiguous()
         dq, dq_solve, dk, dv, dbeta = backward_q_solve(q, q_solve, k, beta, u, a, lse_solve, o,
                                                        lse_attn, do, ctx.config, seqs=ctx.seqs,
-                                                       inv=inv)
-        return dq, dq_solve, dk, dv, dbeta, None, None
+                                                       inv=inv, scale=ctx.scale)
+        return dq, dq_solve, dk, dv, dbeta, None, None, None, None
 
 
 class AllPaddingFunction(torch.autograd.Function):

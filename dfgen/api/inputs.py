@@ -4,6 +4,8 @@ look at, so a training loop pays a set lookup per call."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..errors import InputError
@@ -153,5 +155,17 @@ def check_attention_mask(attention_mask, q) -> torch.Tensor:
 
 
 def check_large_beta(large_beta) -> None:
-    if large_beta is not True and large_beta is not False:
-        raise InputError(f"large_beta must be True or False, got {large_beta!r}")
+    check_flag("large_beta", large_beta)
+
+
+def check_flag(name: str, value) -> None:
+    if value is not True and value is not False:
+        raise InputError(f"{name} must be True or False, got {value!r}")
+
+
+def check_scale(scale) -> float:
+    """The softmax scale as a float; InputError unless it is a finite real number."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise InputError(f"scale must be a finite number (the softmax scale; None for "
+                         f"1/sqrt(D)), got {scale!r}")
+    return float(scale)

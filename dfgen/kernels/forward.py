@@ -16,12 +16,19 @@ from .config import KernelConfig
 from .padding import kernel_head_dim, narrow, packing, widen
 
 
+def softmax_scale(head_dim: int, scale=None) -> float:
+    """The scores' scale: `scale` when given, else 1/sqrt(head_dim) (the real head dim,
+    also where the kernels are built for a wider one)."""
+    return 1.0 / math.sqrt(head_dim) if scale is None else scale
+
+
 def solve_stage(q, k, v, beta, knobs, *, write_o: bool, write_a: bool = False, seqs=None,
-                inv=None):
+                inv=None, scale=None):
     """Run the solve stage alone. Returns (u, o or None, lse [B, H, T] float32, a or None),
     a_i = sum_{j<i} P_ij u_j being what the backward needs. seqs: None for a padded batch,
     or (cu_seqlens, longest length) for packed sequences in [1, total, H, D] tensors. inv:
-    None, or inverse_buffer(...) under these knobs, which gets the in-chunk inverses."""
+    None, or inverse_buffer(...) under these knobs, which gets the in-chunk inverses.
+    scale: the scores' scale (None: 1/sqrt(D))."""
     D = q.shape[3]
     if inv is not None and not keeps_inverse(q.dtype, D, knobs["CHUNK"]):
         raise ValueError(f"the in-chunk inverses cannot be kept at head dim {D} in {q.dtype} with "
@@ -31,7 +38,8 @@ def solve_stage(q, k, v, beta, knobs, *, write_o: bool, write_a: bool = False, s
         q, k, v = widen(q, wide), widen(k, wide), widen(v, wide)
     module = build.load("solve_fwd", q.dtype, wide, knobs)
     u, o, a, lse, sync = solve_buffers(q, module, write_o=write_o, write_a=write_a, seqs=seqs)
-    module.launch(q, k, v, beta, u, o, a, lse, sync, 1.0 / math.sqrt(D), *packing(seqs), inv=inv)
+    module.launch(q, k, v, beta, u, o, a, lse, sync, softmax_scale(D, scale), *packing(seqs),
+                  inv=inv)
     if wide != D:
         u, o, a = narrow(u, D), narrow(o, D), narrow(a, D)
     return u, o, lse, a
@@ -80,7 +88,7 @@ def solve_buffers(q, module, *, write_o: bool, write_a: bool = False, seqs=None)
     return u, o, a, lse, sync
 
 
-def attention_stage(q, k, u, knobs, *, return_lse: bool = False, seqs=None):
+def attention_stage(q, k, u, knobs, *, return_lse: bool = False, seqs=None, scale=None):
     """Causal attention of q over (k, u): o_i = sum_{j<=i} softmax(s_i)_j u_j; with
     return_lse also (o, lse_i = logsumexp_{j<=i} s_ij as [B, H, T] float32)."""
     B, T, H, D = q.shape
@@ -90,14 +98,14 @@ def attention_stage(q, k, u, knobs, *, return_lse: bool = False, seqs=None):
     module = build.load("attn_fwd", q.dtype, wide, knobs)
     o = torch.empty_like(u)
     lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device) if return_lse else None
-    module.launch(q, k, u, o, 1.0 / math.sqrt(D), lse, *packing(seqs))
+    module.launch(q, k, u, o, softmax_scale(D, scale), lse, *packing(seqs))
     if wide != D:
         o = narrow(o, D)
     return (o, lse) if return_lse else o
 
 
 def forward(q, k, v, beta, config: KernelConfig, *, for_backward: bool = False, seqs=None,
-            keep_inverse: bool = True):
+            keep_inverse: bool = True, scale=None):
     """(o, u, lse, a, inv) under `config`'s strategy; a and inv (None unless for_backward;
     inv also None without keep_inverse) are sum_{j<i} P_ij u_j, which the backward needs
     besides u and lse, and the in-chunk inverses (inverse_buffer), which its reverse sweep
@@ -105,22 +113,33 @@ def forward(q, k, v, beta, config: KernelConfig, *, for_backward: bool = False, 
     fused = config.strategy == "fused"
     inv = kept_inverses(q, config.solve["CHUNK"], seqs) if for_backward and keep_inverse else None
     u, o, lse, a = solve_stage(q, k, v, beta, config.solve, write_o=fused, write_a=for_backward,
-                               seqs=seqs, inv=inv)
+                               seqs=seqs, inv=inv, scale=scale)
     if not fused:
-        o = attention_stage(q, k, u, config.attn, seqs=seqs)
+        o = attention_stage(q, k, u, config.attn, seqs=seqs, scale=scale)
     return o, u, lse, a, inv
 
 
 def forward_q_solve(q, q_solve, k, v, beta, config: KernelConfig, *, for_backward: bool = False,
-                    seqs=None):
+                    seqs=None, scale=None, return_lse: bool = False):
     """The two-stage pass with the solve stage's own queries: u from the strict softmax of
     q_solve k^T, then o = causal softmax(q k^T) u. Returns (o, u, lse_solve, a, lse_attn,
-    inv), a, lse_attn (inclusive) and inv (forward's) being None unless for_backward."""
+    inv), a and inv (forward's) being None unless for_backward, lse_attn (inclusive) None
+    unless for_backward or return_lse."""
     inv = kept_inverses(q_solve, config.solve["CHUNK"], seqs) if for_backward else None
     u, _, lse_solve, a = solve_stage(q_solve, k, v, beta, config.solve, write_o=False,
-                                     write_a=for_backward, seqs=seqs, inv=inv)
-    if for_backward:
-        o, lse_attn = attention_stage(q, k, u, config.attn, return_lse=True, seqs=seqs)
+                                     write_a=for_backward, seqs=seqs, inv=inv, scale=scale)
+    if for_backward or return_lse:
+        o, lse_attn = attention_stage(q, k, u, config.attn, return_lse=True, seqs=seqs, scale=scale)
     else:
-        o, lse_attn = attention_stage(q, k, u, config.attn, seqs=seqs), None
+        o, lse_attn = attention_stage(q, k, u, config.attn, seqs=seqs, scale=scale), None
     return o, u, lse_solve, a, lse_attn, inv
+
+
+def inclusive_lse(q, k, lse_strict, scale=None):
+    """logsumexp_{j<=i} s_ij as [B, H, T] float32 (what attention APIs return as the lse),
+    from the solve's strict lse_i = logsumexp_{j<i} s_ij and the diagonal score
+    s_ii = scale * q_i . k_i (k per query head; grouped heads share it)."""
+    group = q.shape[2] // k.shape[2]
+    k_q = k if group == 1 else k.repeat_interleave(group, dim=2)
+    s_ii = (q.float() * k_q.float()).sum(-1) * softmax_scale(q.shape[3], scale)  # [B, T, H]
+    return torch.logaddexp(lse_strict, s_ii.transpose(1, 2))
