@@ -169,11 +169,14 @@ def test_emit_prints_every_stage_and_each_one_alone():
     assert out.returncode == 0, out.stderr[-2000:]
     ast.parse(out.stdout)
     headers = [line for line in out.stdout.splitlines() if line.startswith("# dfgen emit:")]
-    assert [h.split()[3].rstrip(",") for h in headers] == ["solve_fwd", "attn_fwd", "solve_bwd", "attn_bwd"]
+    assert [h.split()[3].rstrip(",") for h in headers] == ["solve_fwd", "attn_fwd", "solve_bwd",
+                                                           "attn_bwd", "decode"]
     assert "SOLVE_PRECISION=tf32x3" in headers[0]  # float32's default, not bf16's
+    assert "BLOCK_N=32" in headers[4]  # the decode step's float32 default
     for stage in ("solve_fwd", "attn_fwd", "solve_bwd", "attn_bwd"):
         assert f"def {stage}_kernel" in out.stdout or f"{stage}" in out.stdout
-    for stage, knob in (("solve_bwd", "CHUNK=32"), ("attn_bwd", "BLOCK_N=32")):
+    assert "def decode_sweep_kernel" in out.stdout and "def decode_finish_kernel" in out.stdout
+    for stage, knob in (("solve_bwd", "CHUNK=32"), ("attn_bwd", "BLOCK_N=32"), ("decode", "BLOCK_N=32")):
         one = dfgen("emit", "--stage", stage, "--head-dim", "64", "--set", knob)
         assert one.returncode == 0, one.stderr[-2000:]
         assert f"{knob.split('=')[0]}: tl.constexpr = 32" in one.stdout

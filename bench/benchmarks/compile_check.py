@@ -24,12 +24,13 @@ from triton.compiler import ASTSource
 from dfgen.kernels import build
 from dfgen.kernels.launcher import unwrap
 from dfgen.kernels.config import default_config
+from dfgen.kernels.decode import default_decode_knobs
 from dfgen.kernels.spec import spec
 
-FP32_POINTERS = {"LSE", "DELTA", "DSD", "DBETA", "BETA", "DU", "PART"}
-INT_POINTERS = {"SYNC", "CU"}
+FP32_POINTERS = {"LSE", "DELTA", "DSD", "DBETA", "BETA", "DU", "PART", "PM", "PL", "PACC"}
+INT_POINTERS = {"SYNC", "CU", "LEN", "LEN_OUT"}
 FIXED = {"TRACE": False, "PTX_WAIT": True}  # constexprs compiled at one value (TRACE: a GPU-only timing aid; PTX_WAIT: what a GPU runs)
-UNALIGNED = {"T", "H", "GROUP", "n_bh", "n_chunks", "sm_scale"}
+UNALIGNED = {"T", "H", "GROUP", "n_bh", "n_chunks", "sm_scale", "n_new", "capacity", "split_len", "n_splits"}
 # knob settings that take other code paths, compiled besides each stage's default (at every
 # switch on, to keep CI's time down; the default compiles at every switch setting)
 VARIANTS = {"solve_fwd": ({}, {"SPLIT_PREFIX": True}, {"SPLIT_PREFIX": False}, {"POLL": "relaxed"}, {"BLOCK_N": 128, "SOLVE_PRECISION": "fp16"}),
@@ -83,7 +84,7 @@ def ptxas_report(ptx, arch):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", type=int, default=90)
-    ap.add_argument("--stages", default="solve_fwd,attn_fwd,solve_bwd,attn_bwd",
+    ap.add_argument("--stages", default="solve_fwd,attn_fwd,solve_bwd,attn_bwd,decode",
                     help="comma-separated stages to compile")
     ap.add_argument("--head-dims", default="64,128")
     ap.add_argument("--switches", default="",
@@ -97,11 +98,12 @@ def main():
     for head_dim, dtype in itertools.product(head_dims, ("bf16",)):
         cfg = default_config(head_dim, torch.bfloat16, strategy="two_stage")
         stages = {"solve_fwd": cfg.solve, "attn_fwd": cfg.attn, "solve_bwd": cfg.solve_bwd,
-                  "attn_bwd": cfg.attn_bwd}
+                  "attn_bwd": cfg.attn_bwd, "decode": default_decode_knobs(head_dim, torch.bfloat16)}
         switches = {"solve_fwd": ("HAS_BETA", "WRITE_O", "WRITE_A", "WRITE_INV", "VARLEN"),
                     "attn_fwd": ("WRITE_LSE", "VARLEN"),
                     "solve_bwd": ("HAS_BETA", "GATED", "VARLEN", "LOAD_INV"),
-                    "attn_bwd": ("WRITE_DU", "VARLEN")}
+                    "attn_bwd": ("WRITE_DU", "VARLEN"),
+                    "decode": ("HAS_BETA", "WRITE_LSE")}
         variants = [(stage, {**knobs, **extra}, not extra) for stage, knobs in stages.items()
                     if stage in wanted for extra in VARIANTS.get(stage, ({},))
                     if all(k in spec(stage).knobs for k in extra)
@@ -124,9 +126,10 @@ def main():
                     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v
                                                          for k, v in consts.items()}, attrs=attrs)
                     label = f"{module.__name__.rsplit('.', 1)[-1]} " + " ".join(f"{k}={int(v)}" for k, v in consts.items())
+                    launch = getattr(module, "KERNEL_LAUNCH", {}).get(fn.__name__, module.LAUNCH)
                     try:
                         compiled = triton.compile(src, target=target, options=dict(
-                            num_warps=module.LAUNCH["num_warps"], num_stages=module.LAUNCH["num_stages"]))
+                            num_warps=launch["num_warps"], num_stages=launch["num_stages"]))
                         print(f"ok   {label}: {ptxas_report(compiled.asm['ptx'], args.arch)}", flush=True)
                     except Exception as exc:  # report every failure, then exit non-zero
                         failures += 1

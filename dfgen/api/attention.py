@@ -18,13 +18,14 @@ from . import ops  # noqa: F401  (registers the dfgen:: custom ops that _traced 
 from .autograd import AllPaddingFunction, DeltaFormerAttnFunction, DeltaFormerAttnQSolveFunction
 from .inputs import (check_attention_mask, check_beta_range, check_cu_seqlens, check_flag,
                      check_inputs, check_large_beta, check_q_solve, check_scale)
+from .decode import prefill
 from .resolve import CONFIG_TYPE, resolve_config, two_stage
 
 
 def deltaformer_attn(q, k, v, beta=None, *, q_solve=None, cu_seqlens=None, max_seqlen=None,
                      attention_mask=None, config: KernelConfig | dict | None = None,
                      large_beta: bool = False, scale: float | None = None,
-                     return_lse: bool = False):
+                     return_lse: bool = False, return_cache: bool = False):
     """DeltaFormer attention: o = causal_softmax(q k^T) u, u = (I + diag(beta) P)^{-1} v.
 
     q: [B, T, H, D]; k, v: [B, T, H_kv, D], H a multiple of H_kv (grouped heads share keys
@@ -55,8 +56,10 @@ def deltaformer_attn(q, k, v, beta=None, *, q_solve=None, cu_seqlens=None, max_s
         including the diagonal, as flash-attn's softmax_lse): [B, H, T] float32 ([1, H,
         total_T] with cu_seqlens; -inf at padded positions of an attention_mask). It is not
         differentiable.
+    return_cache: also return the DecodingCache that deltaformer_decode continues from (the
+        inference forward: under torch.no_grad(); not with q_solve or torch.compile yet).
     Returns o, [B, T, H, D], in q's dtype; differentiable in q, k, v, beta and q_solve;
-    (o, lse) with return_lse.
+    (o, lse) with return_lse, (o, cache) with return_cache, (o, lse, cache) with both.
     """
     check_inputs(q, k, v, beta)
     check_large_beta(large_beta)
@@ -64,6 +67,11 @@ def deltaformer_attn(q, k, v, beta=None, *, q_solve=None, cu_seqlens=None, max_s
         scale = check_scale(scale)
     if return_lse is not False:
         check_flag("return_lse", return_lse)
+    if return_cache is not False:
+        check_flag("return_cache", return_cache)
+        return prefill(q, k, v, beta, q_solve=q_solve, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                       attention_mask=attention_mask, config=config, large_beta=large_beta,
+                       scale=scale, return_lse=return_lse)
     if torch.compiler.is_compiling():
         return _traced(q, k, v, beta, q_solve, cu_seqlens, attention_mask, config, large_beta,
                        scale, return_lse)

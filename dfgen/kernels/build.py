@@ -32,7 +32,7 @@ from ..files import atomic_write_text
 from ..settings import cache_root, dtype_name
 from .interpreter import patch_interpreter_if_active
 from .launcher import wrap_kernels
-from .spec import spec, templates_dir, templates_hash
+from .spec import ALL_STAGES, spec, templates_dir, templates_hash
 
 _lock = threading.Lock()
 _loaded: dict[str, ModuleType] = {}  # by specialization name
@@ -101,7 +101,7 @@ def cache_dir() -> Path:
     """Folder of this dfgen version, triton version and template text."""
     import triton
 
-    return cache_root() / f"v{__version__}-triton{triton.__version__}-t{templates_hash()}"
+    return cache_root() / f"v{__version__}-triton{triton.__version__}-t{templates_hash(ALL_STAGES)}"
 
 
 def write_if_changed(path: Path, text: str) -> bool:

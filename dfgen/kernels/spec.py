@@ -25,7 +25,9 @@ from ..errors import ConfigError
 from ..settings import packaged_dir
 
 _HEADER = re.compile(r"\{#-?\s*dfgen-knobs\s*\n(.*?)-?#\}", re.S)
-STAGES = ("solve_fwd", "attn_fwd", "solve_bwd", "attn_bwd")
+STAGES = ("solve_fwd", "attn_fwd", "solve_bwd", "attn_bwd")  # what a KernelConfig configures
+DECODE = "decode"  # the decoding step: its own knobs (kernels/decode.py), not a config section
+ALL_STAGES = STAGES + (DECODE,)
 
 
 @functools.lru_cache(maxsize=None)
@@ -207,8 +209,8 @@ def parse_header(text: str, path: Path) -> TemplateSpec:
 
 
 def _template_path(stage: str) -> Path:
-    if stage not in STAGES:
-        raise ConfigError(f"stage must be one of {list(STAGES)}, got {stage!r}")
+    if stage not in ALL_STAGES:
+        raise ConfigError(f"stage must be one of {list(ALL_STAGES)}, got {stage!r}")
     return templates_dir() / f"{stage}.py.jinja"
 
 
@@ -219,9 +221,14 @@ def spec(stage: str) -> TemplateSpec:
 
 
 @functools.lru_cache(maxsize=None)
-def templates_hash() -> str:
-    """Hash of every template's text: part of cache paths and tuned-file provenance."""
+def templates_hash(stages: tuple[str, ...] = STAGES) -> str:
+    """Hash of the text of `stages`' templates and every shared part (the `_*.jinja` files
+    they may include): part of cache paths and tuned-file provenance. The default, the
+    stages a KernelConfig configures, is what tuned entries record, so that a change to
+    another stage's template (decode) does not make them stale."""
+    names = {f"{stage}.py.jinja" for stage in stages}
     digest = hashlib.sha256()
-    for path in sorted(templates_dir().glob("*.jinja")):  # stages and the files they include
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    for path in sorted(templates_dir().glob("*.jinja")):
+        if path.name.startswith("_") or path.name in names:
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:12]

@@ -38,7 +38,9 @@ def cmd_emit(args) -> int:
     from ..errors import InputError
     from ..kernels.build import emit, specialize
     from ..kernels.config import SECTION_OF_STAGE
-    from ..kernels.spec import STAGES
+    from ..kernels.decode import default_decode_knobs
+    from ..kernels.spec import ALL_STAGES, DECODE
+    from ..settings import torch_dtype
     from .arguments import parse_sets
 
     head_dim = args.head_dim
@@ -46,12 +48,14 @@ def cmd_emit(args) -> int:
     sets = parse_sets(args.set)
     if sets and not args.stage:
         raise InputError("--set needs --stage (each knob belongs to one stage)")
-    stages = [args.stage] if args.stage else list(STAGES)
+    stages = [args.stage] if args.stage else list(ALL_STAGES)
     parts = []
     for stage in stages:
-        knobs = {**getattr(defaults, SECTION_OF_STAGE[stage]), **sets}
+        base = (default_decode_knobs(head_dim, torch_dtype(args.dtype)) if stage == DECODE
+                else getattr(defaults, SECTION_OF_STAGE[stage]))
+        knobs = {**base, **sets}
         path, text = emit(specialize(stage, args.dtype, head_dim, knobs))
-        if not args.stage:  # all four, one after another: say which is which
+        if not args.stage:  # all of them, one after another: say which is which
             text = (f"# dfgen emit: {stage}, {args.dtype}, head dim {head_dim}, knobs "
                     + " ".join(f"{k}={v}" for k, v in sorted(knobs.items())) + "\n" + text)
         parts.append(text)
@@ -474,8 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     emit = sub.add_parser("emit", help="print (or write) the generated Triton source of a stage")
-    emit.add_argument("--stage", choices=["solve_fwd", "attn_fwd", "solve_bwd", "attn_bwd"],
-                      help="the stage to print (default: all four, each headed by a comment "
+    emit.add_argument("--stage", choices=["solve_fwd", "attn_fwd", "solve_bwd", "attn_bwd", "decode"],
+                      help="the stage to print (default: all of them, each headed by a comment "
                       "naming it and its knobs)")
     emit.add_argument("--dtype", choices=DTYPE_NAMES, default="bf16")
     emit.add_argument("--head-dim", type=int, default=128)

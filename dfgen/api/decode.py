@@ -1,0 +1,185 @@
+"""deltaformer_decode: generation after a prefill. Each call takes n new tokens per batch
+row (one for plain decoding; several for speculative decoding or a continued prefill),
+attends over the cache and the new tokens before each, solves their u and appends (k, u)
+to the cache, in two kernel launches (templates/decode.py.jinja).
+
+For one new token t after the cache's keys K and solved values U:
+    s_tj = scale q_t . k_j (j < t),  lse_t = logsumexp_{j<t} s_tj,
+    a_t = sum_{j<t} softmax(s_t)_j u_j,  u_t = v_t - beta_t a_t,
+    o_t = g_t a_t + (1 - g_t) u_t,  g_t = sigmoid(lse_t - s_tt),
+exactly the rows that deltaformer_attn would give the whole sequence.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import InputError
+from ..kernels.decode import decode_knobs, decode_step
+from ..kernels.forward import forward, inclusive_lse, softmax_scale
+from .cache import DecodingCache
+from .inputs import check_attention_mask, check_cu_seqlens, check_flag, check_inputs, check_scale
+from .resolve import resolve_config
+
+_knobs_memo: dict = {}
+
+
+def deltaformer_decode(q, k, v, beta, cache: DecodingCache, *, scale: float | None = None,
+                       config: dict | None = None, return_lse: bool = False):
+    """The outputs of n new tokens per row, appended to `cache`.
+
+    q: [B, n, H, D]; k, v: [B, n, H_kv, D]; beta: [B, n, H] or None (ones), as for
+        deltaformer_attn; B, H, H_kv, D, dtype and device those of the cache.
+    cache: the DecodingCache of this layer (from deltaformer_attn(..., return_cache=True));
+        gets the n tokens' keys and u.
+    scale: the softmax scale; None takes the prefill's (a different one is an error: the
+        cached u were solved under it).
+    config: the decoding step's knobs (templates/decode.py.jinja), each optional.
+    return_lse: also return each new token's inclusive lse, [B, H, n] float32.
+    Returns o [B, n, H, D] in q's dtype (not differentiable); (o, lse) with return_lse.
+    """
+    check_inputs(q, k, v, beta)
+    if not isinstance(cache, DecodingCache):
+        raise InputError(f"cache must be the DecodingCache of a prefill "
+                         f"(deltaformer_attn(..., return_cache=True)), got {type(cache).__name__}")
+    _check_against_cache(q, k, cache)
+    prefill_scale = softmax_scale(q.shape[3], cache.scale)
+    if scale is not None and not math.isclose(check_scale(scale), prefill_scale, rel_tol=1e-9):
+        raise InputError(f"scale={scale} differs from the prefill's ({prefill_scale}): the cached "
+                         "u were solved under it")
+    if return_lse is not False:
+        check_flag("return_lse", return_lse)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, beta)):
+        raise InputError("deltaformer_decode is not differentiable: call it under "
+                         "torch.no_grad() or torch.inference_mode()")
+    if torch.compiler.is_compiling():
+        raise InputError("deltaformer_decode is not supported under torch.compile yet")
+    knobs = _knobs(config, q.shape[3], q.dtype)
+    n = q.shape[1]
+    cache.reserve(n)
+    out = decode_step(q, k, v, beta, cache._k, cache._u, cache._lengths, cache._spare,
+                      cache.max_length, knobs, scale=prefill_scale, return_lse=return_lse)
+    cache.advanced(n)
+    return out
+
+
+def _check_against_cache(q, k, cache: DecodingCache) -> None:
+    B, _, H, D = q.shape
+    ck, cu = cache._k, cache._u
+    if (B, k.shape[2], D) != (ck.shape[0], ck.shape[2], ck.shape[3]) or H != cu.shape[2]:
+        raise InputError(f"q {tuple(q.shape)} and k {tuple(k.shape)} do not fit the cache: it holds "
+                         f"batch {ck.shape[0]}, {cu.shape[2]} heads, {ck.shape[2]} key/value heads, "
+                         f"head dim {ck.shape[3]}")
+    if q.dtype != ck.dtype or q.device != ck.device:
+        raise InputError(f"q is {q.dtype} on {q.device}; the cache holds {ck.dtype} on {ck.device}")
+
+
+def _knobs(config, head_dim: int, dtype) -> dict:
+    if config is not None and not isinstance(config, dict):
+        raise InputError(f"config must be a dict of decode knobs or None, got {type(config).__name__}")
+    key = (head_dim, dtype, tuple(sorted(config.items())) if config else ())
+    try:
+        found = _knobs_memo.get(key)
+    except TypeError:  # an unhashable knob value: checked (and refused) below
+        found, key = None, None
+    if found is None:
+        found = decode_knobs(config, head_dim, dtype)
+        if key is not None and len(_knobs_memo) < 1024:
+            _knobs_memo[key] = found
+    return found
+
+
+# -- prefill: the cache of what deltaformer_attn computed --------------------------------------
+def cache_of_padded_batch(k, u, keep, scale) -> DecodingCache:
+    """The cache of an attention_mask prefill: row b holds its unpadded tokens (`keep`, [B, T]
+    bool) in order, from the packed k [1, total, H_kv, D] and u [1, total, H, D]."""
+    B, T = keep.shape
+    positions = keep.to(torch.int64).cumsum(1) - 1  # each kept token's place in its row
+    rows = torch.arange(B, device=keep.device).unsqueeze(1).expand(B, T)
+    dest = (rows * T + positions)[keep]
+    return DecodingCache(_scatter_rows(k[0], dest, B, T), _scatter_rows(u[0], dest, B, T),
+                         keep.sum(1), T, scale)
+
+
+def cache_of_packed_sequences(k, u, cu_seqlens, longest: int, scale) -> DecodingCache:
+    """The cache of a cu_seqlens prefill: row r holds sequence r of the packed k and u."""
+    total = k.shape[1]
+    n_seqs = cu_seqlens.numel() - 1
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
+    rows = torch.repeat_interleave(torch.arange(n_seqs, device=k.device), lengths,
+                                   output_size=total)
+    dest = rows * longest + torch.arange(total, device=k.device) - cu_seqlens.to(torch.int64)[rows]
+    return DecodingCache(_scatter_rows(k[0], dest, n_seqs, longest),
+                         _scatter_rows(u[0], dest, n_seqs, longest), lengths, longest, scale)
+
+
+def _scatter_rows(packed, dest, B: int, T: int):
+    """[total, H, D] rows placed at flat positions `dest` of a [B, T, H, D] buffer."""
+    out = packed.new_zeros((B * T, *packed.shape[1:]))
+    out.index_copy_(0, dest, packed)
+    return out.view(B, T, *packed.shape[1:])
+
+
+__all__ = ["deltaformer_decode", "DecodingCache"]
+
+
+def prefill(q, k, v, beta, *, q_solve, cu_seqlens, max_seqlen, attention_mask, config,
+            large_beta: bool, scale, return_lse: bool):
+    """deltaformer_attn(..., return_cache=True): the inference forward, then its cache
+    (padded batches: every row full; attention_mask: each row's unpadded tokens; cu_seqlens:
+    one row per sequence). Returns (o, cache), or (o, lse, cache) with return_lse."""
+    if torch.compiler.is_compiling():
+        raise InputError("return_cache=True is not supported under torch.compile yet")
+    if q_solve is not None:
+        raise InputError("return_cache=True with q_solve is not supported yet")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, beta)):
+        raise InputError("return_cache=True runs the inference forward: call it under "
+                         "torch.no_grad() (the cache is for decoding, not for a backward)")
+    if attention_mask is not None:
+        if cu_seqlens is not None:
+            raise InputError("give attention_mask or cu_seqlens, not both")
+        o, lse, cache = _prefill_padded(check_attention_mask(attention_mask, q), q, k, v, beta,
+                                        config, large_beta, scale, return_lse)
+    elif cu_seqlens is not None:
+        seqs = check_cu_seqlens(q, cu_seqlens, max_seqlen)
+        o, u, lse = _inference(q, k, v, beta, config, seqs, large_beta, scale, return_lse)
+        cache = cache_of_packed_sequences(k, u, seqs[0], seqs[1], scale)
+    else:
+        o, u, lse = _inference(q, k, v, beta, config, None, large_beta, scale, return_lse)
+        cache = DecodingCache.full_rows(k, u, scale)
+    return (o, lse, cache) if return_lse else (o, cache)
+
+
+def _inference(q, k, v, beta, config, seqs, large_beta, scale, return_lse):
+    """(o, u, inclusive lse or None) of the inference forward under the runtime's config."""
+    config = resolve_config(config, q, False, seqs, large_beta=large_beta)
+    o, u, lse, _, _ = forward(q, k, v, beta, config, seqs=seqs, scale=scale)
+    return o, u, inclusive_lse(q, k, lse, scale) if return_lse else None
+
+
+def _prefill_padded(keep, q, k, v, beta, config, large_beta, scale, return_lse):
+    """The attention_mask prefill by packing (as deltaformer_attn's padded path)."""
+    B, T, H, D = q.shape
+    index = keep.flatten().nonzero().squeeze(1)
+    o = q.new_zeros(B * T, H, D)
+    lse = torch.full((H, B * T), float("-inf"), dtype=torch.float32, device=q.device) if return_lse else None
+    if index.numel() == 0:
+        cache = DecodingCache(k.new_zeros(k.shape), q.new_zeros(q.shape),
+                              torch.zeros(B, dtype=torch.int32, device=q.device), T, scale)
+    else:
+        def pack(t):
+            return None if t is None else t.reshape(B * T, *t.shape[2:]).index_select(0, index).unsqueeze(0)
+
+        cu = torch.zeros(B + 1, dtype=torch.int32, device=q.device)
+        cu[1:] = keep.sum(1).cumsum(0)
+        packed_q, packed_k = pack(q), pack(k)
+        seqs = check_cu_seqlens(packed_q, cu)
+        o_packed, u, lse_packed = _inference(packed_q, packed_k, pack(v), pack(beta), config, seqs,
+                                             large_beta, scale, return_lse)
+        o.index_copy_(0, index, o_packed[0])
+        if return_lse:
+            lse.index_copy_(1, index, lse_packed[0])
+        cache = cache_of_padded_batch(packed_k, u, keep, scale)
+    return (o.view(B, T, H, D), lse.view(H, B, T).transpose(0, 1) if return_lse else None, cache)

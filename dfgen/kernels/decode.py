@@ -1,0 +1,49 @@
+"""Host side of a decoding step: n new tokens per batch row against a cache of earlier keys
+and solved values (templates/decode.py.jinja), in two launches.
+
+Inputs are assumed validated (dfgen.api.decode does that); the caches are the buffers of a
+dfgen.api.cache.DecodingCache.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from . import build
+from .forward import softmax_scale
+from .spec import DECODE, spec
+
+
+def default_decode_knobs(head_dim: int, dtype) -> dict[str, Any]:
+    """The decoding step's knobs until a tuned file holds some: 64-token cache steps (32 in
+    float32, whose tiles are twice as wide) and enough cache slices for about two programs
+    per SM of an H200 (132 SMs)."""
+    return dict(BLOCK_M=16, BLOCK_N=32 if dtype == torch.float32 or head_dim > 128 else 64,
+                MIN_PROGRAMS=256, num_warps=4, num_stages=2)
+
+
+def decode_knobs(given: Mapping[str, Any] | None, head_dim: int, dtype) -> dict[str, Any]:
+    """`given` (a mapping of decode knobs, each optional) over the defaults, checked against
+    the template's spec (ConfigError naming the knob otherwise)."""
+    knobs = default_decode_knobs(head_dim, dtype)
+    if given:
+        knobs.update(given)
+    spec(DECODE).check(knobs, head_dim)
+    return knobs
+
+
+def decode_step(q, k, v, beta, k_cache, u_cache, lengths, new_lengths, max_len: int,
+                knobs: Mapping[str, Any], *, scale=None, return_lse: bool = False):
+    """o [B, n, H, D] of n new tokens per row (and their inclusive lse [B, H, n] float32 with
+    return_lse); writes their keys and u into the caches at rows lengths[b] .. + n - 1 and
+    lengths + n into new_lengths (both int32 [B] on the device). max_len: at least the
+    longest length (host int: no sync), the caches' capacity at least max_len + n."""
+    B, n, H, D = q.shape
+    module = build.load(DECODE, q.dtype, D, knobs)
+    o = torch.empty_like(q)
+    lse = torch.empty(B, H, n, dtype=torch.float32, device=q.device) if return_lse else None
+    module.launch(q, k, v, beta, k_cache, u_cache, lengths, new_lengths, o,
+                  softmax_scale(D, scale), max_len, lse)
+    return (o, lse) if return_lse else o

@@ -1,0 +1,223 @@
+"""Prefill with return_cache=True, then decoding steps: each step's o, u and lse equal the
+full recomputation's rows at those positions (the float64 reference over the whole
+sequence), for one and several new tokens a step, grouped heads, padded and packed
+prefills, cache growth, a split and an unsplit cache sweep; bad inputs."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import DEVICE, DTYPES, ON_GPU, assert_close
+from dfgen.errors import ConfigError, InputError
+from dfgen.reference import naive_deltaformer_attn, naive_deltaformer_u, naive_lse
+from dfgen.runtime import DecodingCache, deltaformer_attn, deltaformer_decode
+
+SMALL = dict(BLOCK_N=16, MIN_PROGRAMS=1024)  # many cache slices even at tiny sizes
+UNSPLIT = dict(BLOCK_N=16, MIN_PROGRAMS=1)
+
+
+def _sequence(B, T, H, H_kv, D, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, D, generator=gen).to(dtype).to(DEVICE)
+    k, v = (torch.randn(B, T, H_kv, D, generator=gen).to(dtype).to(DEVICE) for _ in range(2))
+    beta = torch.rand(B, T, H, generator=gen).to(DEVICE)
+    return q, k, v, beta
+
+
+def _tol(dtype):
+    return 1e-4 if dtype == torch.float32 else 2e-2
+
+
+def _reference(q, k, v, beta, scale=None):
+    """o and u of the whole sequence (float64), per query head."""
+    args = [t.double() for t in (q, k, v, beta)]
+    return naive_deltaformer_attn(*args, scale=scale), naive_deltaformer_u(*args, scale=scale)
+
+
+def _decode_through(q, k, v, beta, T0, steps, config, scale=None):
+    """Prefill the first T0 tokens, then decode the rest in steps of the given sizes; the
+    outputs of every position and the cache at the end."""
+    with torch.no_grad():
+        o, cache = deltaformer_attn(q[:, :T0], k[:, :T0], v[:, :T0], beta[:, :T0],
+                                    return_cache=True, scale=scale)
+        outs, t = [o], T0
+        for n in steps:
+            sl = slice(t, t + n)
+            outs.append(deltaformer_decode(q[:, sl], k[:, sl], v[:, sl], beta[:, sl], cache,
+                                           config=config))
+            t += n
+    return torch.cat(outs, 1), cache
+
+
+@pytest.mark.parametrize("dtype_name", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("config", [SMALL, UNSPLIT], ids=["split", "unsplit"])
+def test_decode_steps_equal_the_full_recomputation(config, dtype_name):
+    dtype = DTYPES[dtype_name]
+    B, H, H_kv, D = 2, 4, 2, 32
+    steps = [1, 1, 3, 1, 5, 1]
+    T0 = 21
+    q, k, v, beta = _sequence(B, T0 + sum(steps), H, H_kv, D, dtype, seed=3)
+    o, cache = _decode_through(q, k, v, beta, T0, steps, config)
+    ref_o, ref_u = _reference(q, k, v, beta)
+    tol = _tol(dtype)
+    assert_close(o[:, T0:], ref_o[:, T0:], dtype, "decoded o", tol)
+    assert_close(o[:, :T0], ref_o[:, :T0], dtype, "prefill o", tol)
+    T = q.shape[1]
+    assert cache.max_length == T and cache.get_seq_length() == T
+    assert cache.lengths.tolist() == [T] * B
+    assert_close(cache.solved_values()[:, T0:], ref_u[:, T0:], dtype, "decoded u", tol)
+    assert torch.equal(cache.keys(), k)  # every key, the prefill's and the appended ones
+
+
+def test_decode_from_a_single_token_and_the_lse():
+    """The first token has a = 0, u = v, o = v; each step's lse is the inclusive one."""
+    dtype = torch.float32
+    q, k, v, beta = _sequence(1, 9, 2, 1, 32, dtype, seed=4)
+    with torch.no_grad():
+        o0, lse0, cache = deltaformer_attn(q[:, :1], k[:, :1], v[:, :1], beta[:, :1],
+                                           return_lse=True, return_cache=True)
+        assert torch.allclose(o0, v[:, :1].expand_as(o0), atol=1e-6)
+        lses = [lse0]
+        for t in range(1, 9):
+            o, lse = deltaformer_decode(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1],
+                                        beta[:, t:t + 1], cache, return_lse=True, config=SMALL)
+            lses.append(lse)
+    ref_lse = naive_lse(q.double(), k.double())
+    assert_close(torch.cat(lses, 2), ref_lse, dtype, "lse", 1e-5)
+    assert_close(o, _reference(q, k, v, beta)[0][:, 8:], dtype, "o", 1e-4)
+
+
+def test_decode_without_beta_and_with_a_scale():
+    dtype = torch.float32
+    q, k, v, beta = _sequence(2, 30, 2, 2, 32, dtype, seed=5)
+    ones = torch.ones_like(beta)
+    with torch.no_grad():
+        _, cache = deltaformer_attn(q[:, :20], k[:, :20], v[:, :20], None, return_cache=True,
+                                    scale=0.25)
+        assert cache.scale == 0.25
+        o = deltaformer_decode(q[:, 20:], k[:, 20:], v[:, 20:], None, cache, config=SMALL)
+        with pytest.raises(InputError, match="scale"):
+            deltaformer_decode(q[:, :1], k[:, :1], v[:, :1], None, cache, scale=0.5)
+    assert_close(o, _reference(q, k, v, ones, scale=0.25)[0][:, 20:], dtype, "o", 1e-4)
+
+
+def test_padded_prefill_then_decode():
+    """attention_mask (left and right padding): every row continues from its own tokens."""
+    dtype = torch.float32
+    B, T, H, D = 3, 14, 2, 32
+    q, k, v, beta = _sequence(B, T, H, H, D, dtype, seed=6)
+    nq, nk, nv, nb = _sequence(B, 4, H, H, D, dtype, seed=7)
+    mask = torch.ones(B, T, dtype=torch.int64, device=DEVICE)
+    mask[0, :5] = 0  # left padding
+    mask[2, 9:] = 0  # right padding
+    with torch.no_grad():
+        o, cache = deltaformer_attn(q, k, v, beta, attention_mask=mask, return_cache=True)
+        assert cache.lengths.tolist() == [9, 14, 9]
+        steps = [deltaformer_decode(nq[:, i:i + 1], nk[:, i:i + 1], nv[:, i:i + 1],
+                                    nb[:, i:i + 1], cache, config=SMALL) for i in range(4)]
+    decoded = torch.cat(steps, 1)
+    for b in range(B):
+        keep = mask[b].bool()
+        row = [torch.cat([t[b:b + 1][:, keep], n[b:b + 1]], 1) for t, n in
+               ((q, nq), (k, nk), (v, nv), (beta, nb))]
+        ref_o, ref_u = _reference(*row)
+        n_keep = int(keep.sum())
+        assert_close(o[b:b + 1][:, keep], ref_o[:, :n_keep], dtype, f"row {b} prefill", 1e-4)
+        assert_close(decoded[b:b + 1], ref_o[:, n_keep:], dtype, f"row {b} decoded", 1e-4)
+        assert_close(cache.solved_values()[b:b + 1, :n_keep + 4], ref_u, dtype, f"row {b} u", 1e-4)
+
+
+def test_packed_prefill_then_decode():
+    """cu_seqlens: one cache row per sequence."""
+    dtype = torch.bfloat16
+    lengths = [7, 1, 12]
+    q, k, v, beta = _sequence(1, sum(lengths), 2, 1, 32, dtype, seed=8)
+    nq, nk, nv, nb = _sequence(3, 3, 2, 1, 32, dtype, seed=9)
+    cu = torch.tensor([0, 7, 8, 20], dtype=torch.int32, device=DEVICE)
+    with torch.no_grad():
+        _, cache = deltaformer_attn(q, k, v, beta, cu_seqlens=cu, max_seqlen=12, return_cache=True)
+        assert cache.batch_size == 3 and cache.lengths.tolist() == lengths
+        decoded = deltaformer_decode(nq, nk, nv, nb, cache, config=SMALL)  # three tokens at once
+    for r, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        row = [torch.cat([t[:, a:b], n[r:r + 1]], 1) for t, n in
+               ((q, nq), (k, nk), (v, nv), (beta, nb))]
+        assert_close(decoded[r:r + 1], _reference(*row)[0][:, b - a:], dtype, f"sequence {r}", 2e-2)
+
+
+def test_the_cache_grows_and_keeps_what_it_held():
+    dtype = torch.float32
+    q, k, v, beta = _sequence(1, 80, 1, 1, 32, dtype, seed=10)
+    o, cache = _decode_through(q, k, v, beta, 3, [1] * 40 + [37], SMALL)
+    assert cache.capacity >= 80 and cache.max_length == 80
+    assert_close(o, _reference(q, k, v, beta)[0], dtype, "o", 1e-4)
+    assert "max_length=80" in repr(cache)
+
+
+def test_reorder_keeps_rows():
+    dtype = torch.float32
+    q, k, v, beta = _sequence(2, 12, 1, 1, 32, dtype, seed=11)
+    with torch.no_grad():
+        _, cache = deltaformer_attn(q[:, :10], k[:, :10], v[:, :10], beta[:, :10], return_cache=True)
+        cache.reorder(torch.tensor([1, 1], device=DEVICE))
+        o = deltaformer_decode(q[1:, 10:].expand(2, -1, -1, -1), k[1:, 10:].expand(2, -1, -1, -1),
+                               v[1:, 10:].expand(2, -1, -1, -1), beta[1:, 10:].expand(2, -1, -1),
+                               cache, config=SMALL)
+    ref = _reference(q[1:], k[1:], v[1:], beta[1:])[0][:, 10:]
+    assert_close(o[:1], ref, dtype, "row 0 (now row 1's)", 1e-4)
+    assert torch.equal(o[0], o[1])
+
+
+def test_bad_decode_inputs_are_clear_errors():
+    q, k, v, beta = _sequence(2, 6, 2, 2, 32, torch.float32, seed=12)
+    with torch.no_grad():
+        _, cache = deltaformer_attn(q, k, v, beta, return_cache=True)
+        with pytest.raises(InputError, match="DecodingCache"):
+            deltaformer_decode(q[:, :1], k[:, :1], v[:, :1], beta[:, :1], (k, v))
+        with pytest.raises(InputError, match="do not fit the cache"):
+            deltaformer_decode(q[:1, :1], k[:1, :1], v[:1, :1], beta[:1, :1], cache)
+        with pytest.raises(InputError, match="cache holds"):
+            deltaformer_decode(q[:, :1].bfloat16(), k[:, :1].bfloat16(), v[:, :1].bfloat16(),
+                               beta[:, :1], cache)
+        with pytest.raises(ConfigError, match="BLOCK_N"):
+            deltaformer_decode(q[:, :1], k[:, :1], v[:, :1], beta[:, :1], cache,
+                               config=dict(BLOCK_N=24))
+        with pytest.raises(InputError, match="return_lse"):
+            deltaformer_decode(q[:, :1], k[:, :1], v[:, :1], beta[:, :1], cache, return_lse="yes")
+        with pytest.raises(InputError, match="return_cache"):
+            deltaformer_attn(q, k, v, beta, return_cache=1)
+        with pytest.raises(InputError, match="q_solve"):
+            deltaformer_attn(q, k, v, beta, q_solve=q, return_cache=True)
+    leaf = q[:, :1].clone().requires_grad_()
+    with pytest.raises(InputError, match="not differentiable"):
+        deltaformer_decode(leaf, k[:, :1], v[:, :1], beta[:, :1], cache)
+    with pytest.raises(InputError, match="no_grad"):
+        deltaformer_attn(q.clone().requires_grad_(), k, v, beta, return_cache=True)
+    assert cache.max_length == 6  # nothing was appended by the refused calls
+
+
+def test_a_hostile_length_stays_inside_the_cache():
+    """Lengths past the capacity (a corrupted cache) are clamped by the kernels: wrong rows,
+    no access outside the buffers."""
+    q, k, v, beta = _sequence(1, 8, 1, 1, 32, torch.float32, seed=13)
+    with torch.no_grad():
+        _, cache = deltaformer_attn(q, k, v, beta, return_cache=True)
+        cache.reserve(1)
+        cache._lengths.fill_(10 ** 6)
+        o = deltaformer_decode(q[:, :1], k[:, :1], v[:, :1], beta[:, :1], cache, config=SMALL)
+    assert torch.isfinite(o).all()
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
+@pytest.mark.parametrize("D", [16, 32, 64, 128])
+@pytest.mark.parametrize("dtype_name", ["fp16", "bf16", "fp32"])
+def test_decode_every_head_dim_and_dtype_on_the_gpu(D, dtype_name):
+    """The default decode knobs, a cache of 1000 tokens, one token then four at once, grouped
+    heads."""
+    dtype = DTYPES[dtype_name]
+    q, k, v, beta = _sequence(3, 1005, 8, 2, D, dtype, seed=D)
+    o, cache = _decode_through(q, k, v, beta, 1000, [1, 4], None, scale=1.2 / math.sqrt(D))
+    ref_o, ref_u = _reference(q, k, v, beta, scale=1.2 / math.sqrt(D))
+    tol = 3e-3 if dtype == torch.float32 else 2e-2
+    assert_close(o[:, 1000:], ref_o[:, 1000:], dtype, "decoded o", tol)
+    assert_close(cache.solved_values()[:, 1000:], ref_u[:, 1000:], dtype, "decoded u", tol)
