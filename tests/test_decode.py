@@ -3,6 +3,7 @@ full recomputation's rows at those positions (the float64 reference over the who
 sequence), for one and several new tokens a step, grouped heads, padded and packed
 prefills, cache growth, a split and an unsplit cache sweep; bad inputs."""
 
+import dataclasses
 import math
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 from conftest import DEVICE, DTYPES, ON_GPU, assert_close
 from dfgen.errors import ConfigError, InputError
 from dfgen.reference import naive_deltaformer_attn, naive_deltaformer_u, naive_lse
-from dfgen.runtime import DecodingCache, deltaformer_attn, deltaformer_decode
+from dfgen.runtime import deltaformer_attn, deltaformer_decode
 
 SMALL = dict(BLOCK_N=16, MIN_PROGRAMS=1024)  # many cache slices even at tiny sizes
 UNSPLIT = dict(BLOCK_N=16, MIN_PROGRAMS=1)
@@ -114,6 +115,7 @@ def test_padded_prefill_then_decode():
     with torch.no_grad():
         o, cache = deltaformer_attn(q, k, v, beta, attention_mask=mask, return_cache=True)
         assert cache.lengths.tolist() == [9, 14, 9]
+        assert dataclasses.is_dataclass(cache) and cache.scale is None
         steps = [deltaformer_decode(nq[:, i:i + 1], nk[:, i:i + 1], nv[:, i:i + 1],
                                     nb[:, i:i + 1], cache, config=SMALL) for i in range(4)]
     decoded = torch.cat(steps, 1)
@@ -191,8 +193,6 @@ def test_bad_decode_inputs_are_clear_errors():
     leaf = q[:, :1].clone().requires_grad_()
     with pytest.raises(InputError, match="not differentiable"):
         deltaformer_decode(leaf, k[:, :1], v[:, :1], beta[:, :1], cache)
-    with pytest.raises(InputError, match="no_grad"):
-        deltaformer_attn(q.clone().requires_grad_(), k, v, beta, return_cache=True)
     assert cache.max_length == 6  # nothing was appended by the refused calls
 
 
@@ -203,7 +203,7 @@ def test_a_hostile_length_stays_inside_the_cache():
     with torch.no_grad():
         _, cache = deltaformer_attn(q, k, v, beta, return_cache=True)
         cache.reserve(1)
-        cache._lengths.fill_(10 ** 6)
+        cache.lengths.fill_(10 ** 6)
         o = deltaformer_decode(q[:, :1], k[:, :1], v[:, :1], beta[:, :1], cache, config=SMALL)
     assert torch.isfinite(o).all()
 
@@ -221,3 +221,21 @@ def test_decode_every_head_dim_and_dtype_on_the_gpu(D, dtype_name):
     tol = 3e-3 if dtype == torch.float32 else 2e-2
     assert_close(o[:, 1000:], ref_o[:, 1000:], dtype, "decoded o", tol)
     assert_close(cache.solved_values()[:, 1000:], ref_u[:, 1000:], dtype, "decoded u", tol)
+
+
+def test_a_prefill_that_trains_gives_the_same_cache():
+    """return_cache where inputs require grad: o is differentiable (the training Function),
+    the cache equals the inference prefill's."""
+    q, k, v, beta = _sequence(2, 19, 2, 1, 32, torch.float32, seed=14)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, beta)]
+    o, lse, cache = deltaformer_attn(*leaves, return_lse=True, return_cache=True)
+    grads = torch.autograd.grad(o.square().sum(), leaves)
+    plain = [t.clone().requires_grad_() for t in (q, k, v, beta)]
+    ref_grads = torch.autograd.grad(deltaformer_attn(*plain).square().sum(), plain)
+    with torch.no_grad():
+        o2, lse2, cache2 = deltaformer_attn(q, k, v, beta, return_lse=True, return_cache=True)
+    assert torch.allclose(o.detach(), o2, atol=1e-6) and torch.allclose(lse, lse2, atol=1e-6)
+    assert torch.allclose(cache.solved_values(), cache2.solved_values(), atol=1e-6)
+    assert not cache.u.requires_grad and not cache.k.requires_grad
+    for got, want in zip(grads, ref_grads):
+        assert torch.allclose(got, want, atol=1e-5)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import DEVICE, assert_close, gpu_only, rel_err
-from dfgen.layers import DeltaFormerAttention, RotaryEmbedding
+from dfgen.layers import DecodingCache, DeltaFormerAttention, DeltaFormerCache, RotaryEmbedding
 from dfgen.reference import naive_deltaformer_attn
 
 
@@ -114,27 +114,59 @@ def test_matches_fla_layer_with_raw_beta(monkeypatch, qk_norm):
     assert errors["fla"] < 5e-2 and errors["dfgen-fla"] < 5e-2, errors
 
 
-def test_past_key_values_pass_through_with_one_warning(monkeypatch):
-    """fla's model in eval with use_cache=True hands the layer its cache: no error, the
-    cache comes back unchanged, attention covers the given tokens, one warning."""
-    import warnings
-
-    import dfgen.api.layers
-
-    monkeypatch.setattr(dfgen.api.layers, "_warned_cache", False)
+def test_layer_decodes_like_recomputing():
+    """A cache (dfgen's DeltaFormerCache) through the layer: a prefill, single tokens and a
+    block of three give the rows of one call over the whole sequence."""
     torch.manual_seed(3)
-    layer = DeltaFormerAttention(hidden_size=64, num_heads=2).to(DEVICE).eval()
-    x = torch.randn(1, 12, 64, device=DEVICE)
-    cache = object()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with torch.no_grad():
-            o, _, returned = layer(x, past_key_values=cache, use_cache=True)
-            o2, _, _ = layer(x, past_key_values=cache, use_cache=True)
-    assert returned is cache
-    assert len([w for w in caught if "incremental decoding" in str(w.message)]) == 1
-    assert_close(o, _reference_layer(layer, x), torch.float32, "o", 1e-3)
-    assert torch.equal(o, o2)
+    layer = DeltaFormerAttention(hidden_size=64, num_heads=2, num_kv_heads=1, qk_norm=True,
+                                 layer_idx=0).to(DEVICE).eval()
+    x = torch.randn(2, 17, 64, device=DEVICE)
+    cache = DeltaFormerCache()
+    with torch.no_grad():
+        full, _, _ = layer(x)
+        parts = [layer(x[:, :11], past_key_values=cache, use_cache=True)[0]]
+        for t in range(11, 14):
+            o, _, returned = layer(x[:, t:t + 1], past_key_values=cache, use_cache=True)
+            parts.append(o)
+        parts.append(layer(x[:, 14:], past_key_values=cache, use_cache=True)[0])
+    assert returned is cache and cache.get_seq_length(0) == 17
+    assert isinstance(cache[0]["recurrent_state"], DecodingCache)
+    assert_close(torch.cat(parts, 1), full, torch.float32, "o", 1e-4)
+
+
+def test_layer_decodes_left_padded_rows():
+    """A left-padded prefill (as generate() pads): each row continues from its own tokens,
+    at rotary positions that skip the padding."""
+    torch.manual_seed(4)
+    layer = DeltaFormerAttention(hidden_size=64, num_heads=2, layer_idx=3).to(DEVICE).eval()
+    x = torch.randn(2, 12, 64, device=DEVICE)
+    mask = torch.ones(2, 10, dtype=torch.long, device=DEVICE)
+    mask[1, :4] = 0
+    cache = DeltaFormerCache()
+    with torch.no_grad():
+        prefill, _, _ = layer(x[:, :10], attention_mask=mask, past_key_values=cache)
+        steps = [layer(x[:, t:t + 1], past_key_values=cache)[0] for t in (10, 11)]
+        row1 = layer(torch.cat([x[1:, 4:10], x[1:, 10:]], 1))[0]  # row 1 without its padding
+        row0 = layer(x[:1])[0]
+    decoded = torch.cat(steps, 1)
+    assert len(cache) == 4 and cache.get_seq_length(3) == 12 and cache.get_seq_length(0) == 0
+    assert_close(prefill[1:, 4:], row1[:, :6], torch.float32, "row 1 prefill", 1e-4)
+    assert_close(decoded[1:], row1[:, 6:], torch.float32, "row 1 decoded", 1e-4)
+    assert_close(decoded[:1], row0[:, 10:], torch.float32, "row 0 decoded", 1e-4)
+
+
+def test_layer_cache_errors():
+    layer = DeltaFormerAttention(hidden_size=64, num_heads=2).to(DEVICE)
+    x = torch.randn(1, 4, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="layer_idx"):
+        layer(x, past_key_values=DeltaFormerCache(), use_cache=True)
+    layer.layer_idx = 0
+    with pytest.raises(TypeError, match="past_key_values"):
+        layer(x, past_key_values=object(), use_cache=True)
+    cache = DeltaFormerCache()
+    cache.update(recurrent_state=torch.zeros(1), layer_idx=0)
+    with pytest.raises(TypeError, match="DecodingCache"):
+        layer(x, past_key_values=cache)
 
 
 @pytest.mark.parametrize("kwargs,name", [

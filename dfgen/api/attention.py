@@ -56,8 +56,8 @@ def deltaformer_attn(q, k, v, beta=None, *, q_solve=None, cu_seqlens=None, max_s
         including the diagonal, as flash-attn's softmax_lse): [B, H, T] float32 ([1, H,
         total_T] with cu_seqlens; -inf at padded positions of an attention_mask). It is not
         differentiable.
-    return_cache: also return the DecodingCache that deltaformer_decode continues from (the
-        inference forward: under torch.no_grad(); not with q_solve or torch.compile yet).
+    return_cache: also return the DecodingCache that deltaformer_decode continues from (a
+        prefill; not with q_solve or under torch.compile yet).
     Returns o, [B, T, H, D], in q's dtype; differentiable in q, k, v, beta and q_solve;
     (o, lse) with return_lse, (o, cache) with return_cache, (o, lse, cache) with both.
     """
@@ -90,7 +90,7 @@ def deltaformer_attn(q, k, v, beta=None, *, q_solve=None, cu_seqlens=None, max_s
                              return_lse)
     config = resolve_config(config, q, needs_grad, seqs, large_beta=large_beta)
     if needs_grad:
-        return DeltaFormerAttnFunction.apply(q, k, v, beta, config, seqs, scale, return_lse)
+        return DeltaFormerAttnFunction.apply(q, k, v, beta, config, seqs, scale, return_lse, False)
     o, _, lse, _, _ = forward(q, k, v, beta, config, seqs=seqs, scale=scale)
     return (o, inclusive_lse(q, k, lse, scale)) if return_lse else o
 

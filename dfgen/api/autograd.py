@@ -13,28 +13,29 @@ from ..kernels.forward import forward, forward_q_solve, inclusive_lse
 class DeltaFormerAttnFunction(torch.autograd.Function):
     """Saves q, k, beta, u, a = P u, the strict lse and the in-chunk inverses (T * CHUNK
     values per head, the size of u at head dim CHUNK), so the reverse sweep need not build
-    them again. With return_lse also the attention's (inclusive) lse, not differentiable."""
+    them again. With return_lse also the attention's (inclusive) lse, with return_u also u
+    (what a prefill's cache keeps); neither is differentiable."""
 
     @staticmethod
-    def forward(ctx, q, k, v, beta, config, seqs, scale, return_lse):
+    def forward(ctx, q, k, v, beta, config, seqs, scale, return_lse, return_u):
         o, u, lse, a, inv = forward(q, k, v, beta, config, for_backward=True, seqs=seqs,
                                     scale=scale)
         ctx.save_for_backward(q, k, beta, u, a, lse, inv)
         ctx.config, ctx.seqs, ctx.scale = config, seqs, scale
-        if return_lse:
-            lse_attn = inclusive_lse(q, k, lse, scale)
-            ctx.mark_non_differentiable(lse_attn)
-            return o, lse_attn
-        return o
+        if not (return_lse or return_u):
+            return o
+        extra = ([inclusive_lse(q, k, lse, scale)] if return_lse else []) + ([u] if return_u else [])
+        ctx.mark_non_differentiable(*extra)
+        return (o, *extra)
 
     @staticmethod
-    def backward(ctx, do, _dlse=None):
+    def backward(ctx, do, *_not_differentiable):
         q, k, beta, u, a, lse, inv = ctx.saved_tensors
         if do.stride(-1) != 1:
             do = do.contiguous()
         dq, dk, dv, dbeta = backward(q, k, beta, u, a, lse, do, ctx.config.solve_bwd,
                                      ctx.config.attn_bwd, seqs=ctx.seqs, inv=inv, scale=ctx.scale)
-        return dq, dk, dv, dbeta, None, None, None, None
+        return dq, dk, dv, dbeta, None, None, None, None, None
 
 
 class DeltaFormerAttnQSolveFunction(torch.autograd.Function):
@@ -54,7 +55,7 @@ class DeltaFormerAttnQSolveFunction(torch.autograd.Function):
         return o
 
     @staticmethod
-    def backward(ctx, do, _dlse=None):
+    def backward(ctx, do, *_not_differentiable):
         q, q_solve, k, beta, u, a, lse_solve, o, lse_attn, inv = ctx.saved_tensors
         if do.stride(-1) != 1:
             do = do.contiguous()

@@ -11,23 +11,35 @@ lengths live on the device (the kernels read them, nothing waits for the GPU) an
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..errors import InputError
 
 
+@dataclass(eq=False)
 class DecodingCache:
     """One layer's cache. Made by `deltaformer_attn(..., return_cache=True)` (the prefill)
-    and extended by `deltaformer_decode`; not built by hand."""
+    and extended by `deltaformer_decode`; not built by hand.
 
-    def __init__(self, k: torch.Tensor, u: torch.Tensor, lengths: torch.Tensor, max_length: int,
-                 scale: float | None):
-        self._k = k  # [B, capacity, H_kv, D]; rows past a row's length are free
-        self._u = u  # [B, capacity, H, D]
-        self._lengths = lengths.to(torch.int32).contiguous()  # [B] on the device
-        self._spare = torch.empty_like(self._lengths)  # the next step's lengths go here
-        self.max_length = int(max_length)
-        self.scale = scale  # the prefill's scale (None: 1/sqrt(D)); every step must use it
+    k: [B, capacity, H_kv, D] and u: [B, capacity, H, D] buffers (row b's first lengths[b]
+    entries hold its tokens; the rest are free); lengths: int32 [B] on the device;
+    max_length: a host bound on every length; scale: the prefill's softmax scale (None:
+    1/sqrt(D)). A dataclass, so that caches that map a function over their layers' tensors
+    (fla's and Hugging Face's reorder for beam search, batch repeats) reach k, u and lengths.
+    """
+
+    k: torch.Tensor
+    u: torch.Tensor
+    lengths: torch.Tensor
+    max_length: int
+    scale: float | None = None
+
+    def __post_init__(self):
+        self.lengths = self.lengths.to(torch.int32).contiguous()
+        self.max_length = int(self.max_length)
+        self._spare = torch.empty_like(self.lengths)  # the next step's lengths go here
 
     @classmethod
     def full_rows(cls, k: torch.Tensor, u: torch.Tensor, scale=None) -> "DecodingCache":
@@ -39,24 +51,19 @@ class DecodingCache:
     # -- what it holds ---------------------------------------------------------------------
     @property
     def batch_size(self) -> int:
-        return self._k.shape[0]
+        return self.k.shape[0]
 
     @property
     def capacity(self) -> int:
-        return self._k.shape[1]
-
-    @property
-    def lengths(self) -> torch.Tensor:
-        """Tokens held per row, int32 [B] on the device (a copy)."""
-        return self._lengths.clone()
+        return self.k.shape[1]
 
     def keys(self) -> torch.Tensor:
         """[B, max_length, H_kv, D]: row b's keys are its first lengths[b] entries."""
-        return self._k[:, :self.max_length]
+        return self.k[:, :self.max_length]
 
     def solved_values(self) -> torch.Tensor:
         """[B, max_length, H, D]: row b's u, its first lengths[b] entries."""
-        return self._u[:, :self.max_length]
+        return self.u[:, :self.max_length]
 
     def get_seq_length(self) -> int:
         """The longest row's length bound (Hugging Face's name)."""
@@ -70,28 +77,88 @@ class DecodingCache:
         if needed <= self.capacity:
             return
         capacity = -(-max(needed, 2 * self.capacity) // 64) * 64
-        k, u = self._k, self._u
-        self._k = k.new_empty((k.shape[0], capacity, *k.shape[2:]))
-        self._u = u.new_empty((u.shape[0], capacity, *u.shape[2:]))
-        self._k[:, :self.max_length] = k[:, :self.max_length]
-        self._u[:, :self.max_length] = u[:, :self.max_length]
+        k, u = self.k, self.u
+        self.k = k.new_empty((k.shape[0], capacity, *k.shape[2:]))
+        self.u = u.new_empty((u.shape[0], capacity, *u.shape[2:]))
+        self.k[:, :self.max_length] = k[:, :self.max_length]
+        self.u[:, :self.max_length] = u[:, :self.max_length]
 
     def advanced(self, n: int) -> None:
         """After a step wrote n tokens per row (and lengths + n into the spare buffer)."""
-        self._lengths, self._spare = self._spare, self._lengths
+        self.lengths, self._spare = self._spare, self.lengths
         self.max_length += n
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep rows `index` (beam search: each beam continues from another's past)."""
         if not isinstance(index, torch.Tensor) or index.dim() != 1:
             raise InputError("reorder: index must be a 1-D tensor of batch rows")
-        index = index.to(self._k.device)
-        self._k = self._k.index_select(0, index)
-        self._u = self._u.index_select(0, index)
-        self._lengths = self._lengths.index_select(0, index)
-        self._spare = torch.empty_like(self._lengths)
+        index = index.to(self.k.device)
+        self.k = self.k.index_select(0, index)
+        self.u = self.u.index_select(0, index)
+        self.lengths = self.lengths.index_select(0, index)
+        self._spare = torch.empty_like(self.lengths)
 
     def __repr__(self) -> str:
-        B, _, H_kv, D = self._k.shape
-        return (f"DecodingCache(batch={B}, heads={self._u.shape[2]}, kv_heads={H_kv}, head_dim={D}, "
-                f"max_length={self.max_length}, capacity={self.capacity}, dtype={self._k.dtype})")
+        B, _, H_kv, D = self.k.shape
+        return (f"DecodingCache(batch={B}, heads={self.u.shape[2]}, kv_heads={H_kv}, head_dim={D}, "
+                f"max_length={self.max_length}, capacity={self.capacity}, dtype={self.k.dtype})")
+
+
+class DeltaFormerCache:
+    """A model's decoding state: one DecodingCache per attention layer, shaped like fla's
+    Cache (and Hugging Face's Cache protocol as fla's models use it), for models that do
+    not have one: `update(recurrent_state=..., layer_idx=i, offset=n)` stores layer i's state
+    and counts its tokens, `cache[i]` is layer i's state dict ({"recurrent_state": ...}),
+    `get_seq_length(i)` the tokens layer i has seen. dfgen's layer keeps its DecodingCache
+    under "recurrent_state", in this cache or in fla's alike."""
+
+    def __init__(self):
+        self.states: list[dict | None] = []
+        self._seen: list[int] = []
+
+    def update(self, recurrent_state=None, attn_state=None, conv_state=None, ffn_state=None,
+               layer_idx: int = 0, offset: int | None = 1, cache_kwargs=None) -> dict:
+        while len(self.states) <= layer_idx:
+            self.states.append(None)
+            self._seen.append(0)
+        state = self.states[layer_idx]
+        if state is None:
+            state = self.states[layer_idx] = dict(recurrent_state=None, attn_state=None,
+                                                  conv_state=None, ffn_state=None)
+        for name, value in (("recurrent_state", recurrent_state), ("attn_state", attn_state),
+                            ("conv_state", conv_state), ("ffn_state", ffn_state)):
+            if value is not None:
+                state[name] = value
+        self._seen[layer_idx] += 1 if offset is None else offset
+        return state
+
+    def __getitem__(self, layer_idx: int) -> dict:
+        if not 0 <= layer_idx < len(self.states) or self.states[layer_idx] is None:
+            raise KeyError(f"the cache holds no state for layer {layer_idx}")
+        return self.states[layer_idx]
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def get_seq_length(self, layer_idx: int | None = 0) -> int:
+        layer_idx = layer_idx or 0
+        return self._seen[layer_idx] if layer_idx < len(self._seen) else 0
+
+    def _caches(self):
+        return [s["recurrent_state"] for s in self.states
+                if s is not None and isinstance(s.get("recurrent_state"), DecodingCache)]
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        for cache in self._caches():
+            cache.reorder(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.reorder_cache(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        for cache in self._caches():
+            rows = torch.arange(cache.batch_size, device=cache.k.device)
+            cache.reorder(rows.repeat_interleave(repeats))
+
+    def reset(self) -> None:
+        self.states, self._seen = [], []

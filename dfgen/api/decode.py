@@ -19,6 +19,7 @@ import torch
 from ..errors import InputError
 from ..kernels.decode import decode_knobs, decode_step
 from ..kernels.forward import forward, inclusive_lse, softmax_scale
+from .autograd import AllPaddingFunction, DeltaFormerAttnFunction
 from .cache import DecodingCache
 from .inputs import check_attention_mask, check_cu_seqlens, check_flag, check_inputs, check_scale
 from .resolve import resolve_config
@@ -59,7 +60,7 @@ def deltaformer_decode(q, k, v, beta, cache: DecodingCache, *, scale: float | No
     knobs = _knobs(config, q.shape[3], q.dtype)
     n = q.shape[1]
     cache.reserve(n)
-    out = decode_step(q, k, v, beta, cache._k, cache._u, cache._lengths, cache._spare,
+    out = decode_step(q, k, v, beta, cache.k, cache.u, cache.lengths, cache._spare,
                       cache.max_length, knobs, scale=prefill_scale, return_lse=return_lse)
     cache.advanced(n)
     return out
@@ -67,7 +68,7 @@ def deltaformer_decode(q, k, v, beta, cache: DecodingCache, *, scale: float | No
 
 def _check_against_cache(q, k, cache: DecodingCache) -> None:
     B, _, H, D = q.shape
-    ck, cu = cache._k, cache._u
+    ck, cu = cache.k, cache.u
     if (B, k.shape[2], D) != (ck.shape[0], ck.shape[2], ck.shape[3]) or H != cu.shape[2]:
         raise InputError(f"q {tuple(q.shape)} and k {tuple(k.shape)} do not fit the cache: it holds "
                          f"batch {ck.shape[0]}, {cu.shape[2]} heads, {ck.shape[2]} key/value heads, "
@@ -127,45 +128,51 @@ __all__ = ["deltaformer_decode", "DecodingCache"]
 
 def prefill(q, k, v, beta, *, q_solve, cu_seqlens, max_seqlen, attention_mask, config,
             large_beta: bool, scale, return_lse: bool):
-    """deltaformer_attn(..., return_cache=True): the inference forward, then its cache
-    (padded batches: every row full; attention_mask: each row's unpadded tokens; cu_seqlens:
-    one row per sequence). Returns (o, cache), or (o, lse, cache) with return_lse."""
+    """deltaformer_attn(..., return_cache=True): the forward (differentiable where an input
+    requires grad), then its cache (padded batches: every row full; attention_mask: each
+    row's unpadded tokens; cu_seqlens: one row per sequence). Returns (o, cache), or
+    (o, lse, cache) with return_lse."""
     if torch.compiler.is_compiling():
         raise InputError("return_cache=True is not supported under torch.compile yet")
     if q_solve is not None:
         raise InputError("return_cache=True with q_solve is not supported yet")
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, beta)):
-        raise InputError("return_cache=True runs the inference forward: call it under "
-                         "torch.no_grad() (the cache is for decoding, not for a backward)")
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, beta))
     if attention_mask is not None:
         if cu_seqlens is not None:
             raise InputError("give attention_mask or cu_seqlens, not both")
         o, lse, cache = _prefill_padded(check_attention_mask(attention_mask, q), q, k, v, beta,
-                                        config, large_beta, scale, return_lse)
+                                        config, large_beta, scale, return_lse, needs_grad)
     elif cu_seqlens is not None:
         seqs = check_cu_seqlens(q, cu_seqlens, max_seqlen)
-        o, u, lse = _inference(q, k, v, beta, config, seqs, large_beta, scale, return_lse)
-        cache = cache_of_packed_sequences(k, u, seqs[0], seqs[1], scale)
+        o, u, lse = _forward(q, k, v, beta, config, seqs, large_beta, scale, return_lse, needs_grad)
+        cache = cache_of_packed_sequences(k.detach(), u, seqs[0], seqs[1], scale)
     else:
-        o, u, lse = _inference(q, k, v, beta, config, None, large_beta, scale, return_lse)
-        cache = DecodingCache.full_rows(k, u, scale)
+        o, u, lse = _forward(q, k, v, beta, config, None, large_beta, scale, return_lse, needs_grad)
+        cache = DecodingCache.full_rows(k.detach(), u, scale)
     return (o, lse, cache) if return_lse else (o, cache)
 
 
-def _inference(q, k, v, beta, config, seqs, large_beta, scale, return_lse):
-    """(o, u, inclusive lse or None) of the inference forward under the runtime's config."""
-    config = resolve_config(config, q, False, seqs, large_beta=large_beta)
+def _forward(q, k, v, beta, config, seqs, large_beta, scale, return_lse, needs_grad):
+    """(o, u, inclusive lse or None) under the runtime's config: o differentiable when
+    needs_grad (the autograd Function, which also gives u), else the inference forward."""
+    config = resolve_config(config, q, needs_grad, seqs, large_beta=large_beta)
+    if needs_grad:
+        out = DeltaFormerAttnFunction.apply(q, k, v, beta, config, seqs, scale, return_lse, True)
+        return (out[0], out[2], out[1]) if return_lse else (out[0], out[1], None)
     o, u, lse, _, _ = forward(q, k, v, beta, config, seqs=seqs, scale=scale)
     return o, u, inclusive_lse(q, k, lse, scale) if return_lse else None
 
 
-def _prefill_padded(keep, q, k, v, beta, config, large_beta, scale, return_lse):
+def _prefill_padded(keep, q, k, v, beta, config, large_beta, scale, return_lse, needs_grad):
     """The attention_mask prefill by packing (as deltaformer_attn's padded path)."""
     B, T, H, D = q.shape
     index = keep.flatten().nonzero().squeeze(1)
     o = q.new_zeros(B * T, H, D)
     lse = torch.full((H, B * T), float("-inf"), dtype=torch.float32, device=q.device) if return_lse else None
     if index.numel() == 0:
+        if needs_grad:  # zeros that give the inputs zero gradients
+            o = AllPaddingFunction.apply(q, k, v, beta, None).reshape(B * T, H, D)
         cache = DecodingCache(k.new_zeros(k.shape), q.new_zeros(q.shape),
                               torch.zeros(B, dtype=torch.int32, device=q.device), T, scale)
     else:
@@ -176,10 +183,10 @@ def _prefill_padded(keep, q, k, v, beta, config, large_beta, scale, return_lse):
         cu[1:] = keep.sum(1).cumsum(0)
         packed_q, packed_k = pack(q), pack(k)
         seqs = check_cu_seqlens(packed_q, cu)
-        o_packed, u, lse_packed = _inference(packed_q, packed_k, pack(v), pack(beta), config, seqs,
-                                             large_beta, scale, return_lse)
-        o.index_copy_(0, index, o_packed[0])
+        o_packed, u, lse_packed = _forward(packed_q, packed_k, pack(v), pack(beta), config, seqs,
+                                           large_beta, scale, return_lse, needs_grad)
+        o = o.index_copy(0, index, o_packed[0])
         if return_lse:
             lse.index_copy_(1, index, lse_packed[0])
-        cache = cache_of_padded_batch(packed_k, u, keep, scale)
+        cache = cache_of_padded_batch(packed_k.detach(), u, keep, scale)
     return (o.view(B, T, H, D), lse.view(H, B, T).transpose(0, 1) if return_lse else None, cache)

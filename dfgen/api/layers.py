@@ -4,20 +4,20 @@ signature), running dfgen's kernels.
 Differences from fla, by choice: beta goes through a sigmoid by default (fla feeds the raw
 projection, which makes the solve expand once beta > 1); `beta_activation="identity"`
 keeps fla's raw beta. Grouped key/value heads are native (no repeated heads), and padding
-masks are honoured in the solve stage too.
+masks are honoured in the solve stage too. Unlike fla's, it decodes: given a cache
+(`past_key_values`, fla's Cache or dfgen's DeltaFormerCache), the first call fills it and
+each later call attends over it and appends.
 """
 
 from __future__ import annotations
-
-import warnings
 
 import torch
 import torch.nn as nn
 
 from ..kernels.config import SUPPORTED_HEAD_DIMS
 from .attention import deltaformer_attn
-
-_warned_cache = False  # the past_key_values warning is given once per process
+from .cache import DecodingCache
+from .decode import deltaformer_decode
 
 
 def _positive_int(name: str, value) -> int:
@@ -33,7 +33,8 @@ def _rotate_half(x):
 
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding on [B, T, H, D] (non-interleaved halves, as fla's
-    default); positions restart at every sequence of cu_seqlens."""
+    default); positions restart at every sequence of cu_seqlens, or are given ([T] or
+    [B, T]: a padded row's tokens counted without its padding, decoding's offsets)."""
 
     def __init__(self, dim: int, base: float = 10000.0):
         super().__init__()
@@ -42,16 +43,16 @@ class RotaryEmbedding(nn.Module):
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, q, k, cu_seqlens=None):
+    def forward(self, q, k, cu_seqlens=None, positions=None):
         T = q.shape[1]
-        if cu_seqlens is None:
+        if positions is None and cu_seqlens is None:
             positions = torch.arange(T, device=q.device, dtype=torch.float32)
-        else:
+        elif positions is None:
             starts = torch.repeat_interleave(cu_seqlens[:-1].long(), (cu_seqlens[1:] - cu_seqlens[:-1]).long())
             positions = (torch.arange(T, device=q.device) - starts).float()
-        freqs = positions[:, None] * self.inv_freq.to(q.device)[None, :]
-        cos = torch.cat((freqs.cos(), freqs.cos()), dim=-1)[None, :, None, :]
-        sin = torch.cat((freqs.sin(), freqs.sin()), dim=-1)[None, :, None, :]
+        freqs = positions.float()[..., None] * self.inv_freq.to(q.device)
+        cos = torch.cat((freqs.cos(), freqs.cos()), dim=-1).unsqueeze(-2)  # [(B,) T, 1, D]
+        sin = torch.cat((freqs.sin(), freqs.sin()), dim=-1).unsqueeze(-2)
 
         def rotate(x):
             x32 = x.float()
@@ -124,30 +125,69 @@ class DeltaFormerAttention(nn.Module):
         """hidden_states [B, T, hidden_size]; attention_mask [B, T] of 0/1 (0 = padding);
         cu_seqlens (keyword) for packed sequences. Returns (o, None, past_key_values).
 
-        past_key_values (fla's model passes its cache in eval with use_cache=True) is
-        returned unchanged: there is no incremental decoding yet, so attention covers the
-        given tokens only and the caller must pass the whole sequence (warned once)."""
-        if past_key_values is not None:
-            global _warned_cache
-            if not _warned_cache:
-                _warned_cache = True
-                warnings.warn("DeltaFormerAttention: past_key_values is passed through unchanged; "
-                              "incremental decoding is not supported yet, so attention covers only "
-                              "the tokens given: pass the whole sequence at each step",
-                              UserWarning, stacklevel=2)
+        past_key_values: fla's Cache or dfgen's DeltaFormerCache (one entry per layer, this
+        layer's at layer_idx), as fla's models pass it. Empty for this layer: the call is a
+        prefill and stores its DecodingCache there (each row's unpadded tokens; one row per
+        sequence with cu_seqlens). Filled: the call decodes, hidden_states being the next
+        tokens of each row (an attention_mask, which then spans the past too, is not needed:
+        the cache knows each row's length), and appends to it. Rotary positions count each
+        row's tokens without its padding, in both."""
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError("attention_mask must be a [batch_size, seq_len] 0/1 padding mask")
         B, T, _ = hidden_states.shape
         cu_seqlens = kwargs.get("cu_seqlens")
-        q, k, v, beta = self.project(hidden_states, cu_seqlens)
-        # a raw beta is unbounded: the solve then keeps float32 accuracy (see large_beta)
-        o = deltaformer_attn(q, k, v, beta, cu_seqlens=cu_seqlens, attention_mask=attention_mask,
-                             large_beta=self.beta_activation == "identity")
+        large_beta = self.beta_activation == "identity"  # a raw beta is unbounded (see large_beta)
+        cache = self._cache_of(past_key_values) if past_key_values is not None else None
+        if cache is not None:  # decoding: T more tokens per row after the cached ones
+            if cu_seqlens is not None:
+                raise ValueError("cu_seqlens cannot continue a cache: pass each sequence's next "
+                                 "tokens as a row of hidden_states")
+            positions = cache.lengths.long()[:, None] + torch.arange(T, device=hidden_states.device)
+            q, k, v, beta = self.project(hidden_states, positions=positions)
+            with torch.no_grad():
+                o = deltaformer_decode(q, k, v, beta, cache)
+            past_key_values.update(recurrent_state=cache, layer_idx=self.layer_idx, offset=T)
+        else:
+            positions = None
+            if attention_mask is not None and cu_seqlens is None:  # count tokens, not padding
+                positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+            q, k, v, beta = self.project(hidden_states, cu_seqlens, positions)
+            if past_key_values is not None:  # a prefill: keep what decoding needs
+                o, cache = deltaformer_attn(q, k, v, beta, cu_seqlens=cu_seqlens,
+                                            attention_mask=attention_mask, large_beta=large_beta,
+                                            return_cache=True)
+                past_key_values.update(recurrent_state=cache, layer_idx=self.layer_idx, offset=T)
+            else:
+                o = deltaformer_attn(q, k, v, beta, cu_seqlens=cu_seqlens,
+                                     attention_mask=attention_mask, large_beta=large_beta)
         o = self.o_proj(o.reshape(B, T, -1))
         return o, None, past_key_values
 
-    def project(self, hidden_states, cu_seqlens=None):
-        """(q, k, v, beta) of the attention: projections, optional q/k norm, rotary."""
+    def _cache_of(self, past_key_values):
+        """This layer's DecodingCache in `past_key_values`, or None where it holds none yet."""
+        if self.layer_idx is None:
+            raise ValueError("DeltaFormerAttention needs layer_idx to use past_key_values "
+                             "(its entry in the cache)")
+        if not (hasattr(past_key_values, "update") and hasattr(past_key_values, "__len__")):
+            raise TypeError(f"past_key_values must be a cache with update() and per-layer entries "
+                            f"(fla's Cache, dfgen.layers.DeltaFormerCache), got "
+                            f"{type(past_key_values).__name__}")
+        if len(past_key_values) <= self.layer_idx:
+            return None
+        try:
+            state = past_key_values[self.layer_idx]
+        except (KeyError, IndexError):
+            return None
+        found = state.get("recurrent_state") if isinstance(state, dict) else None
+        if found is not None and not isinstance(found, DecodingCache):
+            raise TypeError(f"past_key_values' entry for layer {self.layer_idx} holds a "
+                            f"{type(found).__name__}, not dfgen's DecodingCache (another layer's "
+                            "state at this layer_idx?)")
+        return found
+
+    def project(self, hidden_states, cu_seqlens=None, positions=None):
+        """(q, k, v, beta) of the attention: projections, optional q/k norm, rotary (at
+        `positions`, [T] or [B, T], when given)."""
         B, T, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)
@@ -158,5 +198,5 @@ class DeltaFormerAttention(nn.Module):
         if self.qk_norm:
             q = self.q_norm(q.float()).to(v.dtype)
             k = self.k_norm(k.float()).to(v.dtype)
-        q, k = self.rotary(q, k, cu_seqlens=cu_seqlens)
+        q, k = self.rotary(q, k, cu_seqlens=cu_seqlens, positions=positions)
         return q.contiguous(), k.contiguous(), v.contiguous(), beta
