@@ -275,6 +275,8 @@ def run_variants(args, ctx):
 
 script_benchmark("varlen", "varlen.py", NEEDS_GPU, "packed variable-length throughput against an "
                  "equal-length batch of the same tokens")
+script_benchmark("decode", "decode.py", NEEDS_GPU, "a decode step against SDPA's one-query "
+                 "attention over the same cache, and a prefill with return_cache against the forward")
 script_benchmark("overhead", "overhead.py", GPU_OR_INTERPRETER, "dfgen's CPU time per call above "
                  "the kernels (dispatch anywhere; call, launch and stubbed launch on a GPU)")
 script_benchmark("probe-stages", "probe_stages.py", GPU_OR_INTERPRETER, "each stage alone over a "

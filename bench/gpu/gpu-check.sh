@@ -20,6 +20,7 @@
 #   variants           the forward solve under knob variants, per head dim, side by side
 #                      (run.py variants d128 / d64; VARIANTS_128, VARIANTS_64 override the lists)
 #   varlen             packed variable-length throughput against an equal-length batch
+#   decode             a decode step against SDPA's one-query attention, prefill with return_cache
 #   tune [MIN]         tune the bucket suite $SHAPES (default h200; MIN minutes of search per
 #                      bucket, default 0.5; space h200-bf16, candidates h200 tried first), merged
 #                      into tuned/<gpu>.yaml (copied back)
@@ -105,6 +106,8 @@ while [ $# -gt 0 ]; do
       capped "${CAP_OVERHEAD:-60}" $run overhead > "$out/overhead.txt" 2>&1 || status=1; tail -n 8 "$out/overhead.txt";;
     varlen)
       capped "${CAP_VARLEN:-90}" $run varlen > "$out/varlen.txt" 2>&1 || status=1; tail -n 6 "$out/varlen.txt";;
+    decode)
+      capped "${CAP_DECODE:-120}" $run decode > "$out/decode.txt" 2>&1 || status=1; cat "$out/decode.txt";;
     tune)
       minutes=0.5; [ $# -gt 1 ] && [[ "$2" =~ ^[0-9.]+$ ]] && { minutes=$2; shift; }
       capped "${CAP_TUNE:-480}" $run tune --buckets "${SHAPES:-h200}" --space h200-bf16 --candidates h200 \

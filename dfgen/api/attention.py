@@ -40,9 +40,10 @@ def deltaformer_attn(q, k, v, beta=None, *, q_solve=None, cu_seqlens=None, max_s
         then trusted, not read back (no host sync, so CUDA graphs can capture the call).
         Bad offsets or a max_seqlen below the longest length give wrong rows, never an
         access out of bounds (the kernels clamp them); DFGEN_DEBUG=1 checks them on the
-        host and raises InputError.
+        host and raises InputError. Under torch.compile it is required with cu_seqlens.
     attention_mask: [B, T] of 0/1 (0 = padding, left or right), as in Hugging Face models:
-        padded positions influence nothing and get a zero output.
+        padded positions influence nothing and get a zero output. (Under torch.compile its
+        values are not checked: nonzero is a token.)
     config: a KernelConfig or its dict form (missing sections come from the built-in
         default); None picks the tuned config for this GPU and shape (dfgen.select).
     large_beta: True when some |beta| may exceed 2 (a raw, un-squashed projection): the
@@ -73,8 +74,8 @@ def deltaformer_attn(q, k, v, beta=None, *, q_solve=None, cu_seqlens=None, max_s
                        attention_mask=attention_mask, config=config, large_beta=large_beta,
                        scale=scale, return_lse=return_lse)
     if torch.compiler.is_compiling():
-        return _traced(q, k, v, beta, q_solve, cu_seqlens, attention_mask, config, large_beta,
-                       scale, return_lse)
+        return _traced(q, k, v, beta, q_solve, cu_seqlens, max_seqlen, attention_mask, config,
+                       large_beta, scale, return_lse)
     if settings.DEBUG and beta is not None and not large_beta:
         check_beta_range(beta)
     if attention_mask is not None:
@@ -109,14 +110,10 @@ def _with_q_solve(q, q_solve, k, v, beta, config, needs_grad, seqs, large_beta, 
     return (o, lse_attn) if return_lse else o
 
 
-def _traced(q, k, v, beta, q_solve, cu_seqlens, attention_mask, config, large_beta, scale,
-            return_lse):
+def _traced(q, k, v, beta, q_solve, cu_seqlens, max_seqlen, attention_mask, config, large_beta,
+            scale, return_lse):
     """Under torch.compile: the call as custom ops (no graph break). The config travels as
     a JSON constant and is resolved inside the op, where tuned files may be read."""
-    for name, given in (("attention_mask", attention_mask), ("cu_seqlens", cu_seqlens),
-                        ("q_solve", q_solve)):
-        if given is not None:
-            raise InputError(f"{name} is not supported under torch.compile yet")
     if large_beta:
         raise InputError("large_beta=True is not supported under torch.compile yet; pass a "
                          "config whose solve and solve_bwd sections set INV_FP16: false")
@@ -126,14 +123,34 @@ def _traced(q, k, v, beta, q_solve, cu_seqlens, attention_mask, config, large_be
         raise ConfigError(CONFIG_TYPE.format(type(config).__name__))
     text = config.json if config is not None else ""
     scale = softmax_scale(q.shape[3], scale)  # a constant of the traced graph
+    if attention_mask is not None:
+        if cu_seqlens is not None:
+            raise InputError("give attention_mask or cu_seqlens, not both")
+        if q_solve is not None:
+            raise InputError("attention_mask with q_solve is not supported under torch.compile yet")
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != q.shape[:2]:
+            raise InputError(f"attention_mask must be a [B, T] = {tuple(q.shape[:2])} tensor of 0/1")
+        o, lse = torch.ops.dfgen.attn_fwd_masked(q, k, v, beta, attention_mask, text, scale)
+        return (o, lse) if return_lse else o
+    cu, longest = None, 0
+    if cu_seqlens is not None:
+        if max_seqlen is None:
+            raise InputError("under torch.compile, cu_seqlens needs max_seqlen (the longest "
+                             "sequence): reading it from the offsets would break the graph")
+        cu, longest = check_cu_seqlens(q, cu_seqlens, max_seqlen)
+    if q_solve is not None:
+        check_q_solve(q, q_solve)
+        o, _, _, _, lse_attn = torch.ops.dfgen.attn_fwd_qsolve(q, q_solve, k, v, beta, cu, longest,
+                                                                text, scale)
+        return (o, lse_attn.detach()) if return_lse else o
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, beta))
     if needs_grad or return_lse:
-        o, _, _, lse = torch.ops.dfgen.attn_fwd_train(q, k, v, beta, text, scale)
+        o, _, _, lse = torch.ops.dfgen.attn_fwd_train(q, k, v, beta, cu, longest, text, scale)
         if return_lse:
             return o, inclusive_lse(q.detach(), k.detach(), lse.detach(), scale)
         return o
-    return torch.ops.dfgen.attn_fwd(q, k, v, beta, text, scale)
+    return torch.ops.dfgen.attn_fwd(q, k, v, beta, cu, longest, text, scale)
 
 
 def _unpadded(keep, q, k, v, beta, q_solve, config, large_beta, scale, return_lse):

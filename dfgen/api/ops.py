@@ -3,11 +3,25 @@ model calling it without graph breaks. The kernel config travels as a JSON strin
 constant of the traced graph. Eager calls skip the op layer (dfgen.api.attention calls
 the kernels directly); under torch.compile it calls these ops.
 
-    dfgen::attn_fwd(q, k, v, beta?, config, scale) -> o
-    dfgen::attn_fwd_train(q, k, v, beta?, config, scale) -> (o, u, a, lse)   differentiable in o
-    dfgen::attn_bwd(q, k, beta?, u, a, lse, do, config, scale) -> (dq, dk, dv, dbeta)
+    dfgen::attn_fwd(q, k, v, beta?, cu_seqlens?, max_seqlen, config, scale) -> o
+    dfgen::attn_fwd_train(q, k, v, beta?, cu_seqlens?, max_seqlen, config, scale)
+        -> (o, u, a, lse)                                               differentiable in o
+    dfgen::attn_bwd(q, k, beta?, u, a, lse, do, cu_seqlens?, max_seqlen, config, scale)
+        -> (dq, dk, dv, dbeta)
+    dfgen::attn_fwd_qsolve(q, q_solve, k, v, beta?, cu_seqlens?, max_seqlen, config, scale)
+        -> (o, u, a, lse_solve, lse_attn)                               differentiable in o
+    dfgen::attn_bwd_qsolve(q, q_solve, k, beta?, u, a, lse_solve, o, lse_attn, do,
+        cu_seqlens?, max_seqlen, config, scale) -> (dq, dq_solve, dk, dv, dbeta)
+    dfgen::attn_fwd_masked(q, k, v, beta?, attention_mask, config, scale) -> (o, lse)
+                                                                        differentiable in o
+    dfgen::attn_bwd_masked(q, k, v, beta?, attention_mask, do, config, scale)
+        -> (dq, dk, dv, dbeta)
 
-scale is the softmax scale, always given (the caller turns None into 1/sqrt(D)).
+scale is the softmax scale, always given (the caller turns None into 1/sqrt(D));
+max_seqlen (with cu_seqlens) the longest sequence, which sizes the launches without
+reading the offsets back (0 without cu_seqlens). A padding mask packs the unpadded tokens,
+whose number only the data knows, so its ops hide the packing: the forward keeps nothing
+of it, and the backward runs the forward again (one more forward per training step).
 """
 
 from __future__ import annotations
@@ -19,11 +33,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..kernels.backward import backward
+from ..kernels.backward import backward, backward_q_solve
 from ..kernels.config import KernelConfig
 from ..kernels.flags import unpooled
-from ..kernels.forward import forward
-from .resolve import resolve_config
+from ..kernels.forward import forward, forward_q_solve, inclusive_lse
+from .resolve import resolve_config, two_stage
 
 
 @functools.lru_cache(maxsize=256)
@@ -31,36 +45,53 @@ def _parse(text: str) -> KernelConfig:
     return KernelConfig.from_dict(json.loads(text))
 
 
-def _config(text: str, q: Tensor, needs_grad: bool) -> KernelConfig:
+def _seqs(cu_seqlens: Optional[Tensor], max_seqlen: int):
+    """The packed-sequence arguments of the kernels (None for a padded batch)."""
+    if cu_seqlens is None:
+        return None
+    return cu_seqlens.to(torch.int32).contiguous(), max_seqlen
+
+
+def _config(text: str, q: Tensor, needs_grad: bool, seqs=None, q_solve: bool = False) -> KernelConfig:
     """The config a traced call carries ('' = pick the tuned one for this GPU and shape)."""
-    return resolve_config(_parse(text) if text else None, q, needs_grad)
+    config = resolve_config(_parse(text) if text else None, q, needs_grad, seqs,
+                            variant="qsolve" if q_solve else "")
+    return two_stage(config, q.shape[3], q.dtype).check(q.shape[3], needs_grad) if q_solve else config
 
 
+def _grad_like(t: Optional[Tensor], like: Tensor) -> Tensor:
+    return t if t is not None else like.new_empty(0)
+
+
+# -- plain and packed sequences ------------------------------------------------------------
 @torch.library.custom_op("dfgen::attn_fwd", mutates_args=())
-def attn_fwd(q: Tensor, k: Tensor, v: Tensor, beta: Optional[Tensor], config: str,
-             scale: float) -> Tensor:
+def attn_fwd(q: Tensor, k: Tensor, v: Tensor, beta: Optional[Tensor], cu_seqlens: Optional[Tensor],
+             max_seqlen: int, config: str, scale: float) -> Tensor:
+    seqs = _seqs(cu_seqlens, max_seqlen)
     with unpooled():  # CUDA graph trees may run this in their memory pool (flags.py)
-        return forward(q, k, v, beta, _config(config, q, False), scale=scale)[0]
+        return forward(q, k, v, beta, _config(config, q, False, seqs), seqs=seqs, scale=scale)[0]
 
 
 @attn_fwd.register_fake
-def _(q, k, v, beta, config, scale):
+def _(q, k, v, beta, cu_seqlens, max_seqlen, config, scale):
     return torch.empty_like(q)
 
 
 @torch.library.custom_op("dfgen::attn_fwd_train", mutates_args=())
 def attn_fwd_train(q: Tensor, k: Tensor, v: Tensor, beta: Optional[Tensor],
-                   config: str, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                   cu_seqlens: Optional[Tensor], max_seqlen: int, config: str,
+                   scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     # The traced op's outputs have shapes that do not depend on the config, so the reverse
     # sweep builds the in-chunk inverses itself here (eager calls keep the forward's)
+    seqs = _seqs(cu_seqlens, max_seqlen)
     with unpooled():
-        o, u, lse, a, _ = forward(q, k, v, beta, _config(config, q, True), for_backward=True,
-                                  keep_inverse=False, scale=scale)
+        o, u, lse, a, _ = forward(q, k, v, beta, _config(config, q, True, seqs), for_backward=True,
+                                  seqs=seqs, keep_inverse=False, scale=scale)
     return o, u, a, lse
 
 
 @attn_fwd_train.register_fake
-def _(q, k, v, beta, config, scale):
+def _(q, k, v, beta, cu_seqlens, max_seqlen, config, scale):
     B, T, H, _ = q.shape
     return (torch.empty_like(q), torch.empty_like(q), torch.empty_like(q),
             q.new_empty(B, H, T, dtype=torch.float32))
@@ -68,34 +99,191 @@ def _(q, k, v, beta, config, scale):
 
 @torch.library.custom_op("dfgen::attn_bwd", mutates_args=())
 def attn_bwd(q: Tensor, k: Tensor, beta: Optional[Tensor], u: Tensor, a: Tensor, lse: Tensor,
-             do: Tensor, config: str, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    cfg = _config(config, q, True)
+             do: Tensor, cu_seqlens: Optional[Tensor], max_seqlen: int, config: str,
+             scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    seqs = _seqs(cu_seqlens, max_seqlen)
+    cfg = _config(config, q, True, seqs)
     if do.stride(-1) != 1:
         do = do.contiguous()
     with unpooled():
         dq, dk, dv, dbeta = backward(q, k, beta, u, a, lse, do, cfg.solve_bwd, cfg.attn_bwd,
-                                     scale=scale)
-    return dq, dk, dv, dbeta if dbeta is not None else q.new_empty(0)
+                                     seqs=seqs, scale=scale)
+    return dq, dk, dv, _grad_like(dbeta, q)
 
 
 @attn_bwd.register_fake
-def _(q, k, beta, u, a, lse, do, config, scale):
+def _(q, k, beta, u, a, lse, do, cu_seqlens, max_seqlen, config, scale):
     dbeta = torch.empty_like(beta) if beta is not None else q.new_empty(0)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(k), dbeta  # v is like k
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, beta, config, scale = inputs
+    q, k, v, beta, cu_seqlens, max_seqlen, config, scale = inputs
     _, u, a, lse = output
-    ctx.save_for_backward(q, k, beta, u, a, lse)
-    ctx.config, ctx.scale = config, scale
+    ctx.save_for_backward(q, k, beta, u, a, lse, cu_seqlens)
+    ctx.max_seqlen, ctx.config, ctx.scale = max_seqlen, config, scale
     ctx.has_beta = beta is not None
 
 
 def _backward(ctx, do, du, da, dlse):
-    q, k, beta, u, a, lse = ctx.saved_tensors
-    dq, dk, dv, dbeta = torch.ops.dfgen.attn_bwd(q, k, beta, u, a, lse, do, ctx.config, ctx.scale)
-    return dq, dk, dv, (dbeta if ctx.has_beta else None), None, None
+    q, k, beta, u, a, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv, dbeta = torch.ops.dfgen.attn_bwd(q, k, beta, u, a, lse, do, cu_seqlens,
+                                                 ctx.max_seqlen, ctx.config, ctx.scale)
+    return dq, dk, dv, (dbeta if ctx.has_beta else None), None, None, None, None
 
 
 attn_fwd_train.register_autograd(_backward, setup_context=_setup_context)
+
+
+# -- the solve stage's own queries ---------------------------------------------------------
+@torch.library.custom_op("dfgen::attn_fwd_qsolve", mutates_args=())
+def attn_fwd_qsolve(q: Tensor, q_solve: Tensor, k: Tensor, v: Tensor, beta: Optional[Tensor],
+                    cu_seqlens: Optional[Tensor], max_seqlen: int, config: str,
+                    scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    seqs = _seqs(cu_seqlens, max_seqlen)
+    cfg = _config(config, q, True, seqs, q_solve=True)
+    with unpooled():
+        o, u, lse_solve, a, lse_attn, _ = forward_q_solve(q, q_solve, k, v, beta, cfg,
+                                                          for_backward=True, seqs=seqs,
+                                                          scale=scale, keep_inverse=False)
+    return o, u, a, lse_solve, lse_attn
+
+
+@attn_fwd_qsolve.register_fake
+def _(q, q_solve, k, v, beta, cu_seqlens, max_seqlen, config, scale):
+    B, T, H, _ = q.shape
+    lse = q.new_empty(B, H, T, dtype=torch.float32)
+    return torch.empty_like(q), torch.empty_like(q), torch.empty_like(q), lse, torch.empty_like(lse)
+
+
+@torch.library.custom_op("dfgen::attn_bwd_qsolve", mutates_args=())
+def attn_bwd_qsolve(q: Tensor, q_solve: Tensor, k: Tensor, beta: Optional[Tensor], u: Tensor,
+                    a: Tensor, lse_solve: Tensor, o: Tensor, lse_attn: Tensor, do: Tensor,
+                    cu_seqlens: Optional[Tensor], max_seqlen: int, config: str,
+                    scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    seqs = _seqs(cu_seqlens, max_seqlen)
+    cfg = _config(config, q, True, seqs, q_solve=True)
+    if do.stride(-1) != 1:
+        do = do.contiguous()
+    with unpooled():
+        dq, dq_solve, dk, dv, dbeta = backward_q_solve(q, q_solve, k, beta, u, a, lse_solve, o,
+                                                       lse_attn, do, cfg, seqs=seqs, scale=scale)
+    return dq, dq_solve, dk, dv, _grad_like(dbeta, q)
+
+
+@attn_bwd_qsolve.register_fake
+def _(q, q_solve, k, beta, u, a, lse_solve, o, lse_attn, do, cu_seqlens, max_seqlen, config, scale):
+    dbeta = torch.empty_like(beta) if beta is not None else q.new_empty(0)
+    return (torch.empty_like(q), torch.empty_like(q), torch.empty_like(k), torch.empty_like(k),
+            dbeta)
+
+
+def _setup_qsolve(ctx, inputs, output):
+    q, q_solve, k, v, beta, cu_seqlens, max_seqlen, config, scale = inputs
+    o, u, a, lse_solve, lse_attn = output
+    ctx.save_for_backward(q, q_solve, k, beta, u, a, lse_solve, o, lse_attn, cu_seqlens)
+    ctx.max_seqlen, ctx.config, ctx.scale = max_seqlen, config, scale
+    ctx.has_beta = beta is not None
+
+
+def _backward_qsolve(ctx, do, du, da, dlse_solve, dlse_attn):
+    q, q_solve, k, beta, u, a, lse_solve, o, lse_attn, cu_seqlens = ctx.saved_tensors
+    dq, dq_solve, dk, dv, dbeta = torch.ops.dfgen.attn_bwd_qsolve(
+        q, q_solve, k, beta, u, a, lse_solve, o, lse_attn, do, cu_seqlens, ctx.max_seqlen,
+        ctx.config, ctx.scale)
+    return dq, dq_solve, dk, dv, (dbeta if ctx.has_beta else None), None, None, None, None
+
+
+attn_fwd_qsolve.register_autograd(_backward_qsolve, setup_context=_setup_qsolve)
+
+
+# -- padding masks -------------------------------------------------------------------------
+# (op bodies run below autograd, and this module sits below dfgen.api.attention: the packing
+# of the unpadded tokens is done here, by hand)
+def _packing(attention_mask: Tensor):
+    """(flat index of the unpadded tokens, their packed sequences' (cu_seqlens, longest)),
+    or (index, None) when every token is padding."""
+    keep = attention_mask.bool()
+    index = keep.flatten().nonzero().squeeze(1)
+    if index.numel() == 0:
+        return index, None
+    lengths = keep.sum(1)
+    cu = torch.zeros(keep.shape[0] + 1, dtype=torch.int32, device=keep.device)
+    cu[1:] = lengths.cumsum(0)
+    return index, (cu, int(lengths.max()))
+
+
+def _pack(t: Optional[Tensor], index: Tensor) -> Optional[Tensor]:
+    return None if t is None else t.reshape(-1, *t.shape[2:]).index_select(0, index).unsqueeze(0)
+
+
+def _unpack_into(out: Tensor, index: Tensor, packed: Tensor) -> Tensor:
+    """`out` ([B, T, ...], zeros where padded) with the packed rows put back."""
+    out.view(-1, *out.shape[2:]).index_copy_(0, index, packed[0])
+    return out
+
+
+@torch.library.custom_op("dfgen::attn_fwd_masked", mutates_args=())
+def attn_fwd_masked(q: Tensor, k: Tensor, v: Tensor, beta: Optional[Tensor], attention_mask: Tensor,
+                    config: str, scale: float) -> tuple[Tensor, Tensor]:
+    B, T, H, _ = q.shape
+    o = torch.zeros_like(q)
+    lse = torch.full((B, T, H), float("-inf"), dtype=torch.float32, device=q.device)
+    index, seqs = _packing(attention_mask)
+    if seqs is not None:
+        qp, kp = _pack(q, index), _pack(k, index)
+        with unpooled():
+            op, _, lse_strict, _, _ = forward(qp, kp, _pack(v, index), _pack(beta, index),
+                                              _config(config, qp, False, seqs), seqs=seqs, scale=scale)
+        _unpack_into(o, index, op)
+        _unpack_into(lse, index, inclusive_lse(qp, kp, lse_strict, scale).transpose(1, 2))
+    return o, lse.transpose(1, 2).contiguous()
+
+
+@attn_fwd_masked.register_fake
+def _(q, k, v, beta, attention_mask, config, scale):
+    B, T, H, _ = q.shape
+    return torch.empty_like(q), q.new_empty(B, H, T, dtype=torch.float32)
+
+
+@torch.library.custom_op("dfgen::attn_bwd_masked", mutates_args=())
+def attn_bwd_masked(q: Tensor, k: Tensor, v: Tensor, beta: Optional[Tensor], attention_mask: Tensor,
+                    do: Tensor, config: str, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    grads = [torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v),
+             torch.zeros_like(beta) if beta is not None else None]
+    index, seqs = _packing(attention_mask)
+    if seqs is not None:  # the forward again, then its backward
+        qp, kp, bp = _pack(q, index), _pack(k, index), _pack(beta, index)
+        cfg = _config(config, qp, True, seqs)
+        with unpooled():
+            _, u, lse, a, inv = forward(qp, kp, _pack(v, index), bp, cfg, for_backward=True,
+                                        seqs=seqs, scale=scale)
+            packed = backward(qp, kp, bp, u, a, lse, _pack(do.contiguous(), index), cfg.solve_bwd,
+                              cfg.attn_bwd, seqs=seqs, inv=inv, scale=scale)
+        for grad, got in zip(grads, packed):
+            if grad is not None:
+                _unpack_into(grad, index, got)
+    return grads[0], grads[1], grads[2], _grad_like(grads[3], q)
+
+
+@attn_bwd_masked.register_fake
+def _(q, k, v, beta, attention_mask, do, config, scale):
+    dbeta = torch.empty_like(beta) if beta is not None else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbeta
+
+
+def _setup_masked(ctx, inputs, output):
+    q, k, v, beta, attention_mask, config, scale = inputs
+    ctx.save_for_backward(q, k, v, beta, attention_mask)
+    ctx.config, ctx.scale = config, scale
+    ctx.has_beta = beta is not None
+
+
+def _backward_masked(ctx, do, dlse):
+    q, k, v, beta, attention_mask = ctx.saved_tensors
+    dq, dk, dv, dbeta = torch.ops.dfgen.attn_bwd_masked(q, k, v, beta, attention_mask, do,
+                                                        ctx.config, ctx.scale)
+    return dq, dk, dv, (dbeta if ctx.has_beta else None), None, None, None
+
+
+attn_fwd_masked.register_autograd(_backward_masked, setup_context=_setup_masked)

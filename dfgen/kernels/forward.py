@@ -120,12 +120,12 @@ def forward(q, k, v, beta, config: KernelConfig, *, for_backward: bool = False, 
 
 
 def forward_q_solve(q, q_solve, k, v, beta, config: KernelConfig, *, for_backward: bool = False,
-                    seqs=None, scale=None, return_lse: bool = False):
+                    seqs=None, scale=None, return_lse: bool = False, keep_inverse: bool = True):
     """The two-stage pass with the solve stage's own queries: u from the strict softmax of
     q_solve k^T, then o = causal softmax(q k^T) u. Returns (o, u, lse_solve, a, lse_attn,
     inv), a and inv (forward's) being None unless for_backward, lse_attn (inclusive) None
     unless for_backward or return_lse."""
-    inv = kept_inverses(q_solve, config.solve["CHUNK"], seqs) if for_backward else None
+    inv = kept_inverses(q_solve, config.solve["CHUNK"], seqs) if for_backward and keep_inverse else None
     u, _, lse_solve, a = solve_stage(q_solve, k, v, beta, config.solve, write_o=False,
                                      write_a=for_backward, seqs=seqs, inv=inv, scale=scale)
     if for_backward or return_lse:
