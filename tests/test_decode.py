@@ -103,6 +103,34 @@ def test_decode_without_beta_and_with_a_scale():
     assert_close(o, _reference(q, k, v, ones, scale=0.25)[0][:, 20:], dtype, "o", 1e-4)
 
 
+@pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])
+def test_decode_with_the_solves_own_queries(dtype_name):
+    """q_solve: u from q_solve's scores, o from q's, through a prefill and steps of one and
+    three tokens; the lse is the attention's (q's)."""
+    dtype = DTYPES[dtype_name]
+    q, k, v, beta = _sequence(2, 24, 4, 2, 32, dtype, seed=15)
+    q_solve = torch.randn(q.shape, generator=torch.Generator().manual_seed(16)).to(dtype).to(DEVICE)
+    with torch.no_grad():
+        o, cache = deltaformer_attn(q[:, :19], k[:, :19], v[:, :19], beta[:, :19], q_solve=q_solve[:, :19],
+                                    return_cache=True)
+        assert cache.q_solve
+        outs, lses = [o], []
+        for sl in (slice(19, 20), slice(20, 21), slice(21, 24)):
+            o, lse = deltaformer_decode(q[:, sl], k[:, sl], v[:, sl], beta[:, sl], cache,
+                                        q_solve=q_solve[:, sl], return_lse=True, config=SMALL)
+            outs.append(o)
+            lses.append(lse)
+        with pytest.raises(InputError, match="q_solve"):  # the prefill had it
+            deltaformer_decode(q[:, :1], k[:, :1], v[:, :1], beta[:, :1], cache)
+    args = [t.double() for t in (q, k, v, beta)]
+    ref_o = naive_deltaformer_attn(*args, q_solve=q_solve.double())
+    ref_u = naive_deltaformer_u(q_solve.double(), *args[1:])
+    tol = _tol(dtype)
+    assert_close(torch.cat(outs, 1), ref_o, dtype, "o", tol)
+    assert_close(cache.solved_values()[:, 19:], ref_u[:, 19:], dtype, "u", tol)
+    assert_close(torch.cat(lses, 2), naive_lse(args[0], args[1])[:, :, 19:], dtype, "lse", 1e-2)
+
+
 def test_padded_prefill_then_decode():
     """attention_mask (left and right padding): every row continues from its own tokens."""
     dtype = torch.float32
@@ -188,8 +216,8 @@ def test_bad_decode_inputs_are_clear_errors():
             deltaformer_decode(q[:, :1], k[:, :1], v[:, :1], beta[:, :1], cache, return_lse="yes")
         with pytest.raises(InputError, match="return_cache"):
             deltaformer_attn(q, k, v, beta, return_cache=1)
-        with pytest.raises(InputError, match="q_solve"):
-            deltaformer_attn(q, k, v, beta, q_solve=q, return_cache=True)
+        with pytest.raises(InputError, match="q_solve"):  # the prefill had none
+            deltaformer_decode(q[:, :1], k[:, :1], v[:, :1], beta[:, :1], cache, q_solve=q[:, :1])
     leaf = q[:, :1].clone().requires_grad_()
     with pytest.raises(InputError, match="not differentiable"):
         deltaformer_decode(leaf, k[:, :1], v[:, :1], beta[:, :1], cache)

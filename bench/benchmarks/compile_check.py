@@ -103,7 +103,7 @@ def main():
                     "attn_fwd": ("WRITE_LSE", "VARLEN"),
                     "solve_bwd": ("HAS_BETA", "GATED", "VARLEN", "LOAD_INV"),
                     "attn_bwd": ("WRITE_DU", "VARLEN"),
-                    "decode": ("HAS_BETA", "WRITE_LSE")}
+                    "decode": ("HAS_BETA", "WRITE_LSE", "Q_SOLVE")}
         variants = [(stage, {**knobs, **extra}, not extra) for stage, knobs in stages.items()
                     if stage in wanted for extra in VARIANTS.get(stage, ({},))
                     if all(k in spec(stage).knobs for k in extra)

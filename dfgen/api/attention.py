@@ -58,7 +58,7 @@ def deltaformer_attn(q, k, v, beta=None, *, q_solve=None, cu_seqlens=None, max_s
         total_T] with cu_seqlens; -inf at padded positions of an attention_mask). It is not
         differentiable.
     return_cache: also return the DecodingCache that deltaformer_decode continues from (a
-        prefill; not with q_solve or under torch.compile yet).
+        prefill; not under torch.compile yet).
     Returns o, [B, T, H, D], in q's dtype; differentiable in q, k, v, beta and q_solve;
     (o, lse) with return_lse, (o, cache) with return_cache, (o, lse, cache) with both.
     """
@@ -104,7 +104,7 @@ def _with_q_solve(q, q_solve, k, v, beta, config, needs_grad, seqs, large_beta, 
                                       large_beta=large_beta), D, q.dtype).check(D, needs_grad)
     if needs_grad:
         return DeltaFormerAttnQSolveFunction.apply(q, q_solve, k, v, beta, config, seqs, scale,
-                                                   return_lse)
+                                                   return_lse, False)
     o, *_, lse_attn, _ = forward_q_solve(q, q_solve, k, v, beta, config, seqs=seqs, scale=scale,
                                          return_lse=return_lse)
     return (o, lse_attn) if return_lse else o

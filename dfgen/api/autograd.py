@@ -42,17 +42,18 @@ class DeltaFormerAttnQSolveFunction(torch.autograd.Function):
     """The two-stage form with the solve stage's own queries."""
 
     @staticmethod
-    def forward(ctx, q, q_solve, k, v, beta, config, seqs, scale, return_lse):
+    def forward(ctx, q, q_solve, k, v, beta, config, seqs, scale, return_lse, return_u):
         o, u, lse_solve, a, lse_attn, inv = forward_q_solve(q, q_solve, k, v, beta, config,
                                                             for_backward=True, seqs=seqs,
                                                             scale=scale)
         ctx.save_for_backward(q, q_solve, k, beta, u, a, lse_solve, o, lse_attn, inv)
         ctx.config, ctx.seqs, ctx.scale = config, seqs, scale
-        if return_lse:
-            lse_out = lse_attn.clone()  # the saved one must not reach the caller
-            ctx.mark_non_differentiable(lse_out)
-            return o, lse_out
-        return o
+        if not (return_lse or return_u):
+            return o
+        # (the saved lse must not reach the caller, who may change it in place)
+        extra = ([lse_attn.clone()] if return_lse else []) + ([u] if return_u else [])
+        ctx.mark_non_differentiable(*extra)
+        return (o, *extra)
 
     @staticmethod
     def backward(ctx, do, *_not_differentiable):
@@ -62,7 +63,7 @@ class DeltaFormerAttnQSolveFunction(torch.autograd.Function):
         dq, dq_solve, dk, dv, dbeta = backward_q_solve(q, q_solve, k, beta, u, a, lse_solve, o,
                                                        lse_attn, do, ctx.config, seqs=ctx.seqs,
                                                        inv=inv, scale=ctx.scale)
-        return dq, dq_solve, dk, dv, dbeta, None, None, None, None
+        return dq, dq_solve, dk, dv, dbeta, None, None, None, None, None
 
 
 class AllPaddingFunction(torch.autograd.Function):

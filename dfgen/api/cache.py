@@ -26,7 +26,7 @@ class DecodingCache:
     k: [B, capacity, H_kv, D] and u: [B, capacity, H, D] buffers (row b's first lengths[b]
     entries hold its tokens; the rest are free); lengths: int32 [B] on the device;
     max_length: a host bound on every length; scale: the prefill's softmax scale (None:
-    1/sqrt(D)). A dataclass, so that caches that map a function over their layers' tensors
+    1/sqrt(D)); q_solve: whether u came from the solve's own queries. A dataclass, so that caches that map a function over their layers' tensors
     (fla's and Hugging Face's reorder for beam search, batch repeats) reach k, u and lengths.
     """
 
@@ -35,6 +35,7 @@ class DecodingCache:
     lengths: torch.Tensor
     max_length: int
     scale: float | None = None
+    q_solve: bool = False  # u solved from the solve's own queries (decode with q_solve too)
 
     def __post_init__(self):
         self.lengths = self.lengths.to(torch.int32).contiguous()
@@ -42,11 +43,12 @@ class DecodingCache:
         self._spare = torch.empty_like(self.lengths)  # the next step's lengths go here
 
     @classmethod
-    def full_rows(cls, k: torch.Tensor, u: torch.Tensor, scale=None) -> "DecodingCache":
+    def full_rows(cls, k: torch.Tensor, u: torch.Tensor, scale=None,
+                  q_solve: bool = False) -> "DecodingCache":
         """Every row holds all T tokens of k [B, T, H_kv, D] and u [B, T, H, D] (referenced,
         not copied: the first step that appends moves them to larger buffers)."""
         B, T = k.shape[:2]
-        return cls(k, u, torch.full((B,), T, dtype=torch.int32, device=k.device), T, scale)
+        return cls(k, u, torch.full((B,), T, dtype=torch.int32, device=k.device), T, scale, q_solve)
 
     # -- what it holds ---------------------------------------------------------------------
     @property

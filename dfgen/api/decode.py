@@ -18,23 +18,27 @@ import torch
 
 from ..errors import InputError
 from ..kernels.decode import decode_knobs, decode_step
-from ..kernels.forward import forward, inclusive_lse, softmax_scale
-from .autograd import AllPaddingFunction, DeltaFormerAttnFunction
+from ..kernels.forward import forward, forward_q_solve, inclusive_lse, softmax_scale
+from .autograd import AllPaddingFunction, DeltaFormerAttnFunction, DeltaFormerAttnQSolveFunction
 from .cache import DecodingCache
-from .inputs import check_attention_mask, check_cu_seqlens, check_flag, check_inputs, check_scale
-from .resolve import resolve_config
+from .inputs import (check_attention_mask, check_cu_seqlens, check_flag, check_inputs,
+                     check_q_solve, check_scale)
+from .resolve import resolve_config, two_stage
 
 _knobs_memo: dict = {}
 
 
-def deltaformer_decode(q, k, v, beta, cache: DecodingCache, *, scale: float | None = None,
-                       config: dict | None = None, return_lse: bool = False):
+def deltaformer_decode(q, k, v, beta, cache: DecodingCache, *, q_solve=None,
+                       scale: float | None = None, config: dict | None = None,
+                       return_lse: bool = False):
     """The outputs of n new tokens per row, appended to `cache`.
 
     q: [B, n, H, D]; k, v: [B, n, H_kv, D]; beta: [B, n, H] or None (ones), as for
         deltaformer_attn; B, H, H_kv, D, dtype and device those of the cache.
     cache: the DecodingCache of this layer (from deltaformer_attn(..., return_cache=True));
         gets the n tokens' keys and u.
+    q_solve: [B, n, H, D], the solve's own queries, where the prefill had them (u from
+        q_solve's scores, o from q's: the cache is swept once for each).
     scale: the softmax scale; None takes the prefill's (a different one is an error: the
         cached u were solved under it).
     config: the decoding step's knobs (templates/decode.py.jinja), each optional.
@@ -46,6 +50,11 @@ def deltaformer_decode(q, k, v, beta, cache: DecodingCache, *, scale: float | No
         raise InputError(f"cache must be the DecodingCache of a prefill "
                          f"(deltaformer_attn(..., return_cache=True)), got {type(cache).__name__}")
     _check_against_cache(q, k, cache)
+    if q_solve is not None:
+        check_q_solve(q, q_solve)
+    if (q_solve is not None) != cache.q_solve:
+        raise InputError("q_solve must be given to deltaformer_decode exactly when the prefill "
+                         f"had it (this cache's prefill {'did' if cache.q_solve else 'did not'})")
     prefill_scale = softmax_scale(q.shape[3], cache.scale)
     if scale is not None and not math.isclose(check_scale(scale), prefill_scale, rel_tol=1e-9):
         raise InputError(f"scale={scale} differs from the prefill's ({prefill_scale}): the cached "
@@ -61,7 +70,8 @@ def deltaformer_decode(q, k, v, beta, cache: DecodingCache, *, scale: float | No
     n = q.shape[1]
     cache.reserve(n)
     out = decode_step(q, k, v, beta, cache.k, cache.u, cache.lengths, cache._spare,
-                      cache.max_length, knobs, scale=prefill_scale, return_lse=return_lse)
+                      cache.max_length, knobs, scale=prefill_scale, return_lse=return_lse,
+                      q_solve=q_solve)
     cache.advanced(n)
     return out
 
@@ -135,36 +145,52 @@ def prefill(q, k, v, beta, *, q_solve, cu_seqlens, max_seqlen, attention_mask, c
     if torch.compiler.is_compiling():
         raise InputError("return_cache=True is not supported under torch.compile yet")
     if q_solve is not None:
-        raise InputError("return_cache=True with q_solve is not supported yet")
+        check_q_solve(q, q_solve)
     needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, beta))
+        t is not None and t.requires_grad for t in (q, k, v, beta, q_solve))
     if attention_mask is not None:
         if cu_seqlens is not None:
             raise InputError("give attention_mask or cu_seqlens, not both")
         o, lse, cache = _prefill_padded(check_attention_mask(attention_mask, q), q, k, v, beta,
-                                        config, large_beta, scale, return_lse, needs_grad)
+                                        q_solve, config, large_beta, scale, return_lse, needs_grad)
     elif cu_seqlens is not None:
         seqs = check_cu_seqlens(q, cu_seqlens, max_seqlen)
-        o, u, lse = _forward(q, k, v, beta, config, seqs, large_beta, scale, return_lse, needs_grad)
+        o, u, lse = _forward(q, k, v, beta, q_solve, config, seqs, large_beta, scale, return_lse,
+                             needs_grad)
         cache = cache_of_packed_sequences(k.detach(), u, seqs[0], seqs[1], scale)
     else:
-        o, u, lse = _forward(q, k, v, beta, config, None, large_beta, scale, return_lse, needs_grad)
+        o, u, lse = _forward(q, k, v, beta, q_solve, config, None, large_beta, scale, return_lse,
+                             needs_grad)
         cache = DecodingCache.full_rows(k.detach(), u, scale)
+    cache.q_solve = q_solve is not None
     return (o, lse, cache) if return_lse else (o, cache)
 
 
-def _forward(q, k, v, beta, config, seqs, large_beta, scale, return_lse, needs_grad):
-    """(o, u, inclusive lse or None) under the runtime's config: o differentiable when
-    needs_grad (the autograd Function, which also gives u), else the inference forward."""
-    config = resolve_config(config, q, needs_grad, seqs, large_beta=large_beta)
+def _forward(q, k, v, beta, q_solve, config, seqs, large_beta, scale, return_lse, needs_grad):
+    """(o, u, the attention's inclusive lse or None) under the runtime's config: o
+    differentiable when needs_grad (the autograd Functions, which also give u), else the
+    inference forward."""
+    if q_solve is None:
+        config = resolve_config(config, q, needs_grad, seqs, large_beta=large_beta)
+        if needs_grad:
+            out = DeltaFormerAttnFunction.apply(q, k, v, beta, config, seqs, scale, return_lse, True)
+            return (out[0], out[2], out[1]) if return_lse else (out[0], out[1], None)
+        o, u, lse, _, _ = forward(q, k, v, beta, config, seqs=seqs, scale=scale)
+        return o, u, inclusive_lse(q, k, lse, scale) if return_lse else None
+    D = q.shape[3]
+    config = two_stage(resolve_config(config, q, needs_grad, seqs, variant="qsolve",
+                                      large_beta=large_beta), D, q.dtype).check(D, needs_grad)
     if needs_grad:
-        out = DeltaFormerAttnFunction.apply(q, k, v, beta, config, seqs, scale, return_lse, True)
+        out = DeltaFormerAttnQSolveFunction.apply(q, q_solve, k, v, beta, config, seqs, scale,
+                                                  return_lse, True)
         return (out[0], out[2], out[1]) if return_lse else (out[0], out[1], None)
-    o, u, lse, _, _ = forward(q, k, v, beta, config, seqs=seqs, scale=scale)
-    return o, u, inclusive_lse(q, k, lse, scale) if return_lse else None
+    o, u, _, _, lse_attn, _ = forward_q_solve(q, q_solve, k, v, beta, config, seqs=seqs,
+                                              scale=scale, return_lse=return_lse)
+    return o, u, lse_attn
 
 
-def _prefill_padded(keep, q, k, v, beta, config, large_beta, scale, return_lse, needs_grad):
+def _prefill_padded(keep, q, k, v, beta, q_solve, config, large_beta, scale, return_lse,
+                    needs_grad):
     """The attention_mask prefill by packing (as deltaformer_attn's padded path)."""
     B, T, H, D = q.shape
     index = keep.flatten().nonzero().squeeze(1)
@@ -172,7 +198,7 @@ def _prefill_padded(keep, q, k, v, beta, config, large_beta, scale, return_lse, 
     lse = torch.full((H, B * T), float("-inf"), dtype=torch.float32, device=q.device) if return_lse else None
     if index.numel() == 0:
         if needs_grad:  # zeros that give the inputs zero gradients
-            o = AllPaddingFunction.apply(q, k, v, beta, None).reshape(B * T, H, D)
+            o = AllPaddingFunction.apply(q, k, v, beta, q_solve).reshape(B * T, H, D)
         cache = DecodingCache(k.new_zeros(k.shape), q.new_zeros(q.shape),
                               torch.zeros(B, dtype=torch.int32, device=q.device), T, scale)
     else:
@@ -183,8 +209,8 @@ def _prefill_padded(keep, q, k, v, beta, config, large_beta, scale, return_lse, 
         cu[1:] = keep.sum(1).cumsum(0)
         packed_q, packed_k = pack(q), pack(k)
         seqs = check_cu_seqlens(packed_q, cu)
-        o_packed, u, lse_packed = _forward(packed_q, packed_k, pack(v), pack(beta), config, seqs,
-                                           large_beta, scale, return_lse, needs_grad)
+        o_packed, u, lse_packed = _forward(packed_q, packed_k, pack(v), pack(beta), pack(q_solve),
+                                           config, seqs, large_beta, scale, return_lse, needs_grad)
         o = o.index_copy(0, index, o_packed[0])
         if return_lse:
             lse.index_copy_(1, index, lse_packed[0])

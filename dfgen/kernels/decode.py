@@ -35,15 +35,16 @@ def decode_knobs(given: Mapping[str, Any] | None, head_dim: int, dtype) -> dict[
 
 
 def decode_step(q, k, v, beta, k_cache, u_cache, lengths, new_lengths, max_len: int,
-                knobs: Mapping[str, Any], *, scale=None, return_lse: bool = False):
+                knobs: Mapping[str, Any], *, scale=None, return_lse: bool = False, q_solve=None):
     """o [B, n, H, D] of n new tokens per row (and their inclusive lse [B, H, n] float32 with
     return_lse); writes their keys and u into the caches at rows lengths[b] .. + n - 1 and
     lengths + n into new_lengths (both int32 [B] on the device). max_len: at least the
-    longest length (host int: no sync), the caches' capacity at least max_len + n."""
+    longest length (host int: no sync), the caches' capacity at least max_len + n. q_solve
+    (like q): the solve's own queries (u from q_solve's scores, o from q's)."""
     B, n, H, D = q.shape
     module = build.load(DECODE, q.dtype, D, knobs)
     o = torch.empty_like(q)
     lse = torch.empty(B, H, n, dtype=torch.float32, device=q.device) if return_lse else None
     module.launch(q, k, v, beta, k_cache, u_cache, lengths, new_lengths, o,
-                  softmax_scale(D, scale), max_len, lse)
+                  softmax_scale(D, scale), max_len, lse, q_solve=q_solve)
     return (o, lse) if return_lse else o
