@@ -224,6 +224,28 @@ def test_bad_decode_inputs_are_clear_errors():
     assert cache.max_length == 6  # nothing was appended by the refused calls
 
 
+def test_a_malformed_cache_is_refused_before_any_launch():
+    """A cache is input: buffers that do not fit each other would let the kernels write
+    outside them."""
+    q, k, v, beta = _sequence(2, 8, 2, 1, 32, torch.float32, seed=17)
+    step = [t[:, :1] for t in (q, k, v, beta)]
+    breakages = {
+        "capacity": lambda c: setattr(c, "u", c.u[:, :4]),
+        "last dim": lambda c: setattr(c, "k", c.k.repeat_interleave(2, -1)[..., ::2]),  # stride 2
+        "lengths": lambda c: setattr(c, "lengths", c.lengths.long()),
+        "max_length": lambda c: setattr(c, "max_length", 10 ** 6),
+        "dtype": lambda c: setattr(c, "u", c.u.double()),
+    }
+    for what, breaking in breakages.items():
+        with torch.no_grad():
+            _, cache = deltaformer_attn(q, k, v, beta, return_cache=True)
+            deltaformer_decode(*step, cache, config=SMALL)  # fine, and checked once
+            breaking(cache)
+            with pytest.raises(InputError, match="DecodingCache"):
+                deltaformer_decode(*step, cache, config=SMALL)
+            assert cache.max_length in (9, 10 ** 6), what
+
+
 def test_a_hostile_length_stays_inside_the_cache():
     """Lengths past the capacity (a corrupted cache) are clamped by the kernels: wrong rows,
     no access outside the buffers."""

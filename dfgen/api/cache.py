@@ -50,6 +50,36 @@ class DecodingCache:
         B, T = k.shape[:2]
         return cls(k, u, torch.full((B,), T, dtype=torch.int32, device=k.device), T, scale, q_solve)
 
+    def validate(self) -> None:
+        """InputError naming the field unless the buffers fit each other (a cache is input: the
+        kernels write into k and u at rows given by lengths). Checked again only after one of
+        them was replaced."""
+        if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or \
+                not 0 <= self.max_length <= self.k.shape[1]:
+            raise InputError(f"DecodingCache.max_length must be an int in [0, capacity], got "
+                             f"{self.max_length!r}")
+        held = (self.k, self.u, self.lengths, self._spare)
+        if getattr(self, "_valid", None) is not None and all(a is b for a, b in zip(held, self._valid)):
+            return
+        k, u, lengths = self.k, self.u, self.lengths
+        for name, t in (("k", k), ("u", u)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4:
+                raise InputError(f"DecodingCache.{name} must be a [B, capacity, heads, D] tensor")
+            if t.stride(-1) != 1:
+                raise InputError(f"DecodingCache.{name} must be contiguous in its last dim")
+        if (k.shape[0], k.shape[1], k.shape[3]) != (u.shape[0], u.shape[1], u.shape[3]) or \
+                k.shape[2] < 1 or u.shape[2] % k.shape[2]:
+            raise InputError(f"DecodingCache.k {tuple(k.shape)} and .u {tuple(u.shape)} must share "
+                             "batch, capacity and head dim, u's heads a multiple of k's")
+        if k.dtype != u.dtype or k.device != u.device:
+            raise InputError("DecodingCache.k and .u must have one dtype and device")
+        for name, t in (("lengths", lengths), ("_spare", self._spare)):
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.shape != (k.shape[0],) \
+                    or t.device != k.device or not t.is_contiguous():
+                raise InputError(f"DecodingCache.{name} must be a contiguous int32 [B] tensor on the "
+                                 "cache's device")
+        self._valid = held
+
     # -- what it holds ---------------------------------------------------------------------
     @property
     def batch_size(self) -> int:

@@ -77,6 +77,7 @@ def deltaformer_decode(q, k, v, beta, cache: DecodingCache, *, q_solve=None,
 
 
 def _check_against_cache(q, k, cache: DecodingCache) -> None:
+    cache.validate()
     B, _, H, D = q.shape
     ck, cu = cache.k, cache.u
     if (B, k.shape[2], D) != (ck.shape[0], ck.shape[2], ck.shape[3]) or H != cu.shape[2]:
