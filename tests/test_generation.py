@@ -105,7 +105,10 @@ def test_fla_deltaformer_model_generates_with_dfgen_layers():
     """fla's DeltaFormerForCausalLM with every attention layer replaced by dfgen's (same
     weights): model.generate (greedy, 64 new tokens, fla's Cache) equals recomputing the
     whole sequence at each step. Float32, so that no near-tie of two logits decides."""
-    from fla.models import DeltaFormerConfig, DeltaFormerForCausalLM
+    try:  # fla's models need its flash-linear-attention package and a recent transformers
+        from fla.models import DeltaFormerConfig, DeltaFormerForCausalLM
+    except ImportError as err:
+        pytest.skip(f"fla's models do not import here: {err}")
 
     torch.manual_seed(0)
     config = DeltaFormerConfig(hidden_size=256, num_heads=4, num_hidden_layers=2, vocab_size=512,
