@@ -71,6 +71,18 @@ def test_decode_steps_equal_the_full_recomputation(config, dtype_name):
     assert torch.equal(cache.keys(), k)  # every key, the prefill's and the appended ones
 
 
+@pytest.mark.parametrize("D,dtype_name", [(16, "bf16"), (16, "fp32"), (64, "fp16")])
+def test_decode_at_other_head_dims(D, dtype_name):
+    """Head dim 16 (whose 16-bit prefill runs the head-dim-32 kernels on padded inputs, while
+    the decode kernels take it as it is) and 64."""
+    dtype = DTYPES[dtype_name]
+    q, k, v, beta = _sequence(2, 15, 2, 1, D, dtype, seed=D)
+    o, cache = _decode_through(q, k, v, beta, 11, [1, 3], SMALL)
+    ref_o, ref_u = _reference(q, k, v, beta)
+    assert_close(o, ref_o, dtype, "o", _tol(dtype))
+    assert_close(cache.solved_values(), ref_u, dtype, "u", _tol(dtype))
+
+
 def test_decode_from_a_single_token_and_the_lse():
     """The first token has a = 0, u = v, o = v; each step's lse is the inclusive one."""
     dtype = torch.float32
@@ -136,24 +148,31 @@ def test_padded_prefill_then_decode():
     dtype = torch.float32
     B, T, H, D = 3, 14, 2, 32
     q, k, v, beta = _sequence(B, T, H, H, D, dtype, seed=6)
-    nq, nk, nv, nb = _sequence(B, 4, H, H, D, dtype, seed=7)
     mask = torch.ones(B, T, dtype=torch.int64, device=DEVICE)
     mask[0, :5] = 0  # left padding
     mask[2, 9:] = 0  # right padding
+    B += 1  # and a row of padding only: its first decoded token has o = u = v
+    q, k, v, beta = (torch.cat([t, t[:1]]) for t in (q, k, v, beta))
+    nq, nk, nv, nb = _sequence(B, 4, H, H, D, dtype, seed=7)
+    mask = torch.cat([mask, torch.zeros_like(mask[:1])])
     with torch.no_grad():
         o, cache = deltaformer_attn(q, k, v, beta, attention_mask=mask, return_cache=True)
-        assert cache.lengths.tolist() == [9, 14, 9]
+        assert cache.lengths.tolist() == [9, 14, 9, 0]
         assert dataclasses.is_dataclass(cache) and cache.scale is None
         steps = [deltaformer_decode(nq[:, i:i + 1], nk[:, i:i + 1], nv[:, i:i + 1],
                                     nb[:, i:i + 1], cache, config=SMALL) for i in range(4)]
     decoded = torch.cat(steps, 1)
+    assert torch.allclose(decoded[3, 0], nv[3, 0].expand(H, D), atol=1e-6)
     for b in range(B):
         keep = mask[b].bool()
         row = [torch.cat([t[b:b + 1][:, keep], n[b:b + 1]], 1) for t, n in
                ((q, nq), (k, nk), (v, nv), (beta, nb))]
         ref_o, ref_u = _reference(*row)
         n_keep = int(keep.sum())
-        assert_close(o[b:b + 1][:, keep], ref_o[:, :n_keep], dtype, f"row {b} prefill", 1e-4)
+        if n_keep:
+            assert_close(o[b:b + 1][:, keep], ref_o[:, :n_keep], dtype, f"row {b} prefill", 1e-4)
+        else:
+            assert (o[b] == 0).all()
         assert_close(decoded[b:b + 1], ref_o[:, n_keep:], dtype, f"row {b} decoded", 1e-4)
         assert_close(cache.solved_values()[b:b + 1, :n_keep + 4], ref_u, dtype, f"row {b} u", 1e-4)
 
