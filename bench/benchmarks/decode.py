@@ -2,6 +2,7 @@
 same cache, and a prefill with return_cache=True against the plain forward.
 
     python bench/run.py decode [--rows B,L,H,H_kv,D ...] [--knobs BLOCK_N=32,MIN_PROGRAMS=512]
+    python bench/run.py decode --sweep     # each row's decode kernels under a grid of knobs
 
 A decode step: one new token per row of a cache of L tokens (bf16), timed end to end as a
 model calls it (deltaformer_decode: checks, the cache's bookkeeping, two launches; each
@@ -84,6 +85,37 @@ def decode_row(B, L, H, H_kv, D, knobs, time):
     return ours, alone, theirs, read / (alone * 1e3) / 1e3, read_sdpa / (theirs * 1e3) / 1e3
 
 
+SWEEP = dict(BLOCK_N=[32, 64, 128], MIN_PROGRAMS=[128, 256, 512, 1024], num_warps=[2, 4, 8],
+             num_stages=[2, 3, 4])
+
+
+def sweep_row(B, L, H, H_kv, D, time):
+    """The decode kernels' time under every point of SWEEP that fits (fastest first)."""
+    import itertools
+
+    from dfgen.errors import ConfigError
+
+    gen = torch.Generator(device="cuda").manual_seed(B * L + H)
+    cache = _cache(B, L, H, H_kv, D, gen)
+    q = torch.randn(B, 1, H, D, generator=gen, device="cuda", dtype=DTYPE)
+    k, v = (torch.randn(B, 1, H_kv, D, generator=gen, device="cuda", dtype=DTYPE) for _ in range(2))
+    beta = torch.rand(B, 1, H, generator=gen, device="cuda")
+    start, spare = cache.lengths.clone(), torch.empty_like(cache.lengths)
+    found, points = [], [decode_knobs(None, D, DTYPE)]  # the default first
+    for values in itertools.product(*SWEEP.values()):
+        try:
+            knobs = decode_knobs(dict(zip(SWEEP, values)), D, DTYPE)
+        except ConfigError:
+            continue
+        if knobs != points[0]:
+            points.append(knobs)
+    for knobs in points:
+        with torch.no_grad():
+            ms = time(lambda: decode_step(q, k, v, beta, cache.k, cache.u, start, spare, L, knobs))
+        found.append((ms, knobs))
+    return sorted(found, key=lambda item: item[0])
+
+
 def check_against_prefill(gen_seed=0):
     """Prefill T-1 tokens, decode the last: equal to the prefill of all T (dfgen's own
     forward) at the last row."""
@@ -114,10 +146,22 @@ def main():
     ap.add_argument("--rows", nargs="*", default=ROWS, help="B,L,H,H_kv,D of each decode row")
     ap.add_argument("--prefill", nargs="*", default=PREFILL, help="B,T,H,H_kv,D of each prefill row")
     ap.add_argument("--knobs", help="decode knobs, e.g. BLOCK_N=32,MIN_PROGRAMS=512")
+    ap.add_argument("--sweep", action="store_true", help="each row's decode kernels under a grid "
+                    "of knobs: the five fastest and the default")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "decode measures GPU time: it needs a CUDA device"
     time = timer(True)
     knobs = _knobs(args.knobs)
+    if args.sweep:
+        for text in args.rows:
+            row = _row(text)
+            found = sweep_row(*row, time)
+            default = decode_knobs(None, row[4], DTYPE)
+            default_ms = next(ms for ms, k in found if k == default)
+            print(f"{text}: {len(found)} points; default {default_ms:.4f} ms", flush=True)
+            for ms, k in found[:5]:
+                print(f"  {ms:.4f} ms ({default_ms / ms:.2f}x the default) {k}", flush=True)
+        return
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, bf16, decode knobs "
           f"{decode_knobs(knobs, 128, DTYPE)} (head dim 128); the last row of a 3000-token "
           f"sequence decoded against its prefill: rel. diff {check_against_prefill():.1e}")

@@ -21,6 +21,7 @@
 #                      (run.py variants d128 / d64; VARIANTS_128, VARIANTS_64 override the lists)
 #   varlen             packed variable-length throughput against an equal-length batch
 #   decode             a decode step against SDPA's one-query attention, prefill with return_cache
+#   decodesweep        each decode row's kernels under a grid of decode knobs (the five fastest)
 #   tune [MIN]         tune the bucket suite $SHAPES (default h200; MIN minutes of search per
 #                      bucket, default 0.5; space h200-bf16, candidates h200 tried first), merged
 #                      into tuned/<gpu>.yaml (copied back)
@@ -108,6 +109,9 @@ while [ $# -gt 0 ]; do
       capped "${CAP_VARLEN:-90}" $run varlen > "$out/varlen.txt" 2>&1 || status=1; tail -n 6 "$out/varlen.txt";;
     decode)
       capped "${CAP_DECODE:-120}" $run decode > "$out/decode.txt" 2>&1 || status=1; cat "$out/decode.txt";;
+    decodesweep)
+      capped "${CAP_DECODESWEEP:-240}" $run decode --sweep > "$out/decodesweep.txt" 2>&1 || status=1
+      cat "$out/decodesweep.txt";;
     tune)
       minutes=0.5; [ $# -gt 1 ] && [[ "$2" =~ ^[0-9.]+$ ]] && { minutes=$2; shift; }
       capped "${CAP_TUNE:-480}" $run tune --buckets "${SHAPES:-h200}" --space h200-bf16 --candidates h200 \
