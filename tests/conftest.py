@@ -87,4 +87,14 @@ def make_inputs(B, T, H, D, dtype, beta="rand", seed=0, device=DEVICE):
     return q, k, v, b
 
 
+def make_grouped_inputs(B, T, H, H_kv, D, dtype, seed):
+    """q [B, T, H, D], k and v [B, T, H_kv, D] (grouped heads when H_kv < H), beta [B, T, H]
+    in (0, 1), random from `seed`."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, D, generator=gen).to(dtype).to(DEVICE)
+    k, v = (torch.randn(B, T, H_kv, D, generator=gen).to(dtype).to(DEVICE) for _ in range(2))
+    beta = torch.rand(B, T, H, generator=gen).to(DEVICE)
+    return q, k, v, beta
+
+
 gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device (larger sizes)")

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from conftest import DEVICE, DTYPES, ON_GPU, assert_close
+from conftest import DEVICE, DTYPES, ON_GPU, assert_close, make_grouped_inputs
 from dfgen.errors import ConfigError, InputError
 from dfgen.reference import naive_deltaformer_attn, naive_deltaformer_u, naive_lse
 from dfgen.runtime import deltaformer_attn, deltaformer_decode
@@ -17,13 +17,6 @@ from dfgen.runtime import deltaformer_attn, deltaformer_decode
 SMALL = dict(BLOCK_N=16, MIN_PROGRAMS=1024)  # many cache slices even at tiny sizes
 UNSPLIT = dict(BLOCK_N=16, MIN_PROGRAMS=1)
 
-
-def _sequence(B, T, H, H_kv, D, dtype, seed):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, T, H, D, generator=gen).to(dtype).to(DEVICE)
-    k, v = (torch.randn(B, T, H_kv, D, generator=gen).to(dtype).to(DEVICE) for _ in range(2))
-    beta = torch.rand(B, T, H, generator=gen).to(DEVICE)
-    return q, k, v, beta
 
 
 def _tol(dtype):
@@ -58,7 +51,7 @@ def test_decode_steps_equal_the_full_recomputation(config, dtype_name):
     B, H, H_kv, D = 2, 4, 2, 32
     steps = [1, 1, 3, 1, 5, 1]
     T0 = 21
-    q, k, v, beta = _sequence(B, T0 + sum(steps), H, H_kv, D, dtype, seed=3)
+    q, k, v, beta = make_grouped_inputs(B, T0 + sum(steps), H, H_kv, D, dtype, seed=3)
     o, cache = _decode_through(q, k, v, beta, T0, steps, config)
     ref_o, ref_u = _reference(q, k, v, beta)
     tol = _tol(dtype)
@@ -76,7 +69,7 @@ def test_decode_at_other_head_dims(D, dtype_name):
     """Head dim 16 (whose 16-bit prefill runs the head-dim-32 kernels on padded inputs, while
     the decode kernels take it as it is) and 64."""
     dtype = DTYPES[dtype_name]
-    q, k, v, beta = _sequence(2, 15, 2, 1, D, dtype, seed=D)
+    q, k, v, beta = make_grouped_inputs(2, 15, 2, 1, D, dtype, seed=D)
     o, cache = _decode_through(q, k, v, beta, 11, [1, 3], SMALL)
     ref_o, ref_u = _reference(q, k, v, beta)
     assert_close(o, ref_o, dtype, "o", _tol(dtype))
@@ -86,7 +79,7 @@ def test_decode_at_other_head_dims(D, dtype_name):
 def test_decode_from_a_single_token_and_the_lse():
     """The first token has a = 0, u = v, o = v; each step's lse is the inclusive one."""
     dtype = torch.float32
-    q, k, v, beta = _sequence(1, 9, 2, 1, 32, dtype, seed=4)
+    q, k, v, beta = make_grouped_inputs(1, 9, 2, 1, 32, dtype, seed=4)
     with torch.no_grad():
         o0, lse0, cache = deltaformer_attn(q[:, :1], k[:, :1], v[:, :1], beta[:, :1],
                                            return_lse=True, return_cache=True)
@@ -103,7 +96,7 @@ def test_decode_from_a_single_token_and_the_lse():
 
 def test_decode_without_beta_and_with_a_scale():
     dtype = torch.float32
-    q, k, v, beta = _sequence(2, 30, 2, 2, 32, dtype, seed=5)
+    q, k, v, beta = make_grouped_inputs(2, 30, 2, 2, 32, dtype, seed=5)
     ones = torch.ones_like(beta)
     with torch.no_grad():
         _, cache = deltaformer_attn(q[:, :20], k[:, :20], v[:, :20], None, return_cache=True,
@@ -120,7 +113,7 @@ def test_decode_with_the_solves_own_queries(dtype_name):
     """q_solve: u from q_solve's scores, o from q's, through a prefill and steps of one and
     three tokens; the lse is the attention's (q's)."""
     dtype = DTYPES[dtype_name]
-    q, k, v, beta = _sequence(2, 24, 4, 2, 32, dtype, seed=15)
+    q, k, v, beta = make_grouped_inputs(2, 24, 4, 2, 32, dtype, seed=15)
     q_solve = torch.randn(q.shape, generator=torch.Generator().manual_seed(16)).to(dtype).to(DEVICE)
     with torch.no_grad():
         o, cache = deltaformer_attn(q[:, :19], k[:, :19], v[:, :19], beta[:, :19], q_solve=q_solve[:, :19],
@@ -147,13 +140,13 @@ def test_padded_prefill_then_decode():
     """attention_mask (left and right padding): every row continues from its own tokens."""
     dtype = torch.float32
     B, T, H, D = 3, 14, 2, 32
-    q, k, v, beta = _sequence(B, T, H, H, D, dtype, seed=6)
+    q, k, v, beta = make_grouped_inputs(B, T, H, H, D, dtype, seed=6)
     mask = torch.ones(B, T, dtype=torch.int64, device=DEVICE)
     mask[0, :5] = 0  # left padding
     mask[2, 9:] = 0  # right padding
     B += 1  # and a row of padding only: its first decoded token has o = u = v
     q, k, v, beta = (torch.cat([t, t[:1]]) for t in (q, k, v, beta))
-    nq, nk, nv, nb = _sequence(B, 4, H, H, D, dtype, seed=7)
+    nq, nk, nv, nb = make_grouped_inputs(B, 4, H, H, D, dtype, seed=7)
     mask = torch.cat([mask, torch.zeros_like(mask[:1])])
     with torch.no_grad():
         o, cache = deltaformer_attn(q, k, v, beta, attention_mask=mask, return_cache=True)
@@ -181,8 +174,8 @@ def test_packed_prefill_then_decode():
     """cu_seqlens: one cache row per sequence."""
     dtype = torch.bfloat16
     lengths = [7, 1, 12]
-    q, k, v, beta = _sequence(1, sum(lengths), 2, 1, 32, dtype, seed=8)
-    nq, nk, nv, nb = _sequence(3, 3, 2, 1, 32, dtype, seed=9)
+    q, k, v, beta = make_grouped_inputs(1, sum(lengths), 2, 1, 32, dtype, seed=8)
+    nq, nk, nv, nb = make_grouped_inputs(3, 3, 2, 1, 32, dtype, seed=9)
     cu = torch.tensor([0, 7, 8, 20], dtype=torch.int32, device=DEVICE)
     with torch.no_grad():
         _, cache = deltaformer_attn(q, k, v, beta, cu_seqlens=cu, max_seqlen=12, return_cache=True)
@@ -196,7 +189,7 @@ def test_packed_prefill_then_decode():
 
 def test_the_cache_grows_and_keeps_what_it_held():
     dtype = torch.float32
-    q, k, v, beta = _sequence(1, 80, 1, 1, 32, dtype, seed=10)
+    q, k, v, beta = make_grouped_inputs(1, 80, 1, 1, 32, dtype, seed=10)
     o, cache = _decode_through(q, k, v, beta, 3, [1] * 40 + [37], SMALL)
     assert cache.capacity >= 80 and cache.max_length == 80
     assert_close(o, _reference(q, k, v, beta)[0], dtype, "o", 1e-4)
@@ -205,7 +198,7 @@ def test_the_cache_grows_and_keeps_what_it_held():
 
 def test_reorder_keeps_rows():
     dtype = torch.float32
-    q, k, v, beta = _sequence(2, 12, 1, 1, 32, dtype, seed=11)
+    q, k, v, beta = make_grouped_inputs(2, 12, 1, 1, 32, dtype, seed=11)
     with torch.no_grad():
         _, cache = deltaformer_attn(q[:, :10], k[:, :10], v[:, :10], beta[:, :10], return_cache=True)
         cache.reorder(torch.tensor([1, 1], device=DEVICE))
@@ -218,7 +211,7 @@ def test_reorder_keeps_rows():
 
 
 def test_bad_decode_inputs_are_clear_errors():
-    q, k, v, beta = _sequence(2, 6, 2, 2, 32, torch.float32, seed=12)
+    q, k, v, beta = make_grouped_inputs(2, 6, 2, 2, 32, torch.float32, seed=12)
     with torch.no_grad():
         _, cache = deltaformer_attn(q, k, v, beta, return_cache=True)
         with pytest.raises(InputError, match="DecodingCache"):
@@ -246,7 +239,7 @@ def test_bad_decode_inputs_are_clear_errors():
 def test_a_malformed_cache_is_refused_before_any_launch():
     """A cache is input: buffers that do not fit each other would let the kernels write
     outside them."""
-    q, k, v, beta = _sequence(2, 8, 2, 1, 32, torch.float32, seed=17)
+    q, k, v, beta = make_grouped_inputs(2, 8, 2, 1, 32, torch.float32, seed=17)
     step = [t[:, :1] for t in (q, k, v, beta)]
     breakages = {
         "capacity": lambda c: setattr(c, "u", c.u[:, :4]),
@@ -268,7 +261,7 @@ def test_a_malformed_cache_is_refused_before_any_launch():
 def test_a_hostile_length_stays_inside_the_cache():
     """Lengths past the capacity (a corrupted cache) are clamped by the kernels: wrong rows,
     no access outside the buffers."""
-    q, k, v, beta = _sequence(1, 8, 1, 1, 32, torch.float32, seed=13)
+    q, k, v, beta = make_grouped_inputs(1, 8, 1, 1, 32, torch.float32, seed=13)
     with torch.no_grad():
         _, cache = deltaformer_attn(q, k, v, beta, return_cache=True)
         cache.reserve(1)
@@ -284,7 +277,7 @@ def test_decode_every_head_dim_and_dtype_on_the_gpu(D, dtype_name):
     """The default decode knobs, a cache of 1000 tokens, one token then four at once, grouped
     heads."""
     dtype = DTYPES[dtype_name]
-    q, k, v, beta = _sequence(3, 1005, 8, 2, D, dtype, seed=D)
+    q, k, v, beta = make_grouped_inputs(3, 1005, 8, 2, D, dtype, seed=D)
     o, cache = _decode_through(q, k, v, beta, 1000, [1, 4], None, scale=1.2 / math.sqrt(D))
     ref_o, ref_u = _reference(q, k, v, beta, scale=1.2 / math.sqrt(D))
     tol = 3e-3 if dtype == torch.float32 else 2e-2
@@ -295,7 +288,7 @@ def test_decode_every_head_dim_and_dtype_on_the_gpu(D, dtype_name):
 def test_a_prefill_that_trains_gives_the_same_cache():
     """return_cache where inputs require grad: o is differentiable (the training Function),
     the cache equals the inference prefill's."""
-    q, k, v, beta = _sequence(2, 19, 2, 1, 32, torch.float32, seed=14)
+    q, k, v, beta = make_grouped_inputs(2, 19, 2, 1, 32, torch.float32, seed=14)
     leaves = [t.clone().requires_grad_() for t in (q, k, v, beta)]
     o, lse, cache = deltaformer_attn(*leaves, return_lse=True, return_cache=True)
     grads = torch.autograd.grad(o.square().sum(), leaves)

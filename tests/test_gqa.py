@@ -4,7 +4,7 @@ against the reference with the kv heads repeated (which dfgen never materializes
 import pytest
 import torch
 
-from conftest import DEVICE, DTYPES, assert_close
+from conftest import DEVICE, DTYPES, assert_close, make_grouped_inputs
 from dfgen.kernels.config import KernelConfig, default_config
 from dfgen.reference import naive_deltaformer_attn
 from dfgen.runtime import deltaformer_attn
@@ -19,20 +19,13 @@ CONFIGS = {
 }
 
 
-def _inputs(B, T, H, H_kv, D, dtype, seed):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, T, H, D, generator=gen).to(dtype).to(DEVICE)
-    k, v = (torch.randn(B, T, H_kv, D, generator=gen).to(dtype).to(DEVICE) for _ in range(2))
-    beta = torch.rand(B, T, H, generator=gen).to(DEVICE)
-    return q, k, v, beta
-
 
 @pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])
 @pytest.mark.parametrize("config_name", list(CONFIGS))
 @pytest.mark.parametrize("H,H_kv", [(4, 2), (3, 1)], ids=["H4-kv2", "H3-kv1"])
 def test_grouped_heads_forward_and_gradients(H, H_kv, config_name, dtype_name):
     dtype = DTYPES[dtype_name]
-    q, k, v, beta = _inputs(2, 37, H, H_kv, 32, dtype, seed=H * 10 + H_kv)
+    q, k, v, beta = make_grouped_inputs(2, 37, H, H_kv, 32, dtype, seed=H * 10 + H_kv)
     leaves = [t.requires_grad_() for t in (q, k, v, beta)]
     o = deltaformer_attn(q, k, v, beta, config=CONFIGS[config_name])
     do = torch.randn(o.shape, generator=torch.Generator().manual_seed(1)).to(dtype).to(DEVICE)
@@ -52,7 +45,7 @@ def test_grouped_heads_forward_and_gradients(H, H_kv, config_name, dtype_name):
 
 
 def test_heads_must_divide():
-    q, k, v, beta = _inputs(1, 8, 3, 2, 32, torch.float32, seed=0)
+    q, k, v, beta = make_grouped_inputs(1, 8, 3, 2, 32, torch.float32, seed=0)
     from dfgen.errors import InputError
 
     with pytest.raises(InputError, match="multiple of k and v's heads"):

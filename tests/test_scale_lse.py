@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import DEVICE, DTYPES, ON_GPU, assert_close
+from conftest import DEVICE, DTYPES, ON_GPU, assert_close, make_grouped_inputs
 from dfgen.errors import InputError
 from dfgen.kernels.config import KernelConfig, default_config
 from dfgen.reference import naive_deltaformer_attn, naive_lse
@@ -21,13 +21,6 @@ TWO_STAGE = KernelConfig("two_stage", SOLVE, dict(BLOCK_M=32, BLOCK_N=16, num_wa
                          solve_bwd=SOLVE_BWD, attn_bwd=ATTN_BWD)
 CONFIGS = {"fused": FUSED, "two_stage": TWO_STAGE}
 
-
-def _inputs(B, T, H, H_kv, D, dtype, seed):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, T, H, D, generator=gen).to(dtype).to(DEVICE)
-    k, v = (torch.randn(B, T, H_kv, D, generator=gen).to(dtype).to(DEVICE) for _ in range(2))
-    beta = torch.rand(B, T, H, generator=gen).to(DEVICE)
-    return q, k, v, beta
 
 
 def _tol(dtype):
@@ -51,7 +44,7 @@ def test_scale_changes_every_stage_forward_and_gradients(shape, strategy, dtype_
     and the returned lse."""
     dtype = DTYPES[dtype_name]
     scale = 0.3
-    q, k, v, beta = _inputs(*shape, dtype, seed=shape[1])
+    q, k, v, beta = make_grouped_inputs(*shape, dtype, seed=shape[1])
     leaves = [t.requires_grad_() for t in (q, k, v, beta)]
     o, lse = deltaformer_attn(q, k, v, beta, config=CONFIGS[strategy], scale=scale, return_lse=True)
     assert lse.shape == (shape[0], shape[2], shape[1]) and lse.dtype == torch.float32
@@ -74,7 +67,7 @@ def test_scale_changes_every_stage_forward_and_gradients(shape, strategy, dtype_
 
 @pytest.mark.parametrize("strategy", ["fused", "two_stage"])
 def test_default_scale_and_lse_without_grad(strategy):
-    q, k, v, beta = _inputs(1, 33, 2, 1, 32, torch.float32, seed=5)
+    q, k, v, beta = make_grouped_inputs(1, 33, 2, 1, 32, torch.float32, seed=5)
     o, lse = deltaformer_attn(q, k, v, beta, config=CONFIGS[strategy], return_lse=True)
     assert torch.equal(o, deltaformer_attn(q, k, v, beta, config=CONFIGS[strategy]))
     explicit = deltaformer_attn(q, k, v, beta, config=CONFIGS[strategy], scale=1 / math.sqrt(32))
@@ -87,7 +80,7 @@ def test_default_scale_and_lse_without_grad(strategy):
 
 def test_scale_and_lse_with_q_solve():
     dtype = torch.float32
-    q, k, v, beta = _inputs(2, 27, 2, 2, 32, dtype, seed=7)
+    q, k, v, beta = make_grouped_inputs(2, 27, 2, 2, 32, dtype, seed=7)
     q_solve = torch.randn(q.shape, generator=torch.Generator().manual_seed(8)).to(DEVICE)
     leaves = [t.requires_grad_() for t in (q, q_solve, k, v, beta)]
     o, lse = deltaformer_attn(q, k, v, beta, q_solve=q_solve, config=TWO_STAGE, scale=0.25,
@@ -111,7 +104,7 @@ def test_scale_and_lse_with_packed_sequences_and_padding():
     """cu_seqlens: lse is [1, H, total]; attention_mask: [B, H, T] with -inf where padded."""
     dtype = torch.float32
     lengths = [5, 17, 1]
-    q, k, v, beta = _inputs(1, sum(lengths), 2, 2, 32, dtype, seed=9)
+    q, k, v, beta = make_grouped_inputs(1, sum(lengths), 2, 2, 32, dtype, seed=9)
     cu = torch.tensor([0, 5, 22, 23], dtype=torch.int32, device=DEVICE)
     o, lse = deltaformer_attn(q, k, v, beta, cu_seqlens=cu, config=FUSED, scale=0.2, return_lse=True)
     assert lse.shape == (1, 2, 23)
@@ -121,7 +114,7 @@ def test_scale_and_lse_with_packed_sequences_and_padding():
         assert_close(lse[:, :, a:b], naive_lse(part[0], part[1], scale=0.2), dtype, "lse", 1e-5)
     # a right-padded batch of two rows: padded positions get o = 0 and lse = -inf
     B, T = 2, 12
-    q, k, v, beta = _inputs(B, T, 2, 2, 32, dtype, seed=10)
+    q, k, v, beta = make_grouped_inputs(B, T, 2, 2, 32, dtype, seed=10)
     mask = torch.ones(B, T, dtype=torch.int64, device=DEVICE)
     mask[1, 7:] = 0
     o, lse = deltaformer_attn(q, k, v, beta, attention_mask=mask, config=FUSED, scale=0.2,
@@ -139,7 +132,7 @@ def test_scale_and_lse_with_packed_sequences_and_padding():
 
 
 def test_scale_and_lse_under_torch_compile():
-    q, k, v, beta = _inputs(1, 24, 2, 2, 32, torch.float32, seed=11)
+    q, k, v, beta = make_grouped_inputs(1, 24, 2, 2, 32, torch.float32, seed=11)
 
     def step(q, k, v, beta):
         o, lse = deltaformer_attn(q, k, v, beta, config=FUSED, scale=0.3, return_lse=True)
@@ -163,14 +156,14 @@ def test_scale_and_lse_under_torch_compile():
 
 @pytest.mark.parametrize("bad", ["0.1", float("nan"), float("inf"), True, torch.tensor(0.1), [0.1]])
 def test_bad_scale_is_an_input_error(bad):
-    q, k, v, beta = _inputs(1, 4, 1, 1, 32, torch.float32, seed=1)
+    q, k, v, beta = make_grouped_inputs(1, 4, 1, 1, 32, torch.float32, seed=1)
     with pytest.raises(InputError, match="scale"):
         deltaformer_attn(q, k, v, beta, scale=bad)
 
 
 @pytest.mark.parametrize("bad", [1, "yes", None])
 def test_bad_return_lse_is_an_input_error(bad):
-    q, k, v, beta = _inputs(1, 4, 1, 1, 32, torch.float32, seed=1)
+    q, k, v, beta = make_grouped_inputs(1, 4, 1, 1, 32, torch.float32, seed=1)
     with pytest.raises(InputError, match="return_lse"):
         deltaformer_attn(q, k, v, beta, return_lse=bad)
 
@@ -183,7 +176,7 @@ def test_scale_and_lse_every_head_dim_and_dtype_on_the_gpu(D, dtype_name):
     backward, at every head dim and dtype, T not a multiple of any block."""
     dtype = DTYPES[dtype_name]
     scale = 1.5 / math.sqrt(D)
-    q, k, v, beta = _inputs(2, 301, 4, 2, D, dtype, seed=D)
+    q, k, v, beta = make_grouped_inputs(2, 301, 4, 2, D, dtype, seed=D)
     leaves = [t.requires_grad_() for t in (q, k, v, beta)]
     o, lse = deltaformer_attn(q, k, v, beta, scale=scale, return_lse=True)
     do = torch.randn(o.shape, generator=torch.Generator().manual_seed(3)).to(dtype).to(DEVICE)

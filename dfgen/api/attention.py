@@ -19,6 +19,7 @@ from .autograd import AllPaddingFunction, DeltaFormerAttnFunction, DeltaFormerAt
 from .inputs import (check_attention_mask, check_beta_range, check_cu_seqlens, check_flag,
                      check_inputs, check_large_beta, check_q_solve, check_scale)
 from .decode import prefill
+from .packing import pack, packing, unpack, unpack_lse
 from .resolve import CONFIG_TYPE, resolve_config, two_stage
 
 
@@ -158,30 +159,21 @@ def _unpadded(keep, q, k, v, beta, q_solve, config, large_beta, scale, return_ls
     become one sequence (cu_seqlens), so padded positions reach no other position, in the
     solve stage too; the output is zero at padded positions."""
     B, T, H, D = q.shape
-    index = keep.flatten().nonzero().squeeze(1)
-    lse = torch.full((H, B * T), float("-inf"), dtype=torch.float32, device=q.device) if return_lse else None
+    index, cu = packing(keep)
     if index.numel() == 0:  # all padding: a zero output, still differentiable (zero grads)
         inputs = (q, k, v, beta, q_solve)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
             o = AllPaddingFunction.apply(*inputs)
         else:
             o = q.new_zeros(B, T, H, D)
-        return (o, lse.view(H, B, T).transpose(0, 1)) if return_lse else o
-    out = q.new_zeros(B * T, H, D)
-    cu = torch.zeros(B + 1, dtype=torch.int32, device=q.device)
-    cu[1:] = keep.sum(1).cumsum(0)
-
-    def pack(t):
-        return None if t is None else t.reshape(B * T, *t.shape[2:]).index_select(0, index).unsqueeze(0)
-
-    o = deltaformer_attn(pack(q), pack(k), pack(v), pack(beta), q_solve=pack(q_solve),
-                         cu_seqlens=cu, config=config, large_beta=large_beta, scale=scale,
-                         return_lse=return_lse)
+        lse = torch.full((B, H, T), float("-inf"), dtype=torch.float32, device=q.device)
+        return (o, lse) if return_lse else o
+    out = deltaformer_attn(pack(q, index), pack(k, index), pack(v, index), pack(beta, index),
+                           q_solve=pack(q_solve, index), cu_seqlens=cu, config=config,
+                           large_beta=large_beta, scale=scale, return_lse=return_lse)
     if not return_lse:
-        return out.index_copy(0, index, o[0]).view(B, T, H, D)
-    o, packed_lse = o
-    lse.index_copy_(1, index, packed_lse[0])
-    return out.index_copy(0, index, o[0]).view(B, T, H, D), lse.view(H, B, T).transpose(0, 1)
+        return unpack(out, index, B, T)
+    return unpack(out[0], index, B, T), unpack_lse(out[1], index, B, T)
 
 
 __all__ = ["deltaformer_attn"]

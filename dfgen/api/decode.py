@@ -21,6 +21,7 @@ from ..kernels.decode import decode_knobs, decode_step
 from ..kernels.forward import forward, forward_q_solve, inclusive_lse, softmax_scale
 from .autograd import AllPaddingFunction, DeltaFormerAttnFunction, DeltaFormerAttnQSolveFunction
 from .cache import DecodingCache
+from .packing import pack, packing, unpack, unpack_lse
 from .inputs import (check_attention_mask, check_cu_seqlens, check_flag, check_inputs,
                      check_q_solve, check_scale)
 from .resolve import resolve_config, two_stage
@@ -194,26 +195,17 @@ def _prefill_padded(keep, q, k, v, beta, q_solve, config, large_beta, scale, ret
                     needs_grad):
     """The attention_mask prefill by packing (as deltaformer_attn's padded path)."""
     B, T, H, D = q.shape
-    index = keep.flatten().nonzero().squeeze(1)
-    o = q.new_zeros(B * T, H, D)
-    lse = torch.full((H, B * T), float("-inf"), dtype=torch.float32, device=q.device) if return_lse else None
+    index, cu = packing(keep)
     if index.numel() == 0:
-        if needs_grad:  # zeros that give the inputs zero gradients
-            o = AllPaddingFunction.apply(q, k, v, beta, q_solve).reshape(B * T, H, D)
+        o = (AllPaddingFunction.apply(q, k, v, beta, q_solve) if needs_grad  # zero gradients
+             else q.new_zeros(q.shape))
+        lse = torch.full((B, H, T), float("-inf"), dtype=torch.float32, device=q.device)
         cache = DecodingCache(k.new_zeros(k.shape), q.new_zeros(q.shape),
                               torch.zeros(B, dtype=torch.int32, device=q.device), T, scale)
-    else:
-        def pack(t):
-            return None if t is None else t.reshape(B * T, *t.shape[2:]).index_select(0, index).unsqueeze(0)
-
-        cu = torch.zeros(B + 1, dtype=torch.int32, device=q.device)
-        cu[1:] = keep.sum(1).cumsum(0)
-        packed_q, packed_k = pack(q), pack(k)
-        seqs = check_cu_seqlens(packed_q, cu)
-        o_packed, u, lse_packed = _forward(packed_q, packed_k, pack(v), pack(beta), pack(q_solve),
-                                           config, seqs, large_beta, scale, return_lse, needs_grad)
-        o = o.index_copy(0, index, o_packed[0])
-        if return_lse:
-            lse.index_copy_(1, index, lse_packed[0])
-        cache = cache_of_padded_batch(packed_k.detach(), u, keep, scale)
-    return (o.view(B, T, H, D), lse.view(H, B, T).transpose(0, 1) if return_lse else None, cache)
+        return o, lse if return_lse else None, cache
+    packed_q, packed_k = pack(q, index), pack(k, index)
+    seqs = check_cu_seqlens(packed_q, cu)
+    o, u, lse = _forward(packed_q, packed_k, pack(v, index), pack(beta, index), pack(q_solve, index),
+                         config, seqs, large_beta, scale, return_lse, needs_grad)
+    cache = cache_of_padded_batch(packed_k.detach(), u, keep, scale)
+    return (unpack(o, index, B, T), unpack_lse(lse, index, B, T) if return_lse else None, cache)

@@ -37,6 +37,7 @@ from ..kernels.backward import backward, backward_q_solve
 from ..kernels.config import KernelConfig
 from ..kernels.flags import unpooled
 from ..kernels.forward import forward, forward_q_solve, inclusive_lse
+from .packing import pack, packing, unpack, unpack_lse
 from .resolve import resolve_config, two_stage
 
 
@@ -198,46 +199,28 @@ attn_fwd_qsolve.register_autograd(_backward_qsolve, setup_context=_setup_qsolve)
 
 
 # -- padding masks -------------------------------------------------------------------------
-# (op bodies run below autograd, and this module sits below dfgen.api.attention: the packing
-# of the unpadded tokens is done here, by hand)
-def _packing(attention_mask: Tensor):
-    """(flat index of the unpadded tokens, their packed sequences' (cu_seqlens, longest)),
-    or (index, None) when every token is padding."""
+# (op bodies run below autograd: the packing and the backward are done here, by hand)
+def _masked_packing(attention_mask: Tensor):
+    """(flat index of the unpadded tokens, their sequences' (cu_seqlens, longest)), or
+    (index, None) when every token is padding."""
     keep = attention_mask.bool()
-    index = keep.flatten().nonzero().squeeze(1)
-    if index.numel() == 0:
-        return index, None
-    lengths = keep.sum(1)
-    cu = torch.zeros(keep.shape[0] + 1, dtype=torch.int32, device=keep.device)
-    cu[1:] = lengths.cumsum(0)
-    return index, (cu, int(lengths.max()))
-
-
-def _pack(t: Optional[Tensor], index: Tensor) -> Optional[Tensor]:
-    return None if t is None else t.reshape(-1, *t.shape[2:]).index_select(0, index).unsqueeze(0)
-
-
-def _unpack_into(out: Tensor, index: Tensor, packed: Tensor) -> Tensor:
-    """`out` ([B, T, ...], zeros where padded) with the packed rows put back."""
-    out.view(-1, *out.shape[2:]).index_copy_(0, index, packed[0])
-    return out
+    index, cu = packing(keep)
+    return index, (cu, int(keep.sum(1).max())) if index.numel() else None
 
 
 @torch.library.custom_op("dfgen::attn_fwd_masked", mutates_args=())
 def attn_fwd_masked(q: Tensor, k: Tensor, v: Tensor, beta: Optional[Tensor], attention_mask: Tensor,
                     config: str, scale: float) -> tuple[Tensor, Tensor]:
     B, T, H, _ = q.shape
-    o = torch.zeros_like(q)
-    lse = torch.full((B, T, H), float("-inf"), dtype=torch.float32, device=q.device)
-    index, seqs = _packing(attention_mask)
-    if seqs is not None:
-        qp, kp = _pack(q, index), _pack(k, index)
-        with unpooled():
-            op, _, lse_strict, _, _ = forward(qp, kp, _pack(v, index), _pack(beta, index),
-                                              _config(config, qp, False, seqs), seqs=seqs, scale=scale)
-        _unpack_into(o, index, op)
-        _unpack_into(lse, index, inclusive_lse(qp, kp, lse_strict, scale).transpose(1, 2))
-    return o, lse.transpose(1, 2).contiguous()
+    index, seqs = _masked_packing(attention_mask)
+    if seqs is None:
+        return torch.zeros_like(q), torch.full((B, H, T), float("-inf"), dtype=torch.float32,
+                                               device=q.device)
+    qp, kp = pack(q, index), pack(k, index)
+    with unpooled():
+        o, _, lse, _, _ = forward(qp, kp, pack(v, index), pack(beta, index),
+                                  _config(config, qp, False, seqs), seqs=seqs, scale=scale)
+    return unpack(o, index, B, T), unpack_lse(inclusive_lse(qp, kp, lse, scale), index, B, T)
 
 
 @attn_fwd_masked.register_fake
@@ -249,21 +232,20 @@ def _(q, k, v, beta, attention_mask, config, scale):
 @torch.library.custom_op("dfgen::attn_bwd_masked", mutates_args=())
 def attn_bwd_masked(q: Tensor, k: Tensor, v: Tensor, beta: Optional[Tensor], attention_mask: Tensor,
                     do: Tensor, config: str, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    grads = [torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v),
-             torch.zeros_like(beta) if beta is not None else None]
-    index, seqs = _packing(attention_mask)
-    if seqs is not None:  # the forward again, then its backward
-        qp, kp, bp = _pack(q, index), _pack(k, index), _pack(beta, index)
-        cfg = _config(config, qp, True, seqs)
-        with unpooled():
-            _, u, lse, a, inv = forward(qp, kp, _pack(v, index), bp, cfg, for_backward=True,
-                                        seqs=seqs, scale=scale)
-            packed = backward(qp, kp, bp, u, a, lse, _pack(do.contiguous(), index), cfg.solve_bwd,
-                              cfg.attn_bwd, seqs=seqs, inv=inv, scale=scale)
-        for grad, got in zip(grads, packed):
-            if grad is not None:
-                _unpack_into(grad, index, got)
-    return grads[0], grads[1], grads[2], _grad_like(grads[3], q)
+    B, T = q.shape[:2]
+    index, seqs = _masked_packing(attention_mask)
+    if seqs is None:
+        zero_beta = torch.zeros_like(beta) if beta is not None else None
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), _grad_like(zero_beta, q)
+    qp, kp, bp = pack(q, index), pack(k, index), pack(beta, index)
+    cfg = _config(config, qp, True, seqs)
+    with unpooled():  # the forward again, then its backward
+        _, u, lse, a, inv = forward(qp, kp, pack(v, index), bp, cfg, for_backward=True, seqs=seqs,
+                                    scale=scale)
+        dq, dk, dv, dbeta = backward(qp, kp, bp, u, a, lse, pack(do.contiguous(), index),
+                                     cfg.solve_bwd, cfg.attn_bwd, seqs=seqs, inv=inv, scale=scale)
+    return (unpack(dq, index, B, T), unpack(dk, index, B, T), unpack(dv, index, B, T),
+            _grad_like(unpack(dbeta, index, B, T) if dbeta is not None else None, q))
 
 
 @attn_bwd_masked.register_fake
