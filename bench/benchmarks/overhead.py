@@ -11,6 +11,7 @@ as the host's own speed drifts by up to 2x between runs and within one):
   on a GPU also, at the tiny shape, each as wall time per call and as the process's CPU
   time per call (autograd's backward thread included):
   forward            deltaformer_attn under no_grad   | SDPA's causal forward
+  decode step        deltaformer_decode of one token after a prefill of T | SDPA of one query
   forward+backward   o = deltaformer_attn(...); o.backward(do) | the same with SDPA
   (engine here)      the same with autograd's engine on the calling thread (no handoff to
                      its device thread, where dfgen's Python backward needs the GIL)
@@ -100,6 +101,8 @@ def main():
     with torch.no_grad():
         rows.append(("forward", *interleaved_us([lambda: deltaformer_attn(q, k, v, beta),
                                                  lambda: sdpa_causal(qs, ks, vs)], 200, sync)))
+        rows.append(("decode step (1 token)", *interleaved_us(_decode_calls(q, k, v, beta, qs, ks, vs),
+                                                             200, sync)))
     steps = [lambda: deltaformer_attn(qg, kg, vg, bg).backward(do),
              lambda: sdpa_causal(qsg, ksg, vsg).backward(do_s)]
     rows.append(("forward+backward", *interleaved_us(steps, 200, sync)))
@@ -144,6 +147,25 @@ def main():
     print(f"\nforward's kernel launched directly on preallocated outputs (flags zeroed): {direct:.1f} us "
           f"CPU; with every Triton launch stubbed out, dfgen's CPU time per forward: "
           f"{python_only:.1f} us, per forward+backward: {python_step:.1f} us")
+
+
+def _decode_calls(q, k, v, beta, qs, ks, vs):
+    """One decode step after a prefill of the shape's T tokens (the cache rewound on the host
+    before each call, no launch), and SDPA's one-query attention over the same keys."""
+    from dfgen.runtime import deltaformer_decode
+
+    T = q.shape[1]
+    _, cache = deltaformer_attn(q, k, v, beta, return_cache=True)
+    cache.reserve(1)
+    start, written = cache.lengths.clone(), torch.empty_like(cache.lengths)
+    new = [t[:, :1] for t in (q, k, v, beta)]
+
+    def step():
+        cache.max_length, cache.lengths, cache._spare = T, start, written
+        deltaformer_decode(*new, cache)
+
+    query = qs[:, :, :1]
+    return [step, lambda: torch.nn.functional.scaled_dot_product_attention(query, ks, vs)]
 
 
 def _compiled_rows(q, k, v, beta, do, qs, ks, vs, do_s, sync):
