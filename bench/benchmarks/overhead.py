@@ -87,7 +87,11 @@ def main():
 
     print(f"dispatch with a config passed: {per_call_us(dispatch_given)[1]:.2f} us CPU per call")
     if device.type != "cuda":
-        print("no GPU: the per-call host times beside SDPA need one")
+        print("no GPU: the per-call host times beside SDPA need one; dfgen's host Python with "
+              "every kernel stubbed (interpreter modules, CPU tensors: the input checks are not "
+              "cached here, as they are for CUDA inputs):")
+        for name, us in _stubbed_python_us(q, k, v, beta):
+            print(f"  {name}: {us:.1f} us CPU per call")
         return
     from dfgen.kernels import build, forward
 
@@ -147,6 +151,39 @@ def main():
     print(f"\nforward's kernel launched directly on preallocated outputs (flags zeroed): {direct:.1f} us "
           f"CPU; with every Triton launch stubbed out, dfgen's CPU time per forward: "
           f"{python_only:.1f} us, per forward+backward: {python_step:.1f} us")
+
+
+def _stubbed_python_us(q, k, v, beta):
+    """[(call, us)]: dfgen's Python per forward, forward+backward and decode step with every
+    generated kernel replaced by a no-op (their launch functions still run)."""
+    from dfgen.kernels import build
+
+    class Stub:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    load = build.load
+
+    def stubbed(*args, **kwargs):
+        module = load(*args, **kwargs)
+        for name in list(vars(module)):
+            if name.endswith("_kernel"):
+                setattr(module, name, Stub())
+        return module
+
+    build.load = stubbed
+    try:
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, beta)]
+        do = torch.randn_like(q)
+        with torch.no_grad():
+            step = _decode_calls(q, k, v, beta, q, k, v)[0]
+            rows = [("forward", per_call_us(lambda: deltaformer_attn(q, k, v, beta), 500)[1]),
+                    ("decode step", per_call_us(step, 500)[1])]
+        rows.append(("forward+backward",
+                     per_call_us(lambda: deltaformer_attn(*leaves).backward(do), 200)[1]))
+        return rows
+    finally:
+        build.load = load
 
 
 def _decode_calls(q, k, v, beta, qs, ks, vs):
