@@ -16,14 +16,15 @@ import math
 
 import torch
 
+from .. import settings
 from ..errors import InputError
 from ..kernels.decode import decode_knobs, decode_step
 from ..kernels.forward import forward, forward_q_solve, inclusive_lse, softmax_scale
 from .autograd import AllPaddingFunction, DeltaFormerAttnFunction, DeltaFormerAttnQSolveFunction
 from .cache import DecodingCache
 from .packing import pack, packing, unpack, unpack_lse
-from .inputs import (check_attention_mask, check_cu_seqlens, check_flag, check_inputs,
-                     check_q_solve, check_scale)
+from .inputs import (check_attention_mask, check_beta_range, check_cu_seqlens, check_flag,
+                     check_inputs, check_q_solve, check_scale)
 from .resolve import resolve_config, two_stage
 
 _knobs_memo: dict = {}
@@ -146,6 +147,8 @@ def prefill(q, k, v, beta, *, q_solve, cu_seqlens, max_seqlen, attention_mask, c
     (o, lse, cache) with return_lse."""
     if torch.compiler.is_compiling():
         raise InputError("return_cache=True is not supported under torch.compile yet")
+    if settings.DEBUG and beta is not None and not large_beta:
+        check_beta_range(beta)
     if q_solve is not None:
         check_q_solve(q, q_solve)
     needs_grad = torch.is_grad_enabled() and any(
