@@ -196,6 +196,18 @@ def test_the_cache_grows_and_keeps_what_it_held():
     assert "max_length=80" in repr(cache)
 
 
+def test_a_long_continuation_warns(monkeypatch):
+    import dfgen.api.decode as decode
+
+    monkeypatch.setattr(decode, "MANY_NEW_TOKENS", 4)
+    q, k, v, beta = make_grouped_inputs(1, 12, 1, 1, 32, torch.float32, seed=18)
+    with torch.no_grad():
+        _, cache = deltaformer_attn(q[:, :6], k[:, :6], v[:, :6], beta[:, :6], return_cache=True)
+        with pytest.warns(RuntimeWarning, match="prefill"):
+            o = deltaformer_decode(q[:, 6:], k[:, 6:], v[:, 6:], beta[:, 6:], cache, config=SMALL)
+    assert_close(o, _reference(q, k, v, beta)[0][:, 6:], torch.float32, "o", 1e-4)
+
+
 def test_reorder_keeps_rows():
     dtype = torch.float32
     q, k, v, beta = make_grouped_inputs(2, 12, 1, 1, 32, dtype, seed=11)

@@ -13,6 +13,7 @@ exactly the rows that deltaformer_attn would give the whole sequence.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -28,6 +29,8 @@ from .inputs import (check_attention_mask, check_beta_range, check_cu_seqlens, c
 from .resolve import resolve_config, two_stage
 
 _knobs_memo: dict = {}
+MANY_NEW_TOKENS = 256  # past this many new tokens a step, a prefill of everything is faster
+_warned_lengths: set = set()
 
 
 def deltaformer_decode(q, k, v, beta, cache: DecodingCache, *, q_solve=None,
@@ -70,6 +73,12 @@ def deltaformer_decode(q, k, v, beta, cache: DecodingCache, *, q_solve=None,
         raise InputError("deltaformer_decode is not supported under torch.compile yet")
     knobs = _knobs(config, q.shape[3], q.dtype)
     n = q.shape[1]
+    if n > MANY_NEW_TOKENS and n not in _warned_lengths:
+        _warned_lengths.add(n)
+        warnings.warn(f"deltaformer_decode: {n} new tokens per row are walked one after another "
+                      "(the work grows as n^2): for a long continuation, a prefill of the whole "
+                      "sequence (deltaformer_attn(..., return_cache=True)) is faster",
+                      RuntimeWarning, stacklevel=2)
     cache.reserve(n)
     out = decode_step(q, k, v, beta, cache.k, cache.u, cache.lengths, cache._spare,
                       cache.max_length, knobs, scale=prefill_scale, return_lse=return_lse,
