@@ -187,6 +187,19 @@ def test_packed_prefill_then_decode():
         assert_close(decoded[r:r + 1], _reference(*row)[0][:, b - a:], dtype, f"sequence {r}", 2e-2)
 
 
+def test_wrong_trusted_offsets_give_a_cache_not_a_crash():
+    """cu_seqlens with a max_seqlen below the longest sequence (trusted, not read back):
+    wrong rows, as the kernels promise, and no index outside the cache."""
+    q, k, v, beta = make_grouped_inputs(1, 20, 1, 1, 32, torch.float32, seed=19)
+    cu = torch.tensor([0, 3, 20], dtype=torch.int32, device=DEVICE)
+    with torch.no_grad():
+        _, cache = deltaformer_attn(q, k, v, beta, cu_seqlens=cu, max_seqlen=5, return_cache=True)
+        assert cache.capacity == 5 and cache.lengths.tolist() == [3, 5]
+        o = deltaformer_decode(q[:2, :1].expand(2, 1, 1, 32), k[:2, :1].expand(2, 1, 1, 32),
+                               v[:2, :1].expand(2, 1, 1, 32), beta[:2, :1].expand(2, 1, 1), cache)
+    assert torch.isfinite(o).all()
+
+
 def test_the_cache_grows_and_keeps_what_it_held():
     dtype = torch.float32
     q, k, v, beta = make_grouped_inputs(1, 80, 1, 1, 32, dtype, seed=10)

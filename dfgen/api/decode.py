@@ -102,10 +102,10 @@ def _check_against_cache(q, k, cache: DecodingCache) -> None:
 def _knobs(config, head_dim: int, dtype) -> dict:
     if config is not None and not isinstance(config, dict):
         raise InputError(f"config must be a dict of decode knobs or None, got {type(config).__name__}")
-    key = (head_dim, dtype, tuple(sorted(config.items())) if config else ())
     try:
+        key = (head_dim, dtype, tuple(sorted(config.items())) if config else ())
         found = _knobs_memo.get(key)
-    except TypeError:  # an unhashable knob value: checked (and refused) below
+    except TypeError:  # unhashable or unorderable knobs: checked (and refused) below
         found, key = None, None
     if found is None:
         found = decode_knobs(config, head_dim, dtype)
@@ -127,15 +127,19 @@ def cache_of_padded_batch(k, u, keep, scale) -> DecodingCache:
 
 
 def cache_of_packed_sequences(k, u, cu_seqlens, longest: int, scale) -> DecodingCache:
-    """The cache of a cu_seqlens prefill: row r holds sequence r of the packed k and u."""
+    """The cache of a cu_seqlens prefill: row r holds sequence r of the packed k and u. As in
+    the kernels, offsets that were trusted (max_seqlen given) and are wrong give wrong rows,
+    never an index out of the cache: every place is clamped into its row."""
     total = k.shape[1]
     n_seqs = cu_seqlens.numel() - 1
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
-    rows = torch.repeat_interleave(torch.arange(n_seqs, device=k.device), lengths,
-                                   output_size=total)
-    dest = rows * longest + torch.arange(total, device=k.device) - cu_seqlens.to(torch.int64)[rows]
-    return DecodingCache(_scatter_rows(k[0], dest, n_seqs, longest),
-                         _scatter_rows(u[0], dest, n_seqs, longest), lengths, longest, scale)
+    starts = cu_seqlens.to(torch.int64)
+    tokens = torch.arange(total, device=k.device)
+    rows = torch.searchsorted(starts[1:].contiguous(), tokens, right=True).clamp(max=n_seqs - 1)
+    place = (tokens - starts[rows]).clamp(0, longest - 1)
+    lengths = (starts[1:] - starts[:-1]).clamp(0, longest)
+    return DecodingCache(_scatter_rows(k[0], rows * longest + place, n_seqs, longest),
+                         _scatter_rows(u[0], rows * longest + place, n_seqs, longest), lengths,
+                         longest, scale)
 
 
 def _scatter_rows(packed, dest, B: int, T: int):
