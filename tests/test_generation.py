@@ -131,3 +131,31 @@ def test_fla_deltaformer_model_generates_with_dfgen_layers():
             logits = model(ids, use_cache=False).logits
             ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(generated, ids)
+
+
+def test_cache_maps_like_fla_maps_layer_states():
+    """fla's Cache reorders (beam search) and repeats (batch expansion) its layers' states by
+    rebuilding dataclasses field by field (fla.models.cache_utils.FLALayer._map_state): a
+    DecodingCache rebuilt that way decodes like the original's rows."""
+    import dataclasses
+
+    torch.manual_seed(3)
+    model = TinyLM(layers=1).to(DEVICE).eval()
+    ids = torch.randint(0, 61, (2, 6), device=DEVICE)
+    with torch.no_grad():
+        _, cache = _greedy_cached(model, ids, 1)
+        state = cache[0]["recurrent_state"]
+        rows = torch.tensor([1, 0, 1], device=DEVICE)
+
+        def fla_map(value):  # what fla does with a dataclass state
+            return type(value)(**{f.name: (getattr(value, f.name).index_select(0, rows)
+                                           if isinstance(getattr(value, f.name), torch.Tensor)
+                                           else getattr(value, f.name))
+                                  for f in dataclasses.fields(value)})
+
+        cache.states[0]["recurrent_state"] = fla_map(state)
+        nxt = torch.randint(0, 61, (3, 1), device=DEVICE)
+        logits, _ = model(nxt, past_key_values=cache, use_cache=True)
+        for r, src in enumerate(rows.tolist()):
+            expected, _ = model(torch.cat([ids[src:src + 1], nxt[r:r + 1]], 1))
+            assert torch.allclose(logits[r, -1], expected[0, -1], atol=1e-4)
