@@ -12,7 +12,7 @@ import torch
 from conftest import DEVICE, DTYPES, ON_GPU, assert_close, make_grouped_inputs
 from dfgen.errors import ConfigError, InputError
 from dfgen.reference import naive_deltaformer_attn, naive_deltaformer_u, naive_lse
-from dfgen.runtime import deltaformer_attn, deltaformer_decode
+from dfgen.runtime import DecodingCache, deltaformer_attn, deltaformer_decode
 
 SMALL = dict(BLOCK_N=16, MIN_PROGRAMS=1024)  # many cache slices even at tiny sizes
 UNSPLIT = dict(BLOCK_N=16, MIN_PROGRAMS=1)
@@ -281,6 +281,8 @@ def test_a_malformed_cache_is_refused_before_any_launch():
             with pytest.raises(InputError, match="DecodingCache"):
                 deltaformer_decode(*step, cache, config=SMALL)
             assert cache.max_length in (9, 10 ** 6), what
+    with pytest.raises(InputError, match="lengths"):  # built by hand, wrongly
+        DecodingCache(k, v, [8, 8], 8)
 
 
 def test_a_hostile_length_stays_inside_the_cache():

@@ -26,8 +26,9 @@ class DecodingCache:
     k: [B, capacity, H_kv, D] and u: [B, capacity, H, D] buffers (row b's first lengths[b]
     entries hold its tokens; the rest are free); lengths: int32 [B] on the device;
     max_length: a host bound on every length; scale: the prefill's softmax scale (None:
-    1/sqrt(D)); q_solve: whether u came from the solve's own queries. A dataclass, so that caches that map a function over their layers' tensors
-    (fla's and Hugging Face's reorder for beam search, batch repeats) reach k, u and lengths.
+    1/sqrt(D)); q_solve: whether u came from the solve's own queries. A dataclass, so that
+    caches that map a function over their layers' tensors (fla's and Hugging Face's reorder
+    for beam search, batch repeats) reach k, u and lengths.
     """
 
     k: torch.Tensor
@@ -38,8 +39,10 @@ class DecodingCache:
     q_solve: bool = False  # u solved from the solve's own queries (decode with q_solve too)
 
     def __post_init__(self):
+        if not isinstance(self.lengths, torch.Tensor):
+            raise InputError(f"DecodingCache.lengths must be an int32 [B] tensor, got "
+                             f"{type(self.lengths).__name__}")
         self.lengths = self.lengths.to(torch.int32).contiguous()
-        self.max_length = int(self.max_length)
         self._spare = torch.empty_like(self.lengths)  # the next step's lengths go here
 
     @classmethod
@@ -54,13 +57,16 @@ class DecodingCache:
         """InputError naming the field unless the buffers fit each other (a cache is input: the
         kernels write into k and u at rows given by lengths). Checked again only after one of
         them was replaced."""
+        held = (self.k, self.u, self.lengths, self._spare)
+        if getattr(self, "_valid", None) is None or not all(a is b for a, b in zip(held, self._valid)):
+            self._validate_buffers()
+            self._valid = held
         if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or \
                 not 0 <= self.max_length <= self.k.shape[1]:
             raise InputError(f"DecodingCache.max_length must be an int in [0, capacity], got "
                              f"{self.max_length!r}")
-        held = (self.k, self.u, self.lengths, self._spare)
-        if getattr(self, "_valid", None) is not None and all(a is b for a, b in zip(held, self._valid)):
-            return
+
+    def _validate_buffers(self) -> None:
         k, u, lengths = self.k, self.u, self.lengths
         for name, t in (("k", k), ("u", u)):
             if not isinstance(t, torch.Tensor) or t.dim() != 4:
@@ -78,7 +84,6 @@ class DecodingCache:
                     or t.device != k.device or not t.is_contiguous():
                 raise InputError(f"DecodingCache.{name} must be a contiguous int32 [B] tensor on the "
                                  "cache's device")
-        self._valid = held
 
     # -- what it holds ---------------------------------------------------------------------
     @property
