@@ -122,6 +122,8 @@ def main():
                     if any(consts.get(k, v) != v for k, v in pinned.items()):
                         continue
                     consts.update({k: pinned.get(k, v) for k, v in FIXED.items() if k in fn.arg_names})
+                    if "D_REAL" in fn.arg_names:  # the decode kernels' real head dim (here: all of it)
+                        consts["D_REAL"] = head_dim
                     sig, attrs = signature(fn, dtype, consts)
                     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v
                                                          for k, v in consts.items()}, attrs=attrs)

@@ -13,6 +13,7 @@ import torch
 
 from . import build
 from .forward import softmax_scale
+from .padding import kernel_head_dim
 from .spec import DECODE, spec
 
 
@@ -26,11 +27,11 @@ def default_decode_knobs(head_dim: int, dtype) -> dict[str, Any]:
 
 def decode_knobs(given: Mapping[str, Any] | None, head_dim: int, dtype) -> dict[str, Any]:
     """`given` (a mapping of decode knobs, each optional) over the defaults, checked against
-    the template's spec (ConfigError naming the knob otherwise)."""
+    the template's spec at the kernels' head dim (ConfigError naming the knob otherwise)."""
     knobs = default_decode_knobs(head_dim, dtype)
     if given:
         knobs.update(given)
-    spec(DECODE).check(knobs, head_dim)
+    spec(DECODE).check(knobs, kernel_head_dim(head_dim, dtype))
     return knobs
 
 
@@ -42,7 +43,9 @@ def decode_step(q, k, v, beta, k_cache, u_cache, lengths, new_lengths, max_len: 
     longest length (host int: no sync), the caches' capacity at least max_len + n. q_solve
     (like q): the solve's own queries (u from q_solve's scores, o from q's)."""
     B, n, H, D = q.shape
-    module = build.load(DECODE, q.dtype, D, knobs)
+    # 16-bit head dim 16 runs the 32-column kernels, the extra columns masked (as the other
+    # stages pad it: Triton 3.6 miscompiled 16-column 16-bit tiles for Hopper)
+    module = build.load(DECODE, q.dtype, kernel_head_dim(D, q.dtype), knobs)
     o = torch.empty_like(q)
     lse = torch.empty(B, H, n, dtype=torch.float32, device=q.device) if return_lse else None
     module.launch(q, k, v, beta, k_cache, u_cache, lengths, new_lengths, o,
