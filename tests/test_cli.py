@@ -181,6 +181,9 @@ def test_emit_prints_every_stage_and_each_one_alone():
         assert one.returncode == 0, one.stderr[-2000:]
         assert f"{knob.split('=')[0]}: tl.constexpr = 32" in one.stdout
         assert "# dfgen emit:" not in one.stdout
+    narrow = dfgen("emit", "--stage", "solve_fwd", "--dtype", "bf16", "--head-dim", "16")
+    assert narrow.returncode == 0, narrow.stderr[-2000:]
+    assert "HEAD_DIM = 32" in narrow.stdout and "head-dim-32 kernels" in narrow.stderr  # what runs
     _one_line_error(dfgen("emit", "--set", "CHUNK=32"), "--set needs --stage")
     _one_line_error(dfgen("emit", "--stage", "solve_bwd", "--set", "CHUNK"), "NAME=VALUE")
 

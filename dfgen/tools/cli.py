@@ -39,6 +39,7 @@ def cmd_emit(args) -> int:
     from ..kernels.build import emit, specialize
     from ..kernels.config import SECTION_OF_STAGE
     from ..kernels.decode import default_decode_knobs
+    from ..kernels.padding import kernel_head_dim
     from ..kernels.spec import ALL_STAGES, DECODE
     from ..settings import torch_dtype
     from .arguments import parse_sets
@@ -48,13 +49,18 @@ def cmd_emit(args) -> int:
     sets = parse_sets(args.set)
     if sets and not args.stage:
         raise InputError("--set needs --stage (each knob belongs to one stage)")
+    wide = kernel_head_dim(head_dim, torch_dtype(args.dtype))  # what runs (kernels/padding.py)
+    if wide != head_dim:
+        print(f"# head dim {head_dim} in {args.dtype} runs the head-dim-{wide} kernels (inputs "
+              "zero-padded; the decode kernels mask the extra columns): those are printed",
+              file=sys.stderr)
     stages = [args.stage] if args.stage else list(ALL_STAGES)
     parts = []
     for stage in stages:
         base = (default_decode_knobs(head_dim, torch_dtype(args.dtype)) if stage == DECODE
                 else getattr(defaults, SECTION_OF_STAGE[stage]))
         knobs = {**base, **sets}
-        path, text = emit(specialize(stage, args.dtype, head_dim, knobs))
+        path, text = emit(specialize(stage, args.dtype, wide, knobs))
         if not args.stage:  # all of them, one after another: say which is which
             text = (f"# dfgen emit: {stage}, {args.dtype}, head dim {head_dim}, knobs "
                     + " ".join(f"{k}={v}" for k, v in sorted(knobs.items())) + "\n" + text)
