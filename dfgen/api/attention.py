@@ -12,15 +12,14 @@ import torch
 
 from ..errors import ConfigError, InputError
 from ..kernels.config import KernelConfig
-from ..kernels.forward import forward, forward_q_solve, inclusive_lse, softmax_scale
+from ..kernels.forward import inclusive_lse, softmax_scale
 from .. import settings
 from . import ops  # noqa: F401  (registers the dfgen:: custom ops that _traced calls)
-from .autograd import AllPaddingFunction, DeltaFormerAttnFunction, DeltaFormerAttnQSolveFunction
 from .inputs import (check_attention_mask, check_beta_range, check_cu_seqlens, check_flag,
                      check_inputs, check_large_beta, check_q_solve, check_scale)
 from .decode import prefill
-from .packing import pack, packing, unpack, unpack_lse
-from .resolve import CONFIG_TYPE, resolve_config, two_stage
+from .passes import run_padded, run_pass
+from .resolve import CONFIG_TYPE
 
 
 def deltaformer_attn(q, k, v, beta=None, *, q_solve=None, cu_seqlens=None, max_seqlen=None,
@@ -79,36 +78,21 @@ def deltaformer_attn(q, k, v, beta=None, *, q_solve=None, cu_seqlens=None, max_s
                        large_beta, scale, return_lse)
     if settings.DEBUG and beta is not None and not large_beta:
         check_beta_range(beta)
+    if q_solve is not None:
+        check_q_solve(q, q_solve)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, beta, q_solve))
     if attention_mask is not None:
         if cu_seqlens is not None:
             raise InputError("give attention_mask or cu_seqlens, not both")
-        return _unpadded(check_attention_mask(attention_mask, q), q, k, v, beta, q_solve,
-                         config, large_beta, scale, return_lse)
-    seqs = check_cu_seqlens(q, cu_seqlens, max_seqlen) if cu_seqlens is not None else None
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, beta, q_solve))
-    if q_solve is not None:
-        return _with_q_solve(q, q_solve, k, v, beta, config, needs_grad, seqs, large_beta, scale,
-                             return_lse)
-    config = resolve_config(config, q, needs_grad, seqs, large_beta=large_beta)
-    if needs_grad:
-        return DeltaFormerAttnFunction.apply(q, k, v, beta, config, seqs, scale, return_lse, False)
-    o, _, lse, _, _ = forward(q, k, v, beta, config, seqs=seqs, scale=scale)
-    return (o, inclusive_lse(q, k, lse, scale)) if return_lse else o
-
-
-def _with_q_solve(q, q_solve, k, v, beta, config, needs_grad, seqs, large_beta, scale, return_lse):
-    """The two-stage path with the solve stage's own queries."""
-    check_q_solve(q, q_solve)
-    D = q.shape[3]
-    config = two_stage(resolve_config(config, q, needs_grad, seqs, variant="qsolve",
-                                      large_beta=large_beta), D, q.dtype).check(D, needs_grad)
-    if needs_grad:
-        return DeltaFormerAttnQSolveFunction.apply(q, q_solve, k, v, beta, config, seqs, scale,
-                                                   return_lse, False)
-    o, *_, lse_attn, _ = forward_q_solve(q, q_solve, k, v, beta, config, seqs=seqs, scale=scale,
-                                         return_lse=return_lse)
-    return (o, lse_attn) if return_lse else o
+        o, lse, _, _ = run_padded(check_attention_mask(attention_mask, q), q, k, v, beta, q_solve,
+                                  config, large_beta=large_beta, scale=scale,
+                                  return_lse=return_lse, needs_grad=needs_grad)
+    else:
+        seqs = check_cu_seqlens(q, cu_seqlens, max_seqlen) if cu_seqlens is not None else None
+        o, lse, _ = run_pass(q, k, v, beta, q_solve, config, seqs, large_beta=large_beta,
+                             scale=scale, return_lse=return_lse, needs_grad=needs_grad)
+    return (o, lse) if return_lse else o
 
 
 def _traced(q, k, v, beta, q_solve, cu_seqlens, max_seqlen, attention_mask, config, large_beta,
@@ -152,28 +136,6 @@ def _traced(q, k, v, beta, q_solve, cu_seqlens, max_seqlen, attention_mask, conf
             return o, inclusive_lse(q.detach(), k.detach(), lse.detach(), scale)
         return o
     return torch.ops.dfgen.attn_fwd(q, k, v, beta, cu, longest, text, scale)
-
-
-def _unpadded(keep, q, k, v, beta, q_solve, config, large_beta, scale, return_lse):
-    """Padding masks by packing: the unpadded tokens of each row (`keep`, [B, T] bool)
-    become one sequence (cu_seqlens), so padded positions reach no other position, in the
-    solve stage too; the output is zero at padded positions."""
-    B, T, H, D = q.shape
-    index, cu = packing(keep)
-    if index.numel() == 0:  # all padding: a zero output, still differentiable (zero grads)
-        inputs = (q, k, v, beta, q_solve)
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
-            o = AllPaddingFunction.apply(*inputs)
-        else:
-            o = q.new_zeros(B, T, H, D)
-        lse = torch.full((B, H, T), float("-inf"), dtype=torch.float32, device=q.device)
-        return (o, lse) if return_lse else o
-    out = deltaformer_attn(pack(q, index), pack(k, index), pack(v, index), pack(beta, index),
-                           q_solve=pack(q_solve, index), cu_seqlens=cu, config=config,
-                           large_beta=large_beta, scale=scale, return_lse=return_lse)
-    if not return_lse:
-        return unpack(out, index, B, T)
-    return unpack(out[0], index, B, T), unpack_lse(out[1], index, B, T)
 
 
 __all__ = ["deltaformer_attn"]

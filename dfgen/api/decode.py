@@ -20,13 +20,12 @@ import torch
 from .. import settings
 from ..errors import InputError
 from ..kernels.decode import decode_knobs, decode_step
-from ..kernels.forward import forward, forward_q_solve, inclusive_lse, softmax_scale
-from .autograd import AllPaddingFunction, DeltaFormerAttnFunction, DeltaFormerAttnQSolveFunction
+from ..kernels.forward import softmax_scale
 from .cache import DecodingCache
-from .packing import pack, packing, unpack, unpack_lse
+from .packing import pack
+from .passes import run_padded, run_pass
 from .inputs import (check_attention_mask, check_beta_range, check_cu_seqlens, check_flag,
                      check_inputs, check_q_solve, check_scale)
-from .resolve import resolve_config, two_stage
 
 _knobs_memo: dict = {}
 MANY_NEW_TOKENS = 256  # past this many new tokens a step, a prefill of everything is faster
@@ -154,7 +153,7 @@ __all__ = ["deltaformer_decode", "DecodingCache"]
 
 def prefill(q, k, v, beta, *, q_solve, cu_seqlens, max_seqlen, attention_mask, config,
             large_beta: bool, scale, return_lse: bool):
-    """deltaformer_attn(..., return_cache=True): the forward (differentiable where an input
+    """deltaformer_attn(..., return_cache=True): the pass (differentiable where an input
     requires grad), then its cache (padded batches: every row full; attention_mask: each
     row's unpadded tokens; cu_seqlens: one row per sequence). Returns (o, cache), or
     (o, lse, cache) with return_lse."""
@@ -166,62 +165,25 @@ def prefill(q, k, v, beta, *, q_solve, cu_seqlens, max_seqlen, attention_mask, c
         check_q_solve(q, q_solve)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, beta, q_solve))
+    run = dict(large_beta=large_beta, scale=scale, return_lse=return_lse, needs_grad=needs_grad,
+               return_u=True)
     if attention_mask is not None:
         if cu_seqlens is not None:
             raise InputError("give attention_mask or cu_seqlens, not both")
-        o, lse, cache = _prefill_padded(check_attention_mask(attention_mask, q), q, k, v, beta,
-                                        q_solve, config, large_beta, scale, return_lse, needs_grad)
+        keep = check_attention_mask(attention_mask, q)
+        o, lse, u, index = run_padded(keep, q, k, v, beta, q_solve, config, **run)
+        if u is None:  # all padding: every row empty
+            B, T = keep.shape
+            cache = DecodingCache(k.new_zeros(k.shape), q.new_zeros(q.shape),
+                                  torch.zeros(B, dtype=torch.int32, device=q.device), T, scale)
+        else:
+            cache = cache_of_padded_batch(pack(k, index).detach(), u, keep, scale)
     elif cu_seqlens is not None:
         seqs = check_cu_seqlens(q, cu_seqlens, max_seqlen)
-        o, u, lse = _forward(q, k, v, beta, q_solve, config, seqs, large_beta, scale, return_lse,
-                             needs_grad)
+        o, lse, u = run_pass(q, k, v, beta, q_solve, config, seqs, **run)
         cache = cache_of_packed_sequences(k.detach(), u, seqs[0], seqs[1], scale)
     else:
-        o, u, lse = _forward(q, k, v, beta, q_solve, config, None, large_beta, scale, return_lse,
-                             needs_grad)
+        o, lse, u = run_pass(q, k, v, beta, q_solve, config, None, **run)
         cache = DecodingCache.full_rows(k.detach(), u, scale)
     cache.q_solve = q_solve is not None
     return (o, lse, cache) if return_lse else (o, cache)
-
-
-def _forward(q, k, v, beta, q_solve, config, seqs, large_beta, scale, return_lse, needs_grad):
-    """(o, u, the attention's inclusive lse or None) under the runtime's config: o
-    differentiable when needs_grad (the autograd Functions, which also give u), else the
-    inference forward."""
-    if q_solve is None:
-        config = resolve_config(config, q, needs_grad, seqs, large_beta=large_beta)
-        if needs_grad:
-            out = DeltaFormerAttnFunction.apply(q, k, v, beta, config, seqs, scale, return_lse, True)
-            return (out[0], out[2], out[1]) if return_lse else (out[0], out[1], None)
-        o, u, lse, _, _ = forward(q, k, v, beta, config, seqs=seqs, scale=scale)
-        return o, u, inclusive_lse(q, k, lse, scale) if return_lse else None
-    D = q.shape[3]
-    config = two_stage(resolve_config(config, q, needs_grad, seqs, variant="qsolve",
-                                      large_beta=large_beta), D, q.dtype).check(D, needs_grad)
-    if needs_grad:
-        out = DeltaFormerAttnQSolveFunction.apply(q, q_solve, k, v, beta, config, seqs, scale,
-                                                  return_lse, True)
-        return (out[0], out[2], out[1]) if return_lse else (out[0], out[1], None)
-    o, u, _, _, lse_attn, _ = forward_q_solve(q, q_solve, k, v, beta, config, seqs=seqs,
-                                              scale=scale, return_lse=return_lse)
-    return o, u, lse_attn
-
-
-def _prefill_padded(keep, q, k, v, beta, q_solve, config, large_beta, scale, return_lse,
-                    needs_grad):
-    """The attention_mask prefill by packing (as deltaformer_attn's padded path)."""
-    B, T, H, D = q.shape
-    index, cu = packing(keep)
-    if index.numel() == 0:
-        o = (AllPaddingFunction.apply(q, k, v, beta, q_solve) if needs_grad  # zero gradients
-             else q.new_zeros(q.shape))
-        lse = torch.full((B, H, T), float("-inf"), dtype=torch.float32, device=q.device)
-        cache = DecodingCache(k.new_zeros(k.shape), q.new_zeros(q.shape),
-                              torch.zeros(B, dtype=torch.int32, device=q.device), T, scale)
-        return o, lse if return_lse else None, cache
-    packed_q, packed_k = pack(q, index), pack(k, index)
-    seqs = check_cu_seqlens(packed_q, cu)
-    o, u, lse = _forward(packed_q, packed_k, pack(v, index), pack(beta, index), pack(q_solve, index),
-                         config, seqs, large_beta, scale, return_lse, needs_grad)
-    cache = cache_of_padded_batch(packed_k.detach(), u, keep, scale)
-    return (unpack(o, index, B, T), unpack_lse(lse, index, B, T) if return_lse else None, cache)

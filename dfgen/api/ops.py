@@ -38,7 +38,7 @@ from ..kernels.config import KernelConfig
 from ..kernels.flags import unpooled
 from ..kernels.forward import forward, forward_q_solve, inclusive_lse
 from .packing import pack, packing, unpack, unpack_lse
-from .resolve import resolve_config, two_stage
+from .resolve import resolve_config
 
 
 @functools.lru_cache(maxsize=256)
@@ -55,9 +55,8 @@ def _seqs(cu_seqlens: Optional[Tensor], max_seqlen: int):
 
 def _config(text: str, q: Tensor, needs_grad: bool, seqs=None, q_solve: bool = False) -> KernelConfig:
     """The config a traced call carries ('' = pick the tuned one for this GPU and shape)."""
-    config = resolve_config(_parse(text) if text else None, q, needs_grad, seqs,
-                            variant="qsolve" if q_solve else "")
-    return two_stage(config, q.shape[3], q.dtype).check(q.shape[3], needs_grad) if q_solve else config
+    return resolve_config(_parse(text) if text else None, q, needs_grad, seqs,
+                          variant="qsolve" if q_solve else "")
 
 
 def _grad_like(t: Optional[Tensor], like: Tensor) -> Tensor:

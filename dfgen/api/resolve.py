@@ -14,7 +14,6 @@ from ..settings import dtype_name
 CONFIG_TYPE = "config must be a KernelConfig, a dict or None, got {}"
 _as_two_stage: dict = {}
 _float32_solves: dict = {}
-_tuned: dict = {}  # the tuned pick per (dispatcher, dtype, head dim, T, B*H, pass, variant, large_beta)
 
 
 def two_stage(config: KernelConfig, head_dim: int, dtype) -> KernelConfig:
@@ -47,25 +46,14 @@ def resolve_config(config, q, needs_grad: bool, seqs=None, variant: str = "",
                    large_beta: bool = False) -> KernelConfig:
     """The validated config for a call: the given one (missing sections from the built-in
     default), or the tuned one for this GPU and shape (packed sequences count as their
-    longest length and number); with large_beta, its solves at float32 accuracy."""
+    longest length and number); with large_beta, its solves at float32 accuracy; for the
+    qsolve variant (a solve stage with its own queries), its two-stage form."""
     B, T, H, D = q.shape
     if seqs is not None:
         B, T = seqs[0].numel() - 1, seqs[1]
     if config is None:
-        dispatcher = dispatcher_for(q.device)
-        memo = (dispatcher, q.dtype, D, T, B * H, needs_grad, variant, large_beta)
-        found = _tuned.get(memo)
-        if found is not None:  # the per-call path: one lookup
-            return found
         bucket = Bucket("fwd+bwd" if needs_grad else "fwd", dtype_name(q.dtype), D, T, B * H, variant)
-        config = dispatcher.choose(bucket).config
-        if large_beta:
-            config = _with_float32_solve(config)
-        config = config.check(D, backward=needs_grad)
-        if len(_tuned) >= 4096:  # shapes of a long-running job come and go
-            _tuned.clear()
-        _tuned[memo] = config
-        return config
+        config = dispatcher_for(q.device).choose(bucket).config
     elif isinstance(config, dict):
         config = KernelConfig.from_dict(config, defaults=default_config(D, q.dtype))
     elif isinstance(config, KernelConfig):
@@ -74,4 +62,6 @@ def resolve_config(config, q, needs_grad: bool, seqs=None, variant: str = "",
         raise ConfigError(CONFIG_TYPE.format(type(config).__name__))
     if large_beta:
         config = _with_float32_solve(config)
+    if variant == "qsolve":
+        config = two_stage(config, D, q.dtype)
     return config.check(D, backward=needs_grad)

@@ -9,7 +9,7 @@ import torch
 
 from . import build
 from .flags import zeroed_flags
-from .forward import softmax_scale
+from .forward import diagonal_scores, softmax_scale
 from .padding import kernel_head_dim, narrow, packing, widen
 
 
@@ -91,12 +91,9 @@ def attention_stage_grads(q, k, u, o, lse_attn, do, attn_knobs, seqs=None, scale
     """The two-stage backward's first part, the attention stage's: (dq, dk of that stage,
     du = P^T do float32 per query head, the diagonal included), one attn_bwd launch pair
     (e = do, delta = do . o, the diagonal in ds_ii)."""
-    D = q.shape[3]
-    group = q.shape[2] // k.shape[2]
-    k_q = k if group == 1 else k.repeat_interleave(group, dim=2)  # per query head, for s_ii
     do32, u32 = do.float(), u.float()
     big_delta = (do32 * o.float()).sum(-1)  # [B, T, H]
-    s_ii = (q.float() * k_q.float()).sum(-1) * softmax_scale(D, scale)
+    s_ii = diagonal_scores(q, k, scale)
     p_ii = torch.exp(s_ii - lse_attn.transpose(1, 2))  # the diagonal of the inclusive softmax
     ds_ii = p_ii * ((do32 * u32).sum(-1) - big_delta)
     dq, dk_attn, du = query_key_grads(q, k, u, do, lse_attn, big_delta.transpose(1, 2).contiguous(),

@@ -135,11 +135,15 @@ def forward_q_solve(q, q_solve, k, v, beta, config: KernelConfig, *, for_backwar
     return o, u, lse_solve, a, lse_attn, inv
 
 
-def inclusive_lse(q, k, lse_strict, scale=None):
-    """logsumexp_{j<=i} s_ij as [B, H, T] float32 (what attention APIs return as the lse),
-    from the solve's strict lse_i = logsumexp_{j<i} s_ij and the diagonal score
-    s_ii = scale * q_i . k_i (k per query head; grouped heads share it)."""
+def diagonal_scores(q, k, scale=None):
+    """s_ii = scale * q_i . k_i as [B, T, H] float32 (k per query head: grouped heads share
+    it)."""
     group = q.shape[2] // k.shape[2]
     k_q = k if group == 1 else k.repeat_interleave(group, dim=2)
-    s_ii = (q.float() * k_q.float()).sum(-1) * softmax_scale(q.shape[3], scale)  # [B, T, H]
-    return torch.logaddexp(lse_strict, s_ii.transpose(1, 2))
+    return (q.float() * k_q.float()).sum(-1) * softmax_scale(q.shape[3], scale)
+
+
+def inclusive_lse(q, k, lse_strict, scale=None):
+    """logsumexp_{j<=i} s_ij as [B, H, T] float32 (what attention APIs return as the lse),
+    from the solve's strict lse_i = logsumexp_{j<i} s_ij and the diagonal score."""
+    return torch.logaddexp(lse_strict, diagonal_scores(q, k, scale).transpose(1, 2))
