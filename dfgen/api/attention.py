@@ -70,10 +70,9 @@ def deltaformer_attn(q, k, v, beta=None, *, q_solve=None, cu_seqlens=None, max_s
         check_flag("return_lse", return_lse)
     if return_cache is not False:
         check_flag("return_cache", return_cache)
-        return prefill(q, k, v, beta, q_solve=q_solve, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-                       attention_mask=attention_mask, config=config, large_beta=large_beta,
-                       scale=scale, return_lse=return_lse)
     if torch.compiler.is_compiling():
+        if return_cache:
+            raise InputError("return_cache=True is not supported under torch.compile yet")
         return _traced(q, k, v, beta, q_solve, cu_seqlens, max_seqlen, attention_mask, config,
                        large_beta, scale, return_lse)
     if settings.DEBUG and beta is not None and not large_beta:
@@ -82,6 +81,10 @@ def deltaformer_attn(q, k, v, beta=None, *, q_solve=None, cu_seqlens=None, max_s
         check_q_solve(q, q_solve)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, beta, q_solve))
+    if return_cache:
+        return prefill(q, k, v, beta, q_solve, cu_seqlens, max_seqlen, attention_mask, config,
+                       large_beta=large_beta, scale=scale, return_lse=return_lse,
+                       needs_grad=needs_grad)
     if attention_mask is not None:
         if cu_seqlens is not None:
             raise InputError("give attention_mask or cu_seqlens, not both")

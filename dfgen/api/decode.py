@@ -17,15 +17,14 @@ import warnings
 
 import torch
 
-from .. import settings
 from ..errors import InputError
 from ..kernels.decode import decode_knobs, decode_step
 from ..kernels.forward import softmax_scale
 from .cache import DecodingCache
 from .packing import pack
 from .passes import run_padded, run_pass
-from .inputs import (check_attention_mask, check_beta_range, check_cu_seqlens, check_flag,
-                     check_inputs, check_q_solve, check_scale)
+from .inputs import (check_attention_mask, check_cu_seqlens, check_flag, check_inputs,
+                     check_q_solve, check_scale)
 
 _knobs_memo: dict = {}
 MANY_NEW_TOKENS = 256  # past this many new tokens a step, a prefill of everything is faster
@@ -151,20 +150,12 @@ def _scatter_rows(packed, dest, B: int, T: int):
 __all__ = ["deltaformer_decode", "DecodingCache"]
 
 
-def prefill(q, k, v, beta, *, q_solve, cu_seqlens, max_seqlen, attention_mask, config,
-            large_beta: bool, scale, return_lse: bool):
-    """deltaformer_attn(..., return_cache=True): the pass (differentiable where an input
-    requires grad), then its cache (padded batches: every row full; attention_mask: each
-    row's unpadded tokens; cu_seqlens: one row per sequence). Returns (o, cache), or
-    (o, lse, cache) with return_lse."""
-    if torch.compiler.is_compiling():
-        raise InputError("return_cache=True is not supported under torch.compile yet")
-    if settings.DEBUG and beta is not None and not large_beta:
-        check_beta_range(beta)
-    if q_solve is not None:
-        check_q_solve(q, q_solve)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, beta, q_solve))
+def prefill(q, k, v, beta, q_solve, cu_seqlens, max_seqlen, attention_mask, config, *,
+            large_beta: bool, scale, return_lse: bool, needs_grad: bool):
+    """deltaformer_attn(..., return_cache=True), its inputs checked: the pass
+    (differentiable when needs_grad), then its cache (padded batches: every row full;
+    attention_mask: each row's unpadded tokens; cu_seqlens: one row per sequence). Returns
+    (o, cache), or (o, lse, cache) with return_lse."""
     run = dict(large_beta=large_beta, scale=scale, return_lse=return_lse, needs_grad=needs_grad,
                return_u=True)
     if attention_mask is not None:
