@@ -152,14 +152,12 @@ class DeltaFormerAttention(nn.Module):
             if attention_mask is not None and cu_seqlens is None:  # count tokens, not padding
                 positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
             q, k, v, beta = self.project(hidden_states, cu_seqlens, positions)
-            if past_key_values is not None:  # a prefill: keep what decoding needs
-                o, cache = deltaformer_attn(q, k, v, beta, cu_seqlens=cu_seqlens,
-                                            attention_mask=attention_mask, large_beta=large_beta,
-                                            return_cache=True)
+            prefill = past_key_values is not None  # then keep what decoding needs
+            o = deltaformer_attn(q, k, v, beta, cu_seqlens=cu_seqlens, attention_mask=attention_mask,
+                                 large_beta=large_beta, return_cache=prefill)
+            if prefill:
+                o, cache = o
                 past_key_values.update(recurrent_state=cache, layer_idx=self.layer_idx, offset=T)
-            else:
-                o = deltaformer_attn(q, k, v, beta, cu_seqlens=cu_seqlens,
-                                     attention_mask=attention_mask, large_beta=large_beta)
         o = self.o_proj(o.reshape(B, T, -1))
         return o, None, past_key_values
 
