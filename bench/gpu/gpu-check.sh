@@ -6,11 +6,12 @@
 # bench/suites.yaml. Logs go to a folder packed at the end into ${OUT:-./gpu-logs}/logs.tgz
 # (with any tuned file beside it); each phase has a time cap (seconds, env CAP_<PHASE>) so
 # that one slow phase cannot eat the others' output.
-#   tests              GPU tests (all of tests/, GPU cases included; pytest-xdist if present;
+#   tests              GPU tests (all of tests/, GPU cases included; pytest-xdist if present, TEST_WORKERS
+#                      processes, default 14;
 #                      TESTS="tests/test_backward.py ...": those files only)
 #   bench              run.py fwd --candidates h200, then run.py fwdbwd (as the runtime picks)
 #   benchfwd           the forward table alone, with the config the runtime picks
-#   benchbwd           the forward+backward table alone
+#   benchbwd           the forward+backward table alone (BENCH_ARGS: more options, e.g. --no-fla)
 #   bwdrow             one forward+backward row (ROW: a shape suite or B,T,H,D; default row)
 #   fla                the layer test against fla (when fla is carried)
 #   layer              the layer and dispatcher tests (fla comparison when fla is carried)
@@ -66,7 +67,7 @@ cd "$(mktemp -d /tmp/gpu-work.XXXX)"
 nvidia-smi --query-gpu=name,clocks.sm,memory.used --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
 gpu=$(python3 -c "import torch; from dfgen.select.gpu import gpu_key; print(gpu_key(torch.cuda.get_device_name()))")
-xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
+xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${TEST_WORKERS:-14}" || echo "")  # 16 cores: the compiles are the tests' bottleneck
 status=0
 run="python3 $SRC/bench/run.py"  # the benchmark runner, against /tmp/site
 capped() { local cap=$1; shift; timeout -k 10 "$cap" "$@"; local rc=$?; [ $rc -eq 124 ] && echo "(stopped at the ${cap} s cap)"; return $rc; }
@@ -79,14 +80,17 @@ while [ $# -gt 0 ]; do
   start=$SECONDS; phase=$1
   case "$1" in
     tests)
-      capped "${CAP_TESTS:-300}" python3 -m pytest -q -p no:cacheprovider $xdist \
+      # -v: each test's line, so that a run stopped at its cap still says which tests ran
+      capped "${CAP_TESTS:-300}" python3 -m pytest -v -rfE -p no:cacheprovider $xdist \
         $(for t in ${TESTS:-tests}; do echo "$SRC/$t"; done) > "$out/pytest.txt" 2>&1 || status=1
-      grep -E "^(FAILED|ERROR)" "$out/pytest.txt" | head -20; tail -n 2 "$out/pytest.txt";;
+      grep -E "^(FAILED|ERROR)" "$out/pytest.txt" | head -20
+      echo "$(grep -c " PASSED " "$out/pytest.txt") passed, $(grep -c " SKIPPED " "$out/pytest.txt") skipped, $(grep -cE " (FAILED|ERROR) " "$out/pytest.txt") failed or errors (lines)"
+      tail -n 1 "$out/pytest.txt";;
     bench)  # forward over the h200 candidates, then forward+backward as the runtime picks
       bench_table fwd "${CAP_BENCH_FWD:-150}" fwd --candidates h200
       bench_table fwdbwd "${CAP_BENCH_BWD:-150}" fwdbwd;;
-    benchfwd) bench_table fwd "${CAP_BENCH_FWD:-150}" fwd;;
-    benchbwd) bench_table fwdbwd "${CAP_BENCH_BWD:-150}" fwdbwd;;
+    benchfwd) bench_table fwd "${CAP_BENCH_FWD:-150}" fwd ${BENCH_ARGS:-};;
+    benchbwd) bench_table fwdbwd "${CAP_BENCH_BWD:-150}" fwdbwd ${BENCH_ARGS:-};;
     bwdrow) bench_table bwdrow "${CAP_BWDROW:-90}" fwdbwd --shapes "${ROW:-row}";;
     fla)
       capped "${CAP_FLA:-60}" python3 -m pytest -q -s -p no:cacheprovider $SRC/tests/test_layer.py -k fla > "$out/fla.txt" 2>&1 || status=1
