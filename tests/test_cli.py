@@ -4,6 +4,7 @@ import ast
 import subprocess
 
 import torch
+from dfgen.kernels.decode import default_decode_knobs
 from conftest import dfgen_command
 
 
@@ -172,7 +173,9 @@ def test_emit_prints_every_stage_and_each_one_alone():
     assert [h.split()[3].rstrip(",") for h in headers] == ["solve_fwd", "attn_fwd", "solve_bwd",
                                                            "attn_bwd", "decode"]
     assert "SOLVE_PRECISION=tf32x3" in headers[0]  # float32's default, not bf16's
-    assert "BLOCK_N=32" in headers[4]  # the decode step's float32 default
+    fp32_decode = default_decode_knobs(64, torch.float32)["BLOCK_N"]
+    assert fp32_decode != default_decode_knobs(64, torch.bfloat16)["BLOCK_N"]
+    assert f"BLOCK_N={fp32_decode}" in headers[4]  # the decode step's float32 default, not bf16's
     for stage in ("solve_fwd", "attn_fwd", "solve_bwd", "attn_bwd"):
         assert f"def {stage}_kernel" in out.stdout or f"{stage}" in out.stdout
     assert "def decode_sweep_kernel" in out.stdout and "def decode_finish_kernel" in out.stdout
