@@ -420,6 +420,9 @@ def test_a_trial_left_running_by_a_killed_worker_is_failed_and_retried(tmp_path,
     db = f"sqlite:///{tmp_path / 'hb.db'}"
     bucket = tuner.CPU_BUCKETS[0]
     name = stages.study_name(bucket.key, stages.slot("solve_fwd(fused)"), "random", FUSED, False)
+    # The schema first, here: two processes creating it at once both insert alembic's
+    # version row, and one fails (UNIQUE constraint; seen once in a CPU run)
+    optuna.storages.RDBStorage(db)
     worker = subprocess.Popen([sys.executable, "-c", f"""
 import time, optuna
 storage = optuna.storages.RDBStorage({db!r}, heartbeat_interval=1, grace_period=2)
