@@ -80,8 +80,8 @@ while [ $# -gt 0 ]; do
   start=$SECONDS; phase=$1
   case "$1" in
     tests)
-      # -v: each test's line, so that a run stopped at its cap still says which tests ran
-      capped "${CAP_TESTS:-300}" python3 -m pytest -v -rfE -p no:cacheprovider $xdist \
+      # -v: each test's line, so that a run stopped at its cap still says which tests ran; -rs: why each skip
+      capped "${CAP_TESTS:-300}" python3 -m pytest -v -rfEs -p no:cacheprovider $xdist \
         $(for t in ${TESTS:-tests}; do echo "$SRC/$t"; done) > "$out/pytest.txt" 2>&1 || status=1
       grep -E "^(FAILED|ERROR)" "$out/pytest.txt" | head -20
       echo "$(grep -c " PASSED " "$out/pytest.txt") passed, $(grep -c " SKIPPED " "$out/pytest.txt") skipped, $(grep -cE " (FAILED|ERROR) " "$out/pytest.txt") failed or errors (lines)"
