@@ -86,15 +86,16 @@ def test_infeasible_and_unknown_knobs_are_rejected_by_name():
 
 
 def test_a_knob_with_a_default_may_be_left_out():
-    """Knobs added after configs were written (maxnreg, SPLIT_PREFIX, POLL) have a default: a
+    """Knobs added after configs were written (maxnreg, SPLIT_PREFIX, POLL, SPLIT_AT) have a default: a
     config that leaves them out is valid, and equal to the same config with the defaults set
     (same key, name and file form), so tuned files written before them keep working."""
     tspec = spec("solve_fwd")
-    assert tspec.optional() == ["POLL", "SPLIT_PREFIX", "maxnreg"]
+    assert tspec.optional() == ["POLL", "SPLIT_AT", "SPLIT_PREFIX", "maxnreg"]
+    assert tspec.knobs["SPLIT_AT"].default == 75
     assert tspec.knobs["maxnreg"].default == 0 and tspec.knobs["SPLIT_PREFIX"].default is False
     assert tspec.knobs["POLL"].default == "acquire"
     full = dict(default_config(64).solve)
-    old = {k: v for k, v in full.items() if k not in ("maxnreg", "SPLIT_PREFIX", "POLL")}
+    old = {k: v for k, v in full.items() if k not in ("maxnreg", "SPLIT_PREFIX", "POLL", "SPLIT_AT")}
     tspec.check(old, 64)
     assert tspec.complete(old) == full
     assert specialization_name("solve_fwd", "bf16", 64, old) == specialization_name("solve_fwd", "bf16", 64, full)

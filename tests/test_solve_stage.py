@@ -10,7 +10,7 @@ from dfgen.reference import (naive_deltaformer_attn, naive_deltaformer_u, naive_
 
 
 def solve(C, N, L=1, fp16_inverse=False, precision="tf32x3", warps=4, stages=2, maxnreg=None,
-          split_prefix=None, poll=None):
+          split_prefix=None, poll=None, split_at=None):
     knobs = dict(CHUNK=C, BLOCK_N=N, LOOKAHEAD=L, INV_FP16=fp16_inverse,
                  SOLVE_PRECISION=precision, num_warps=warps, num_stages=stages)
     # left out when None: the knobs' defaults fill them
@@ -20,6 +20,8 @@ def solve(C, N, L=1, fp16_inverse=False, precision="tf32x3", warps=4, stages=2, 
         knobs["SPLIT_PREFIX"] = split_prefix
     if poll is not None:
         knobs["POLL"] = poll
+    if split_at is not None:
+        knobs["SPLIT_AT"] = split_at
     return knobs
 
 
@@ -45,6 +47,12 @@ CPU_CASES = [
     (1, 150, 2, 32, solve(16, 16, L=2, split_prefix=True)),
     (2, 130, 1, 32, solve(16, 32, L=1, fp16_inverse=True, precision="fp16", split_prefix=True)),
     (1, 100, 2, 64, solve(16, 16, L=3, split_prefix=True)),
+    # larger shares of the prefix to the prefix-split programs (one or two of them per step,
+    # handed out later in the wavefront)
+    (2, 170, 2, 32, solve(16, 16, L=2, split_prefix=True, split_at=75)),
+    (1, 145, 3, 32, solve(16, 32, L=1, fp16_inverse=True, precision="fp16", split_prefix=True, split_at=67)),
+    (1, 120, 2, 64, solve(16, 16, L=3, split_prefix=True, split_at=75)),
+    (1, 200, 2, 32, solve(16, 16, L=2, split_prefix=True, split_at=88)),
     # relaxed polls with one fence per wait (NVIDIA only: the interpreter's waits are portable)
     (1, 90, 2, 32, solve(16, 16, L=2, split_prefix=True, poll="relaxed")),
 ]
@@ -60,6 +68,9 @@ GPU_CASES = [
     (1, 4097, 3, 128, solve(64, 64, L=2, fp16_inverse=True, precision="fp16", split_prefix=True)),
     (2, 3001, 4, 64, solve(64, 128, L=1, fp16_inverse=True, precision="fp16", stages=3, split_prefix=True)),
     (1, 8192, 2, 128, solve(32, 32, L=3, fp16_inverse=True, precision="tf32", split_prefix=True)),
+    (1, 4097, 3, 128, solve(64, 64, L=2, fp16_inverse=True, precision="tf32", split_prefix=True, split_at=75)),
+    (2, 3001, 4, 64, solve(64, 128, L=1, fp16_inverse=True, precision="fp16", stages=3, split_prefix=True, split_at=67)),
+    (1, 16384, 2, 128, solve(64, 64, L=2, fp16_inverse=True, precision="tf32", split_prefix=True, split_at=75)),
     (4, 1024, 32, 64, solve(64, 64, L=1, fp16_inverse=True, precision="fp16", stages=4, maxnreg=168, poll="relaxed")),
     (2, 3001, 3, 64, solve(64, 128, L=2, fp16_inverse=True, precision="fp16", split_prefix=True, poll="relaxed")),
     (1, 8192, 2, 128, solve(32, 32, L=3, fp16_inverse=True, precision="tf32", poll="relaxed")),
@@ -71,6 +82,7 @@ def case_id(case, dtype):
     extra = "".join(f"-{v}" for v in (k["SOLVE_PRECISION"],) if v in ("fp16", "bf16"))
     extra += f"-r{k['maxnreg']}" if k.get("maxnreg") else ""
     extra += "-split-prefix" if k.get("SPLIT_PREFIX") else ""
+    extra += f"-at{k['SPLIT_AT']}" if k.get("SPLIT_AT") else ""
     extra += f"-{k['POLL']}" if k.get("POLL") else ""
     return f"B{B}-T{T}-H{H}-D{D}-C{k['CHUNK']}-N{k['BLOCK_N']}-L{k['LOOKAHEAD']}{extra}-{dtype}"
 

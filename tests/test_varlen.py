@@ -74,7 +74,7 @@ def test_varlen_forward_and_gradients(variant, lengths_name, dtype_name):
 
 
 @gpu_only
-@pytest.mark.parametrize("variant", ["fused", "gqa", "split-prefix", "relaxed"])
+@pytest.mark.parametrize("variant", ["fused", "gqa", "split-prefix", "split-prefix-75", "relaxed"])
 def test_many_chunks_in_flight(variant):
     """Wavefront ordering under real concurrency: hundreds of 16-row chunk programs of
     several heads and sequences at once, so that every wait (prefix, far and near tail in
@@ -85,8 +85,9 @@ def test_many_chunks_in_flight(variant):
     q, k, v, beta, cu, _ = _packed(lengths, H, H_kv, 32, torch.float32, seed=7)
     leaves = [t.requires_grad_() for t in (q, k, v, beta)]
     config = CONFIGS["fused"]
-    if variant in ("split-prefix", "relaxed"):  # prefix-split programs; relaxed polls, a fence per wait
-        extra = dict(SPLIT_PREFIX=True) if variant == "split-prefix" else dict(POLL="relaxed")
+    if variant in ("split-prefix", "split-prefix-75", "relaxed"):  # prefix-split programs; relaxed polls
+        extra = {"split-prefix": dict(SPLIT_PREFIX=True), "relaxed": dict(POLL="relaxed"),
+                 "split-prefix-75": dict(SPLIT_PREFIX=True, SPLIT_AT=75)}[variant]
         config = KernelConfig("fused", dict(SOLVE, **extra), **BWD)
     o = deltaformer_attn(q, k, v, beta, cu_seqlens=cu, config=config)
     do = torch.randn(o.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)

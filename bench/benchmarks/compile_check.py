@@ -33,7 +33,8 @@ FIXED = {"TRACE": False, "PTX_WAIT": True}  # constexprs compiled at one value (
 UNALIGNED = {"T", "H", "GROUP", "n_bh", "n_chunks", "sm_scale", "n_new", "capacity", "split_len", "n_splits"}
 # knob settings that take other code paths, compiled besides each stage's default (at every
 # switch on, to keep CI's time down; the default compiles at every switch setting)
-VARIANTS = {"solve_fwd": ({}, {"SPLIT_PREFIX": True}, {"SPLIT_PREFIX": False}, {"POLL": "relaxed"}, {"BLOCK_N": 128, "SOLVE_PRECISION": "fp16"}),
+VARIANTS = {"solve_fwd": ({}, {"SPLIT_PREFIX": True}, {"SPLIT_PREFIX": False}, {"POLL": "relaxed"}, {"BLOCK_N": 128, "SOLVE_PRECISION": "fp16"},
+                          {"SPLIT_PREFIX": True, "SPLIT_AT": 75}),
             "attn_bwd": ({}, {"ONE_LAUNCH": True})}
 
 

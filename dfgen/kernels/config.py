@@ -242,8 +242,9 @@ def _default_config(head_dim: int, dtype: str, strategy: str) -> KernelConfig:
     """Built-in config, used when no tuned entry applies: the H200's best forward knobs
     where they also fit smaller GPUs (at head dim 128 two pipeline stages, about 80 KB of
     shared memory, instead of three, about 112 KB). At head dim 128 prefix-split programs take
-    the first half of each prefix (SPLIT_PREFIX: 3 to 17 % faster at T = 4096 to 16384
-    on the H200); at head dim 64 they win only at long T, where a tuned entry picks them."""
+    the first part of each prefix (SPLIT_PREFIX: 3 to 17 % faster at T = 4096 to 16384 on
+    the H200 with half of it; three quarters, the template's SPLIT_AT default, 2 to 3 % faster
+    again); at head dim 64 they win only at long T, where a tuned entry picks them."""
     fp32 = dtype.endswith("float32")
     precision = dict(  # float32 inputs keep float32 accuracy in the solve; fp16/bf16 need only tf32's
         SOLVE_PRECISION=FLOAT32_ACCURATE["SOLVE_PRECISION"][0] if fp32 else "tf32", INV_FP16=not fp32)
