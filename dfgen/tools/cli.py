@@ -203,7 +203,6 @@ def _check_numbers(args) -> None:
 
 def _tune_buckets(args, interpreted: bool) -> list:
     """The buckets to tune: the built-in set (or --shapes), filtered by --passes."""
-    from ..select.bucket import PASSES
     from .tuning import tuner
 
     buckets = tuner.load_buckets(args.shapes) if args.shapes else \
@@ -223,9 +222,9 @@ def _tune_buckets(args, interpreted: bool) -> list:
     if args.passes is None:
         return buckets
     wanted = [p.strip() for p in args.passes.split(",")]
-    if not all(p in PASSES for p in wanted):
+    if not all(p in tuner.TUNED_PASSES for p in wanted):
         raise DfgenError(f"--passes {args.passes!r}: expected a comma list of "
-                         f"{' and '.join(PASSES)}")
+                         f"{' and '.join(tuner.TUNED_PASSES)}")
     kept = [b for b in buckets if b.pass_ in wanted]
     if not kept:
         source = f"of --shapes {args.shapes}" if args.shapes else \
@@ -412,7 +411,7 @@ def cmd_show(args) -> int:
                 " [" + (f"tuned with {', '.join(stale)}; " if stale else "")
                 + {None: "unchecked", True: "`dfgen check` passed it here",
                    False: "`dfgen check` failed it here"}[checked] + "]")
-        print(f"  {key} -> {choice.source}: {choice.config}{note}")
+        print(f"  {key} -> {choice.source}: {choice.described()}{note}")
     return 0
 
 
@@ -424,7 +423,7 @@ def cmd_check(args) -> int:
 
     from ..kernels.config import KernelConfig
     from ..select import tuned_file
-    from .check import validate_config
+    from .check import validate_config, validate_decode_entry
 
     disp = _this_dispatcher()
     for message in disp.skipped:
@@ -433,17 +432,21 @@ def cmd_check(args) -> int:
         print(f"dfgen check: no usable tuned file for {disp.identity.key}; nothing to check")
         return 1 if disp.skipped else 0
     device = torch.device("cpu" if disp.identity.key == "cpu-interpreter" else "cuda")
-    versions = dict(disp.running, torch=str(torch.__version__),
+    versions = dict(torch=str(torch.__version__),
                     date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"))
     failed, records = len(disp.skipped), {}
     for key, entry in sorted(disp.data["entries"].items()):
         try:
-            ok, message = validate_config(KernelConfig.from_dict(entry["config"]), entry, device,
-                                          max_T=args.max_t)
+            if entry["pass"] == "decode":
+                ok, message = validate_decode_entry(entry, device, max_T=args.max_t)
+            else:
+                ok, message = validate_config(KernelConfig.from_dict(entry["config"]), entry,
+                                              device, max_T=args.max_t)
         except DfgenError as err:  # knobs the running templates do not take
             ok, message = False, str(err)
         failed += not ok
-        records[key] = dict(versions, passed=ok, result=message[:300])
+        # recorded under the versions the entry goes stale against (its kind's templates)
+        records[key] = dict(disp.running_for(entry), **versions, passed=ok, result=message[:300])
         print(f"{'PASS' if ok else 'FAIL'} {key}: {message}", flush=True)
     passed = len(disp.data["entries"]) + len(disp.skipped) - failed
     print(f"{passed} passed, {failed} failed ({disp.path})")

@@ -466,6 +466,9 @@ BUCKETS_EXPECTED = ("a YAML list of buckets {pass: fwd|fwd+bwd, dtype: bf16|fp16
                     "head_dim: 16|32|64|128, T: >= 1, BH: >= 1, variant: qsolve (optional)}")
 
 
+TUNED_PASSES = ("fwd", "fwd+bwd")  # the passes the tuner searches
+
+
 def load_buckets(path) -> list[Bucket]:
     """A YAML list of buckets in their YAML form {pass, dtype, head_dim, T, BH[, variant]}."""
     data = _read_yaml(path, "--shapes", BUCKETS_EXPECTED)
@@ -479,9 +482,13 @@ def load_buckets(path) -> list[Bucket]:
         if unknown:
             raise DfgenError(f"{where}: unknown field(s) {', '.join(unknown)}")
         try:
-            out.append(Bucket.from_fields(item, where))
+            bucket = Bucket.from_fields(item, where)
         except ConfigError as err:
             raise DfgenError(str(err)) from None
+        if bucket.pass_ not in TUNED_PASSES:
+            raise DfgenError(f"{where}: pass {bucket.pass_} is not tuned; expected "
+                             f"{' or '.join(TUNED_PASSES)}")
+        out.append(bucket)
     return out
 
 
