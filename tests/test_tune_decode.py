@@ -233,3 +233,35 @@ def test_the_worker_checks_a_decode_candidate_against_the_reference_before_timin
     reply = evaluate.handle(dict(_stage_request(None, seed=1), op="pass", config={"decode": good}))
     assert reply["ok"] and reply["median_ms"] > 0
     evaluate._benches.clear()
+
+
+def test_a_crashing_decode_candidate_is_a_failed_trial_and_the_tune_goes_on(tmp_path, monkeypatch):
+    """In the real worker (the test hook): the candidate on two warps kills its process; it
+    is a failed trial naming the crash, the next candidate gets a new worker, the bucket is
+    still written, and never with the crashed knobs."""
+    from dfgen.tools.tuning import stages
+
+    monkeypatch.setenv(worker.TEST_FAULTS, "1")
+    monkeypatch.setattr(worker, "_shared", None)  # a worker started with the flag
+    request = stages.StageSearch.stage_request
+
+    def with_fault(self, params):
+        out = request(self, params)
+        return dict(out, test_fault="exit") if out["knobs"]["num_warps"] == 2 else out
+
+    monkeypatch.setattr(stages.StageSearch, "stage_request", with_fault)
+    default = default_decode_knobs(BUCKET.head_dim, torch.bfloat16)
+    limits = {f"decode.{name}": value for name, value in default.items()}
+    limits["decode.num_warps"] = [2, 4]  # two points, swept
+    try:
+        result = decode_tune.tune_decode_bucket(
+            BUCKET, trials=1, sampler="tpe", seed=0, timeout_s=120, limits=limits, sweep_max=16,
+            storage=tuner.open_storage(str(tmp_path / "s.journal")), log=lambda *a: None)
+    finally:
+        worker.shared().close()
+    (study,) = result.studies.values()
+    states = {t.params["decode.num_warps"]: t for t in study.trials}
+    assert states[2].state == optuna.trial.TrialState.FAIL
+    assert states[2].user_attrs["failure"].startswith("crashed (exit 1)")
+    assert states[4].state == optuna.trial.TrialState.COMPLETE
+    assert result.entry["failures"] == 1 and result.entry["config"]["decode"]["num_warps"] == 4

@@ -3,10 +3,11 @@
 A bucket is a pass (fwd: the forward alone; fwd+bwd: a forward that saves for the
 backward, and the backward; decode: one decoding step over a cache), a dtype ('bf16',
 'fp16', 'fp32'), a head dim, a sequence length T (a decode bucket: the cache's length,
-decode_bucket) and a number of sequences times heads BH, and a variant ('' or 'qsolve': a
-solve stage with its own queries; decode buckets have none). Tuned files key their entries by Bucket.key, the tuner's
---shapes files list buckets in the same YAML form as a tuned entry (`pass`, `dtype`,
-`head_dim`, `T`, `BH`, optional `variant`), and the dispatcher looks calls up by one.
+rounded by decode_t) and a number of sequences times heads BH, and a variant ('' or
+'qsolve': a solve stage with its own queries; decode buckets have none). Tuned files key
+their entries by Bucket.key, the tuner's --shapes files list buckets in the same YAML form
+as a tuned entry (`pass`, `dtype`, `head_dim`, `T`, `BH`, optional `variant`), and the
+dispatcher looks calls up by one.
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ and is skipped (DFGEN_STRICT=1 makes it an error).
 
 Entries: see nearest(). A decoding step's bucket (pass decode) is served by decode
 entries only, and a forward or training call never by one (DecodeChoice: the step's
-knobs). An entry whose knobs do not pass the running templates' spec
-serves nothing (the built-in default does, with a warning). An entry tuned with other
+knobs). An entry whose knobs do not pass the running templates' spec serves nothing (the
+built-in default does, with a warning). An entry tuned with other
 templates or another triton (stale) still serves if its knobs pass the spec: the runtime
 never runs the reference; one warning per file names `dfgen check`, which runs the
 entries against the reference and can record the result in the file (a recorded failure
@@ -309,4 +309,5 @@ def reset() -> None:
         _dispatchers.clear()
 
 
-__all__ = ["Dispatcher", "Choice", "DecodeChoice", "nearest", "running_versions", "dispatcher_for", "reset"]
+__all__ = ["Dispatcher", "Choice", "DecodeChoice", "nearest", "running_versions", "dispatcher_for",
+           "reset"]

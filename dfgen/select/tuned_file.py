@@ -32,9 +32,10 @@
 An entry is stale when the templates or triton it was tuned with (its tuned_with, else
 the file's provenance) differ from the running ones. The provenance's `templates` hashes
 the templates a KernelConfig configures; a decode entry's tuned_with always records the
-hash of the decode template (templates_of), so that each kind goes stale with its own. The runtime never runs the
-reference: a stale entry serves if its knobs pass the templates' spec (one warning names
-`dfgen check`), unless a check recorded under the running versions failed it.
+hash of the decode template (templates_of), so that each kind goes stale with its own.
+The runtime never runs the reference: a stale entry serves if its knobs pass the
+templates' spec (one warning names `dfgen check`), unless a check recorded under the
+running versions failed it.
 
 Read with yaml.safe_load and checked against this schema (an entry's knobs are checked
 against the templates' spec when it is written, and by the dispatcher when it is used:
