@@ -249,3 +249,31 @@ def test_check_records_into_a_copy_when_the_file_is_packaged(tmp_path, monkeypat
     mine.parent.mkdir()
     mine.write_text("")
     assert _record_target(mine, "h200") == mine
+
+
+def test_show_and_check_list_and_check_a_decode_entry(tmp_path, monkeypatch):
+    """A decode entry in this device's tuned file: `dfgen show` lists it with its knobs,
+    `dfgen check` runs decoding steps under them against the reference and passes them,
+    and --record keeps the result under the decode template's hash."""
+    from dfgen.select import tuned_file
+    from dfgen.select.gpu import gpu_key
+
+    key = gpu_key(torch.cuda.get_device_name()) if torch.cuda.is_available() else "cpu-interpreter"
+    path = tmp_path / f"{key}.yaml"
+    knobs = {"BLOCK_M": 16, "BLOCK_N": 16, "MIN_PROGRAMS": 1024, "num_warps": 2, "num_stages": 2}
+    tuned_file.merge(path, {"gpu": key}, {"decode/fp32/d32/t64/bh2": {
+        "pass": "decode", "dtype": "fp32", "head_dim": 32, "T": 64, "BH": 2,
+        "config": {"decode": knobs}, "median_ms": 1.0, "default_ms": 1.5,
+        "tuned_with": {"templates": tuned_file.templates_of("decode")}}})
+    monkeypatch.setenv("DFGEN_TUNED_DIR", str(tmp_path))
+    out = dfgen("show")
+    assert out.returncode == 0, out.stderr
+    line = next(line for line in out.stdout.splitlines() if "decode/fp32/d32/t64/bh2 ->" in line)
+    assert "[decode/fp32/d32/t64/bh2]" in line and "BLOCK_N=16" in line and "MIN_PROGRAMS=1024" in line
+    out = dfgen("check", "--record")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "PASS decode/fp32/d32/t64/bh2: relative error" in out.stdout and \
+        "a cache of 44 tokens" in out.stdout and "1 passed, 0 failed" in out.stdout
+    checked = tuned_file.read(path)["entries"]["decode/fp32/d32/t64/bh2"]["checked"]
+    assert checked["passed"] is True and checked["templates"] == tuned_file.templates_of("decode")
+    assert "`dfgen check` passed it here" in dfgen("show").stdout

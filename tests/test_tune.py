@@ -465,8 +465,8 @@ def test_a_gpu_that_is_not_present_is_refused_naming_what_is():
 
 
 @pytest.mark.parametrize("args, shapes, message", [
-    (["--passes", "fwd,bwd"], None, "--passes 'fwd,bwd': expected a comma list of fwd and fwd+bwd"),
-    (["--passes", "fwd+bwd"], None, "keeps none of the 1 bucket"),
+    (["--passes", "fwd,bwd"], None, "--passes 'fwd,bwd': expected a comma list of fwd, fwd+bwd and decode"),
+    (["--passes", "fwd+bwd"], None, "keeps none of the 2 bucket(s) the interpreter tunes"),
     ([], "- {pass: fwd, dtype: bf16, head_dim: 48, T: 40, BH: 2}\n", "head_dim must be one of 16, 32, 64, 128"),
     ([], "- {pass: fwd, dtype: int8, head_dim: 32, T: 40, BH: 2}\n", "dtype must be one of bf16, fp16, fp32"),
     ([], "- {pass: fwd, dtype: bf16, head_dim: 32, T: 0, BH: 2}\n", "T must be an integer >= 1"),

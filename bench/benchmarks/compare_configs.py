@@ -78,6 +78,10 @@ def main(argv=None):
         buckets = load_buckets(args.buckets)
     else:
         sys.exit("give --buckets or --tuned")
+    decode = [b.key for b in buckets if b.decode]  # a step's knobs, no pass config to time here
+    if decode:
+        print(f"# not compared (decode buckets: `python bench/run.py decode`): {', '.join(decode)}")
+        buckets = [b for b in buckets if not b.decode]
     sources = []
     for item in args.sources:
         name, _, path = item.partition("=")

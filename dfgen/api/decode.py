@@ -20,6 +20,7 @@ import torch
 from ..errors import InputError
 from ..kernels.decode import decode_knobs, decode_step
 from ..kernels.forward import softmax_scale
+from ..select.dispatch import dispatcher_for
 from .cache import DecodingCache
 from .packing import pack
 from .passes import run_padded, run_pass
@@ -44,7 +45,10 @@ def deltaformer_decode(q, k, v, beta, cache: DecodingCache, *, q_solve=None,
         q_solve's scores, o from q's: the cache is swept once for each).
     scale: the softmax scale; None takes the prefill's (a different one is an error: the
         cached u were solved under it).
-    config: the decoding step's knobs (templates/decode.py.jinja), each optional.
+    config: the decoding step's knobs (templates/decode.py.jinja), each optional (those left
+        out: the built-in default's). None: the tuned file's decode entry nearest this step's
+        bucket (dtype, head dim, the cache's length rounded up to a power of two, batch *
+        heads; dfgen.select.dispatch), else the built-in default.
     return_lse: also return each new token's inclusive lse, [B, H, n] float32.
     Returns o [B, n, H, D] in q's dtype (not differentiable); (o, lse) with return_lse.
     """
@@ -69,7 +73,7 @@ def deltaformer_decode(q, k, v, beta, cache: DecodingCache, *, q_solve=None,
                          "torch.no_grad() or torch.inference_mode()")
     if torch.compiler.is_compiling():
         raise InputError("deltaformer_decode is not supported under torch.compile yet")
-    knobs = _knobs(config, q.shape[3], q.dtype)
+    knobs = _knobs(config, q, cache.max_length)
     n = q.shape[1]
     if n > MANY_NEW_TOKENS and n not in _warned_lengths:
         _warned_lengths.add(n)
@@ -97,8 +101,14 @@ def _check_against_cache(q, k, cache: DecodingCache) -> None:
         raise InputError(f"q is {q.dtype} on {q.device}; the cache holds {ck.dtype} on {ck.device}")
 
 
-def _knobs(config, head_dim: int, dtype) -> dict:
-    if config is not None and not isinstance(config, dict):
+def _knobs(config, q, cache_length: int) -> dict:
+    """The step's knobs: `config` over the built-in default (memoized), or with config None
+    what the dispatcher picks for the step's decode bucket (memoized there)."""
+    B, _, H, head_dim = q.shape
+    dtype = q.dtype
+    if config is None:
+        return dispatcher_for(q.device).decode_step_knobs(dtype, head_dim, cache_length, B * H)
+    if not isinstance(config, dict):
         raise InputError(f"config must be a dict of decode knobs or None, got {type(config).__name__}")
     try:
         key = (head_dim, dtype, tuple(sorted(config.items())) if config else ())

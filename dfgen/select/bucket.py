@@ -1,11 +1,13 @@
 """A bucket: the class of calls one tuned config serves, and its one definition.
 
 A bucket is a pass (fwd: the forward alone; fwd+bwd: a forward that saves for the
-backward, and the backward), a dtype ('bf16', 'fp16', 'fp32'), a head dim, a sequence
-length T and a number of sequences times heads BH, and a variant ('' or 'qsolve': a solve
-stage with its own queries). Tuned files key their entries by Bucket.key, the tuner's
---shapes files list buckets in the same YAML form as a tuned entry (`pass`, `dtype`,
-`head_dim`, `T`, `BH`, optional `variant`), and the dispatcher looks calls up by one.
+backward, and the backward; decode: one decoding step over a cache), a dtype ('bf16',
+'fp16', 'fp32'), a head dim, a sequence length T (a decode bucket: the cache's length,
+rounded by decode_t) and a number of sequences times heads BH, and a variant ('' or
+'qsolve': a solve stage with its own queries; decode buckets have none). Tuned files key
+their entries by Bucket.key, the tuner's --shapes files list buckets in the same YAML form
+as a tuned entry (`pass`, `dtype`, `head_dim`, `T`, `BH`, optional `variant`), and the
+dispatcher looks calls up by one.
 """
 
 from __future__ import annotations
@@ -16,7 +18,11 @@ from ..errors import ConfigError
 from ..kernels.config import SUPPORTED_HEAD_DIMS
 from ..settings import DTYPE_NAMES
 
-PASSES = ("fwd", "fwd+bwd")
+DECODE = "decode"  # a decoding step's pass: its entries hold decode knobs, not a KernelConfig
+PASSES = ("fwd", "fwd+bwd", DECODE)
+# The smallest T of a decode bucket: the smallest cache length the tuner tunes (the
+# interpreter's bucket); a shorter cache looks up this one.
+DECODE_MIN_T = 32
 VARIANTS = ("", "qsolve")
 FIELDS = ("pass", "dtype", "head_dim", "T", "BH")  # what the YAML form must give (variant optional)
 
@@ -40,6 +46,10 @@ class Bucket(NamedTuple):
     def backward(self) -> bool:
         return self.pass_ == "fwd+bwd"
 
+    @property
+    def decode(self) -> bool:
+        return self.pass_ == DECODE
+
     def fields(self) -> dict[str, Any]:
         """The YAML form (a tuned entry's bucket fields)."""
         out = {"pass": self.pass_, "dtype": self.dtype, "head_dim": self.head_dim,
@@ -62,6 +72,8 @@ class Bucket(NamedTuple):
             raise ConfigError(f"{where}: pass must be one of {', '.join(PASSES)}, got {data['pass']!r}")
         if data.get("variant", "") not in VARIANTS:
             raise ConfigError(f"{where}: variant must be qsolve or left out, got {data.get('variant')!r}")
+        if data["pass"] == DECODE and data.get("variant", ""):
+            raise ConfigError(f"{where}: a decode bucket has no variant, got {data['variant']!r}")
         if not isinstance(data["dtype"], str) or data["dtype"] not in DTYPE_NAMES:
             raise ConfigError(f"{where}: dtype must be one of {', '.join(DTYPE_NAMES)}, "
                               f"got {data['dtype']!r}")
@@ -89,3 +101,11 @@ class Bucket(NamedTuple):
             raise ConfigError(f"bucket key {key!r}: expected pass/dtype/d<head dim>/t<T>/bh<BH>"
                               "[/qsolve], e.g. fwd/bf16/d128/t4096/bh16") from None
         return cls.from_fields(fields, f"bucket key {key!r}")
+
+
+def decode_t(cache_length: int) -> int:
+    """The T of the decode bucket of a cache holding `cache_length` tokens: the length
+    rounded up to a power of two, at least DECODE_MIN_T. A decoding loop grows its cache by
+    a token a step; rounding makes it meet a new bucket only at each doubling, so its
+    lookups stay memoized (and a tuned entry, within REACH, serves about the same range)."""
+    return max(DECODE_MIN_T, 1 << (max(cache_length, 1) - 1).bit_length())

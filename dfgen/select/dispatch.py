@@ -6,8 +6,10 @@ the same family or compute capability; else the built-in defaults. Files are rea
 safe loader and checked against their schema; a corrupt or foreign file gives a warning
 and is skipped (DFGEN_STRICT=1 makes it an error).
 
-Entries: see nearest(). An entry whose knobs do not pass the running templates' spec
-serves nothing (the built-in default does, with a warning). An entry tuned with other
+Entries: see nearest(). A decoding step's bucket (pass decode) is served by decode
+entries only, and a forward or training call never by one (DecodeChoice: the step's
+knobs). An entry whose knobs do not pass the running templates' spec serves nothing (the
+built-in default does, with a warning). An entry tuned with other
 templates or another triton (stale) still serves if its knobs pass the spec: the runtime
 never runs the reference; one warning per file names `dfgen check`, which runs the
 entries against the reference and can record the result in the file (a recorded failure
@@ -29,9 +31,10 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..kernels.config import KernelConfig, default_config
-from ..settings import strict, torch_dtype, tuned_search_dirs
+from ..kernels.decode import decode_knobs, default_decode_knobs
+from ..settings import dtype_name, strict, torch_dtype, tuned_search_dirs
 from . import tuned_file
-from .bucket import Bucket
+from .bucket import DECODE, Bucket, decode_t
 from .gpu import GpuIdentity, gpu_family, identify
 
 log = logging.getLogger("dfgen")
@@ -46,14 +49,27 @@ class Choice:
     config: KernelConfig
     source: str  # file and entry, or 'built-in default'
 
+    def described(self) -> str:
+        return str(self.config)
+
+
+@dataclass(frozen=True)
+class DecodeChoice:
+    """What serves a decoding step: the decode template's knobs (every one set)."""
+    knobs: dict
+    source: str
+
+    def described(self) -> str:
+        return "decode(" + " ".join(f"{k}={v}" for k, v in sorted(self.knobs.items())) + ")"
+
 
 def running_versions() -> dict:
-    """The versions that make an entry stale when they differ: triton's and the templates'."""
+    """The versions that make an entry stale when they differ: triton's and the templates'
+    (`templates` the KernelConfig stages', `decode_templates` the decode template's)."""
     import triton
 
-    from ..kernels.spec import templates_hash
-
-    return {"triton": triton.__version__, "templates": templates_hash()}
+    return {"triton": triton.__version__, "templates": tuned_file.templates_of("fwd"),
+            "decode_templates": tuned_file.templates_of(DECODE)}
 
 
 def nearest(entries: dict, bucket: Bucket):
@@ -65,10 +81,13 @@ def nearest(entries: dict, bucket: Bucket):
     same variant (a q_solve call its qsolve entries), then the nearest, by the sum of the
     |log2| distances in T and in batch*heads. Past REACH the default serves: a config tuned
     far away measured slower than the built-in default (H200: the d64 T=1024 BH=256 entry
-    at T=2048 BH=64 and at T=8192 BH=32)."""
+    at T=2048 BH=64 and at T=8192 BH=32). Decode entries and the others never serve each
+    other's buckets: their configs configure different kernels."""
     best, best_rank = (None, None), None
+    decode = bucket.pass_ == DECODE
     for key, entry in entries.items():
-        if entry["dtype"] != bucket.dtype or entry["head_dim"] != bucket.head_dim:
+        if entry["dtype"] != bucket.dtype or entry["head_dim"] != bucket.head_dim or \
+                (entry["pass"] == DECODE) != decode:
             continue
         t_dist = abs(math.log2(max(bucket.T, 1) / entry["T"]))
         bh_dist = abs(math.log2(max(bucket.BH, 1) / entry["BH"]))
@@ -88,7 +107,8 @@ class Dispatcher:
         self.identity = identity
         self.dirs = tuned_search_dirs() if dirs is None else dirs
         self._lock = threading.Lock()
-        self._cache: dict[Bucket, Choice] = {}
+        self._cache: dict[Bucket, Choice | DecodeChoice] = {}
+        self._decode_memo: dict[tuple, dict] = {}  # (dtype, head dim, T bucket, BH) -> knobs
         self._logged: set[str] = set()  # sources already logged at INFO
         self.skipped: list[str] = []  # why each unusable file that would serve this GPU was skipped
         self.path, self.data, self.match = self._find_file()
@@ -138,15 +158,23 @@ class Dispatcher:
                     return path, data, f"same compute capability {ident.compute_capability} ({file_key})"
         return None, None, "none"
 
+    def running_for(self, entry: dict) -> dict:
+        """The running versions `entry` is compared with: triton's, and the hash of the
+        templates of its kind (decode entries: the decode template's)."""
+        if entry.get("pass") != DECODE:
+            return {k: v for k, v in self.running.items() if k != "decode_templates"}
+        return {"triton": self.running["triton"], "templates": self.running["decode_templates"]}
+
     def stale(self, entry: dict) -> list[str]:
         """What of the versions `entry` was tuned under differs from the running ones."""
-        return tuned_file.differences(tuned_file.tuned_under(self.data, entry), self.running)
+        return tuned_file.differences(tuned_file.tuned_under(self.data, entry),
+                                      self.running_for(entry))
 
     def checked_here(self, entry: dict):
         """The result `dfgen check --record` recorded for `entry` under the running triton
         and templates: True (passed), False (failed), or None (no such record)."""
         checked = entry.get("checked")
-        if not checked or tuned_file.differences(checked, self.running):
+        if not checked or tuned_file.differences(checked, self.running_for(entry)):
             return None
         return checked.get("passed") is True
 
@@ -162,7 +190,25 @@ class Dispatcher:
                           "--record` keeps the result)", stacklevel=5)
 
     # -- lookup --------------------------------------------------------------------------
-    def choose(self, bucket: Bucket) -> Choice:
+    def decode_step_knobs(self, dtype, head_dim: int, cache_length: int, BH: int) -> dict:
+        """The knobs of a decoding step (its DecodeChoice's) over a cache of `cache_length`
+        tokens, `dtype` a torch dtype: the runtime's per-step lookup. Memoized on what
+        decides the bucket (the length's bit length stands for its power-of-two T), so that
+        a step costs one dictionary hit once its bucket was seen (a step's host time is
+        about 90 us)."""
+        memo = (dtype, head_dim, (cache_length - 1).bit_length(), BH)
+        knobs = self._decode_memo.get(memo)
+        if knobs is None or log.isEnabledFor(logging.DEBUG):  # choose() logs every lookup
+            bucket = Bucket(DECODE, dtype_name(dtype), head_dim, decode_t(cache_length), BH)
+            knobs = self.choose(bucket).knobs
+            if len(self._decode_memo) >= _CACHE_LIMIT:
+                self._decode_memo.clear()
+            self._decode_memo[memo] = knobs
+        return knobs
+
+    def choose(self, bucket: Bucket) -> Choice | DecodeChoice:
+        """What serves `bucket`: a Choice (a KernelConfig), a DecodeChoice for a decode
+        bucket."""
         choice = self._cache.get(bucket)
         if choice is None:
             with self._lock:
@@ -174,7 +220,9 @@ class Dispatcher:
             log.debug("dfgen: %s -> %s", bucket.key, choice.source)
         return choice
 
-    def _resolve(self, bucket: Bucket) -> Choice:
+    def _resolve(self, bucket: Bucket) -> Choice | DecodeChoice:
+        if bucket.decode:
+            return self._resolve_decode(bucket)
         default = default_config(bucket.head_dim, torch_dtype(bucket.dtype))
         key, entry = nearest(self.data["entries"], bucket) if self.data else (None, None)
         if entry is None:
@@ -191,11 +239,34 @@ class Dispatcher:
                           "built-in default serves it (re-tune with `dfgen tune`)", stacklevel=6)
             return self._log(bucket, Choice(default, f"built-in default ({source} unusable)"))
 
-    def _log(self, bucket: Bucket, choice: Choice) -> Choice:
+    def _resolve_decode(self, bucket: Bucket) -> DecodeChoice:
+        """The decode entry nearest `bucket`, its knobs over the built-in default's and
+        checked against the decode template's spec; the default where none serves, where a
+        recorded check failed it, or (with a warning) where the template does not take its
+        knobs (an unknown knob, a value it does not declare, a failed constraint)."""
+        dtype = torch_dtype(bucket.dtype)
+        default = default_decode_knobs(bucket.head_dim, dtype)
+        key, entry = nearest(self.data["entries"], bucket) if self.data else (None, None)
+        if entry is None:
+            return self._log(bucket, DecodeChoice(default, "built-in default"))
+        source = f"{self.path} [{key}] ({self.match})"
+        if self.checked_here(entry) is False:
+            return self._log(bucket, DecodeChoice(default, f"built-in default ({source} failed "
+                                                           "`dfgen check` under the running versions)"))
+        try:
+            knobs = decode_knobs(tuned_file.decode_section(entry["config"]), bucket.head_dim, dtype)
+            return self._log(bucket, DecodeChoice(knobs, source))
+        except ConfigError as err:  # knobs the running template does not take: never fatal
+            warnings.warn(f"dfgen: {source} does not fit the running decode template ({err}); "
+                          "the built-in default serves it (re-tune with `dfgen tune --passes "
+                          "decode`)", stacklevel=7)
+            return self._log(bucket, DecodeChoice(default, f"built-in default ({source} unusable)"))
+
+    def _log(self, bucket: Bucket, choice):
         if choice.source not in self._logged:
             self._logged.add(choice.source)
             log.info("dfgen: %s (and calls near it) served by %s: %s", bucket.key, choice.source,
-                     choice.config)
+                     choice.described())
         return choice
 
     @staticmethod
@@ -216,17 +287,19 @@ class Dispatcher:
                 f"{source} with backward sections from the built-in default")
 
 
-_dispatchers: dict[tuple, Dispatcher] = {}
+_dispatchers: dict = {}  # (type, index) and each torch.device seen -> its Dispatcher
 _dispatch_lock = threading.Lock()
 
 
 def dispatcher_for(device) -> Dispatcher:
-    key = (device.type, device.index)
-    found = _dispatchers.get(key)
+    """The dispatcher of `device` (a torch.device). Found by the device itself first: the
+    runtime asks on every call, and the (type, index) key costs about a microsecond to make."""
+    found = _dispatchers.get(device)
     if found is None:
+        key = (device.type, device.index)
         with _dispatch_lock:
             found = _dispatchers.get(key) or Dispatcher(identify(device))
-            _dispatchers[key] = found
+            _dispatchers[key] = _dispatchers[device] = found
     return found
 
 
@@ -236,4 +309,5 @@ def reset() -> None:
         _dispatchers.clear()
 
 
-__all__ = ["Dispatcher", "Choice", "nearest", "running_versions", "dispatcher_for", "reset"]
+__all__ = ["Dispatcher", "Choice", "DecodeChoice", "nearest", "running_versions", "dispatcher_for",
+           "reset"]

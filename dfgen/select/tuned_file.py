@@ -4,15 +4,18 @@
     provenance: {gpu, device, compute_capability, sm_count, torch, triton, dfgen,
                  templates, date}
     entries:
-      <bucket key>:            e.g. fwd/bf16/d128/t4096/bh16
-        pass: fwd | fwd+bwd
+      <bucket key>:            e.g. fwd/bf16/d128/t4096/bh16, decode/bf16/d128/t8192/bh128
+        pass: fwd | fwd+bwd | decode
         dtype: bf16
         head_dim: 128
-        T: 4096                the bucket's sequence length
-        BH: 16                 the bucket's batch * heads
+        T: 4096                the bucket's sequence length (decode: the cache's length)
+        BH: 16                 the bucket's batch * heads (decode: batch * query heads)
         config: {strategy, solve, attn, solve_bwd, attn_bwd}
+                               a decode entry: {decode: {BLOCK_M, BLOCK_N, ...}}, the
+                               knobs of templates/decode.py.jinja (any left out: the
+                               built-in default's)
         median_ms: ...         tuned config's median time at the bucket's shape, end to
-                               end (the pass, every stage of it)
+                               end (the pass, every stage of it; decode: one step)
         default_ms: ...        the built-in default's, measured in the same tune
         trials: ...            trials of the bucket's stage studies (failed ones included)
         failures: ...          failed ones of them (cut at the time limit not counted)
@@ -27,9 +30,12 @@
                                the entry against the reference under these versions
 
 An entry is stale when the templates or triton it was tuned with (its tuned_with, else
-the file's provenance) differ from the running ones. The runtime never runs the
-reference: a stale entry serves if its knobs pass the templates' spec (one warning names
-`dfgen check`), unless a check recorded under the running versions failed it.
+the file's provenance) differ from the running ones. The provenance's `templates` hashes
+the templates a KernelConfig configures; a decode entry's tuned_with always records the
+hash of the decode template (templates_of), so that each kind goes stale with its own.
+The runtime never runs the reference: a stale entry serves if its knobs pass the
+templates' spec (one warning names `dfgen check`), unless a check recorded under the
+running versions failed it.
 
 Read with yaml.safe_load and checked against this schema (an entry's knobs are checked
 against the templates' spec when it is written, and by the dispatcher when it is used:
@@ -48,6 +54,9 @@ import yaml
 from ..errors import ConfigError
 from ..files import atomic_write_text, read_yaml
 from ..kernels.config import KernelConfig
+from ..kernels.decode import decode_knobs
+from ..kernels.spec import DECODE, templates_hash
+from ..settings import torch_dtype
 from .bucket import Bucket
 
 FORMAT = "dfgen-tuned/1"
@@ -99,12 +108,49 @@ def validate(data: Any, source: str, knobs: bool = False) -> dict:
         if not isinstance(entry.get("checked", {}), Mapping):
             raise ConfigError(f"{where}: checked must be a mapping")
         try:
-            config = KernelConfig.from_dict(entry["config"])
-            if knobs:
-                config.check(bucket.head_dim, backward=bucket.backward)
+            if bucket.decode:
+                given = decode_section(entry["config"])
+                if knobs:
+                    decode_knobs(given, bucket.head_dim, torch_dtype(bucket.dtype))
+            else:
+                config = KernelConfig.from_dict(entry["config"])
+                if knobs:
+                    config.check(bucket.head_dim, backward=bucket.backward)
         except ConfigError as err:
             raise ConfigError(f"{where}: {err}") from None
     return dict(data)
+
+
+def decode_section(config: Any) -> dict:
+    """The knobs of a decode entry's config ({decode: {knob: value}}), checked for form only
+    (a mapping of names to scalars: whether the template takes them is decode_knobs's
+    question, asked where the entry is used); ConfigError otherwise."""
+    if not isinstance(config, Mapping) or set(config) != {DECODE}:
+        raise ConfigError(f"a decode entry's config must be {{decode: {{knob: value, ...}}}}, "
+                          f"got {_short(config)}")
+    knobs = config[DECODE]
+    if not isinstance(knobs, Mapping):
+        raise ConfigError(f"decode: knobs must be a mapping of knob names to values, got "
+                          f"{type(knobs).__name__}")
+    _string_keys(knobs, "decode")
+    for name, value in knobs.items():
+        if not isinstance(value, (bool, int, float, str)):  # as a KernelConfig's knobs
+            raise ConfigError(f"decode: {name} must be a number, boolean or string, got "
+                              f"{type(value).__name__}")
+    return dict(knobs)
+
+
+def _short(value: Any) -> str:
+    return _one_line(repr(value))[:80] if isinstance(value, (str, int, float, bool)) or value is None \
+        else f"a {type(value).__name__}" + (f" with keys {sorted(map(str, value))[:6]}"
+                                            if isinstance(value, Mapping) else "")
+
+
+def templates_of(pass_: str) -> str:
+    """The templates hash that entries of a pass are tuned under and go stale against: the
+    decode template's (with the shared parts) for decode entries, the KernelConfig stages'
+    for the others (a change to one kind's template leaves the other kind's entries current)."""
+    return templates_hash((DECODE,)) if pass_ == DECODE else templates_hash()
 
 
 def tuned_under(data: Mapping, entry: Mapping) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..reference import naive_deltaformer_attn
+from ..reference import naive_deltaformer_attn, naive_deltaformer_u
 from ..settings import torch_dtype
 
 # relative error against the reference a config must stay under, by input dtype
@@ -121,3 +121,69 @@ def validate_config(config, entry: dict, device, max_T: int | None = None) -> tu
     if not passes(err, dtype, backward):
         return False, f"relative error {err:.2e} at {shape}"
     return True, f"relative error {err:.2e} at {shape}"
+
+
+DECODE_STEPS = (1, 3)  # new tokens per step of a decode check: plain decoding, then several
+# A decoding step reads the prefill's u as the cache stores them (rounded to the inputs'
+# dtype) and rounds its own o and u: bfloat16 steps land at 5e-3 to 1e-2 against the
+# float64 reference (tests/test_decode.py allows 2e-2), float16 near 3e-4.
+DECODE_TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 3e-3, torch.float32: 1e-4}
+
+
+def decode_check(knobs, dtype, device, cache_length: int, B: int, H: int, head_dim: int,
+                 seed=None) -> float:
+    """The largest relative error of decoding steps under `knobs` against the reference: a
+    prefill of `cache_length` random tokens (the runtime's forward), then steps of
+    DECODE_STEPS new tokens; each step's o and the u it appends to the cache must match
+    the whole sequence recomputed by dfgen.reference's naive functions (float64 on the CPU,
+    float32 on a GPU). Raises what the kernels raise."""
+    from ..api.attention import deltaformer_attn
+    from ..api.decode import deltaformer_decode
+
+    T = cache_length + sum(DECODE_STEPS)
+    q, k, v, beta = random_inputs((B, T, H, head_dim), dtype, device, seed)
+    with torch.no_grad():
+        _, cache = deltaformer_attn(q[:, :cache_length], k[:, :cache_length], v[:, :cache_length],
+                                    beta[:, :cache_length], return_cache=True)
+        outs, t = [], cache_length
+        for n in DECODE_STEPS:
+            piece = slice(t, t + n)
+            outs.append(deltaformer_decode(q[:, piece], k[:, piece], v[:, piece], beta[:, piece],
+                                           cache, config=dict(knobs)))
+            t += n
+    compute = torch.float32 if device.type == "cuda" else torch.float64
+    ref_o = naive_deltaformer_attn(q, k, v, beta, compute)
+    ref_u = naive_deltaformer_u(q, k, v, beta, compute)
+    decoded = slice(cache_length, T)
+    return max(relative_error(torch.cat(outs, 1), ref_o[:, decoded]),
+               relative_error(cache.solved_values()[:, decoded], ref_u[:, decoded]))
+
+
+def decode_shape(BH: int) -> tuple[int, int]:
+    """(B, H) of a decode bucket's B*H: batches of 16 heads (B = max(1, BH // 16)), as the
+    tuner's inputs and a model's layers hold them."""
+    B = max(1, BH // 16)
+    return B, max(1, BH // B)
+
+
+def validate_decode_entry(entry: dict, device, max_T: int | None = None) -> tuple[bool, str]:
+    """Check a tuned decode entry's knobs (over the built-in default's) with decode_check on
+    fresh inputs: a cache of its bucket's T tokens (capped at max_T, default 1024 on a GPU
+    and 48 in the interpreter) at B*H up to 4 (the interpreter: 2). (ok, message)."""
+    from ..kernels.decode import decode_knobs
+    from ..select.tuned_file import decode_section
+
+    dtype = torch_dtype(entry["dtype"])
+    on_gpu = device.type == "cuda"
+    cap = max_T or (1024 if on_gpu else 48)
+    length = max(1, min(entry["T"], cap) - sum(DECODE_STEPS))
+    B, H = decode_shape(min(entry["BH"], 4 if on_gpu else 2))
+    knobs = decode_knobs(decode_section(entry["config"]), entry["head_dim"], dtype)
+    where = f"a cache of {length} tokens, B {B}, H {H}, steps of {', '.join(map(str, DECODE_STEPS))}"
+    try:
+        err = decode_check(knobs, dtype, device, length, B, H, entry["head_dim"])
+    except Exception as exc:  # noqa: BLE001 - any failure fails the check, with its reason
+        return False, f"{type(exc).__name__}: {str(exc)[:200]}"
+    if not err <= DECODE_TOLERANCE[dtype]:  # NaN fails too
+        return False, f"relative error {err:.2e} with {where}"
+    return True, f"relative error {err:.2e} with {where}"

@@ -100,7 +100,7 @@ def cmd_bench(args) -> int:
 
 
 GPU_MINUTES = 3.0  # a plain `dfgen tune`'s cap per bucket on a GPU
-GPU_TOTAL_MINUTES = 20.0  # ... and on the whole tune (the shipped set: 29 buckets, about 40 s each)
+GPU_TOTAL_MINUTES = 20.0  # ... and on the whole tune (the shipped set: 31 buckets, about 39 s each)
 MIN_BUCKET_S = 20.0  # a bucket given less of the total than this is not started
 INTERPRETER_MINUTES = 10.0  # ... and in the interpreter (its one tiny bucket: about a minute)
 CANDIDATE_TIMEOUT_S = 120.0  # one candidate in the worker: compiling (unless compiled ahead), checking, timing
@@ -202,12 +202,15 @@ def _check_numbers(args) -> None:
 
 
 def _tune_buckets(args, interpreted: bool) -> list:
-    """The buckets to tune: the built-in set (or --shapes), filtered by --passes."""
-    from ..select.bucket import PASSES
+    """The buckets to tune: the built-in set (or --shapes), filtered by --passes. The
+    interpreter's plain run tunes its forward bucket alone (its decode bucket, with
+    --passes decode): CI runs it, and a decode bucket would add about two thirds."""
     from .tuning import tuner
 
     buckets = tuner.load_buckets(args.shapes) if args.shapes else \
-        (tuner.CPU_BUCKETS if interpreted else tuner.GPU_BUCKETS)
+        (tuner.CPU_BUCKETS + tuner.CPU_DECODE_BUCKETS if interpreted else tuner.GPU_BUCKETS)
+    if args.passes is None and interpreted and not args.shapes:
+        buckets = tuner.CPU_BUCKETS  # the plain run's
     if args.head_dims is not None:
         try:
             dims = {int(d) for d in args.head_dims.split(",")}
@@ -223,9 +226,9 @@ def _tune_buckets(args, interpreted: bool) -> list:
     if args.passes is None:
         return buckets
     wanted = [p.strip() for p in args.passes.split(",")]
-    if not all(p in PASSES for p in wanted):
+    if not all(p in tuner.TUNED_PASSES for p in wanted):
         raise DfgenError(f"--passes {args.passes!r}: expected a comma list of "
-                         f"{' and '.join(PASSES)}")
+                         f"{', '.join(tuner.TUNED_PASSES[:-1])} and {tuner.TUNED_PASSES[-1]}")
     kept = [b for b in buckets if b.pass_ in wanted]
     if not kept:
         source = f"of --shapes {args.shapes}" if args.shapes else \
@@ -267,9 +270,11 @@ def cmd_tune(args) -> int:
     interpreted = _use_interpreter_without_gpu()
     from pathlib import Path
 
+    import functools
+
     from ..select import tuned_file
     from ..settings import cache_root, user_tuned_dir
-    from .tuning import tuner
+    from .tuning import decode_tune, tuner
     from .tuning.progress import TuneProgress, clock_text
 
     provenance = tuner.device_provenance()
@@ -332,15 +337,16 @@ def cmd_tune(args) -> int:
         group = (bucket.pass_, bucket.dtype, bucket.head_dim, bucket.variant)
         # after the tuned file's entry (incumbent): the nearest bucket's bests, then --try
         starts = learned.get(group, [])[-2:][::-1] + tried_first
+        # a decoding step's bucket: its one stage, its own kind of config (decode_tune.py)
+        tune = decode_tune.tune_decode_bucket if bucket.decode else functools.partial(
+            tuner.tune_bucket, forward=forward,
+            strategy_margin=None if interpreted else tuner.STRATEGY_MARGIN)
         try:
-            result = tuner.tune_bucket(bucket, trials=trials, sampler=args.sampler, seed=args.seed,
-                                       storage=storage, timeout_s=args.timeout,
-                                       minutes=bucket_minutes, limits=limits, starts=starts,
-                                       cold_start=args.cold_start, progress=progress,
-                                       forward=forward, sweep_max=sweep_max, ahead=ahead,
-                                       strategy_margin=None if interpreted else tuner.STRATEGY_MARGIN,
-                                       converge=converge,
-                                       incumbent=earlier.get(bucket_key, {}).get("config"))
+            result = tune(bucket, trials=trials, sampler=args.sampler, seed=args.seed,
+                          storage=storage, timeout_s=args.timeout, minutes=bucket_minutes,
+                          limits=limits, starts=starts, cold_start=args.cold_start,
+                          progress=progress, sweep_max=sweep_max, ahead=ahead, converge=converge,
+                          incumbent=earlier.get(bucket_key, {}).get("config"))
         except DfgenError as err:  # this bucket found nothing; the others may
             print(f"dfgen tune: {err}", flush=True)
             failed.append(bucket_key)
@@ -412,7 +418,7 @@ def cmd_show(args) -> int:
                 " [" + (f"tuned with {', '.join(stale)}; " if stale else "")
                 + {None: "unchecked", True: "`dfgen check` passed it here",
                    False: "`dfgen check` failed it here"}[checked] + "]")
-        print(f"  {key} -> {choice.source}: {choice.config}{note}")
+        print(f"  {key} -> {choice.source}: {choice.described()}{note}")
     return 0
 
 
@@ -424,7 +430,7 @@ def cmd_check(args) -> int:
 
     from ..kernels.config import KernelConfig
     from ..select import tuned_file
-    from .check import validate_config
+    from .check import validate_config, validate_decode_entry
 
     disp = _this_dispatcher()
     for message in disp.skipped:
@@ -433,17 +439,21 @@ def cmd_check(args) -> int:
         print(f"dfgen check: no usable tuned file for {disp.identity.key}; nothing to check")
         return 1 if disp.skipped else 0
     device = torch.device("cpu" if disp.identity.key == "cpu-interpreter" else "cuda")
-    versions = dict(disp.running, torch=str(torch.__version__),
+    versions = dict(torch=str(torch.__version__),
                     date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"))
     failed, records = len(disp.skipped), {}
     for key, entry in sorted(disp.data["entries"].items()):
         try:
-            ok, message = validate_config(KernelConfig.from_dict(entry["config"]), entry, device,
-                                          max_T=args.max_t)
+            if entry["pass"] == "decode":
+                ok, message = validate_decode_entry(entry, device, max_T=args.max_t)
+            else:
+                ok, message = validate_config(KernelConfig.from_dict(entry["config"]), entry,
+                                              device, max_T=args.max_t)
         except DfgenError as err:  # knobs the running templates do not take
             ok, message = False, str(err)
         failed += not ok
-        records[key] = dict(versions, passed=ok, result=message[:300])
+        # recorded under the versions the entry goes stale against (its kind's templates)
+        records[key] = dict(disp.running_for(entry), **versions, passed=ok, result=message[:300])
         print(f"{'PASS' if ok else 'FAIL'} {key}: {message}", flush=True)
     passed = len(disp.data["entries"]) + len(disp.skipped) - failed
     print(f"{passed} passed, {failed} failed ({disp.path})")
@@ -516,9 +526,12 @@ def build_parser() -> argparse.ArgumentParser:
                       "folder the runtime searches first: $DFGEN_TUNED_DIR, else "
                       "$XDG_CONFIG_HOME/dfgen/tuned, else ~/.config/dfgen/tuned; in a checkout, "
                       "--out tuned/<gpu>.yaml updates the packaged file)")
-    tune.add_argument("--shapes", help="YAML list of buckets {pass: fwd|fwd+bwd, dtype: "
+    tune.add_argument("--shapes", help="YAML list of buckets {pass: fwd|fwd+bwd|decode, dtype: "
                       "bf16|fp16|fp32, head_dim: 16|32|64|128, T, BH, variant: qsolve (optional)}")
-    tune.add_argument("--passes", help="comma list of fwd, fwd+bwd (default: both)")
+    tune.add_argument("--passes", help="comma list of fwd, fwd+bwd, decode (default: all "
+                      "three on a GPU; fwd and fwd+bwd in the interpreter, whose decode bucket "
+                      "--passes decode tunes). A decode bucket searches the decoding step's "
+                      "knobs, each candidate checked against the reference")
     tune.add_argument("--head-dims", help="comma list: tune only the buckets of these head dims "
                       "(e.g. 128)")
     tune.add_argument("--trials", help="trials per sampled stage, or a share of each stage's "

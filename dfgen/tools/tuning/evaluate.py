@@ -14,6 +14,10 @@ Requests (the bucket's fields pass, dtype, head_dim, T, BH, variant, and a seed,
                              default knobs within the dtype's tolerance, then it is timed
   {"op": "compile", ... as "stage"}
                              the same stage's kernels compiled, never launched (GPU only)
+A decode bucket's requests (pass "decode") are of the one slot "decode": "stage" with
+`knobs`, "pass" with `config` {decode: knobs}, both checked and timed alike (DecodeBench):
+decoding steps at a small cache against the naive reference, then one step at the
+bucket's shape against the default knobs' step there, then that step timed.
 Replies: {"ok": true, "median_ms", "error", "first_s"} ("first_s": the first call, compiling
 included), {"ok": false, "reason"}; "restart": true when the process's GPU context is lost
 (after an illegal memory access): the worker then exits and is replaced.
@@ -39,7 +43,10 @@ SLOTS = {  # slot: (template stage, forward strategy it belongs to; None for the
     "solve_fwd(two_stage, training)": ("solve_fwd", "two_stage"),
     "solve_bwd": ("solve_bwd", None),
     "attn_bwd": ("attn_bwd", None),
+    # a decoding step, both of its launches (a decode bucket's one slot)
+    "decode": ("decode", None),
 }
+DECODE_SLOT = "decode"
 TRAINING_SLOTS = {"fused": "solve_fwd(fused, training)", "two_stage": "solve_fwd(two_stage, training)"}
 WARM_SHAPE = (1, 512, 2)  # (B, T, H): a pass compiles here first, outside the GPU lock
 
@@ -63,6 +70,9 @@ def handle(request: dict) -> dict:
 
     op = request.get("op", "pass")
     try:
+        if request.get("pass") == "decode" and op == "pass":  # the same check and timing as a trial
+            return evaluate_stage(dict(request, slot=DECODE_SLOT,
+                                       knobs=request["config"].get("decode", {})))
         if op == "pass":
             return evaluate_pass(request)
         if op == "stage":
@@ -123,22 +133,23 @@ def evaluate_stage(request: dict) -> dict:
     import torch
 
     from ...kernels.spec import spec
-    from ..check import GRAD_TOLERANCE, TOLERANCE
     from ..timing import timer
 
     bench = stage_bench(request)
-    knobs = request["knobs"]
-    spec(bench.stage).check(knobs, request["head_dim"])
+    knobs = bench.knobs(request["knobs"])
+    spec(bench.stage).check(knobs, bench.kernel_head_dim)
     on_gpu = bench.device.type == "cuda"
     with gpu_lock() if on_gpu else contextlib.nullcontext():
+        wrong = bench.reference_failure(knobs)
+        if wrong is not None:
+            return {"ok": False, "reason": wrong}
         started = time.perf_counter()
         outputs = bench.run(knobs)
         if on_gpu:
             torch.cuda.synchronize()
         first_s = time.perf_counter() - started
         err = bench.error(outputs)
-        tolerance = (GRAD_TOLERANCE if bench.strategy is None else TOLERANCE)[bench.dtype]
-        if not err <= tolerance:  # NaN fails too
+        if not err <= bench.tolerance:  # NaN fails too
             return {"ok": False, "reason": f"wrong: relative error {err:.3e} against the "
                     f"default knobs' {bench.stage} output", "first_s": first_s}
         del outputs
@@ -189,7 +200,8 @@ def stage_bench(request: dict, compile_only: bool = False) -> "StageBench":
     key = (request["slot"], json.dumps(request.get("forward"), sort_keys=True), compile_only)
     benches = _benches[bucket]
     if key not in benches:
-        benches[key] = StageBench(request, _device(), compile_only)
+        make = DecodeBench if request["slot"] == DECODE_SLOT else StageBench
+        benches[key] = make(request, _device(), compile_only)
     return benches[key]
 
 
@@ -205,10 +217,14 @@ class StageBench:
         from ...settings import torch_dtype
         from ..check import random_pass_inputs
 
+        from ..check import GRAD_TOLERANCE, TOLERANCE
+
         self.stage, self.strategy = SLOTS[request["slot"]]
         self.device = device
         self.dtype = dtype = torch_dtype(request["dtype"])
         head_dim, qsolve = request["head_dim"], request.get("variant") == "qsolve"
+        self.kernel_head_dim = head_dim  # (16-bit head dim 16 is padded before the kernels)
+        self.tolerance = (GRAD_TOLERANCE if self.strategy is None else TOLERANCE)[dtype]
         shape = (1, request["T"], request["BH"], head_dim)
         q, k, v, beta, do, q_solve = random_pass_inputs(shape, dtype, device, request["seed"], qsolve)
         qs = q_solve if qsolve else q  # the solve stage's queries
@@ -259,8 +275,83 @@ class StageBench:
         self.run = run
         self.reference = None if compile_only else self.run(self.default_knobs)
 
+    def knobs(self, given) -> dict:
+        """The knobs a request's candidate runs under (a stage's are given whole)."""
+        return given
+
+    def reference_failure(self, knobs) -> str | None:
+        """Why the candidate fails before its outputs are compared (a stage: never; its
+        reference is the stage under the default knobs, whose pass the tuner checked)."""
+        return None
+
     def error(self, outputs) -> float:
         from ..check import relative_error
 
         return max(relative_error(out, ref) for out, ref in zip(outputs, self.reference)
                    if out is not None)
+
+
+class DecodeBench(StageBench):
+    """A decode bucket's step: a cache of T - 1 random tokens (k, and u as the prefill
+    would have solved them: fresh N(0, 1), never zeros) for B*H = BH (B = max(1, BH // 16),
+    H = BH // B), and one new token per row. `run(knobs)` is one decoding step (both
+    launches); the row lengths stay as they are (the step writes the new lengths into a
+    spare buffer), so repeated runs overwrite the same cache rows and time the same step.
+    Its outputs (o and the u it appends) are compared with the step under the default
+    knobs; before that, `reference_failure` runs decoding steps under the knobs at a small
+    cache against the naive reference (check.decode_check: the whole sequence recomputed),
+    which is the check a default's step may not stand in for: a candidate could split
+    the cache differently and still agree with nothing."""
+
+    def __init__(self, request: dict, device, compile_only: bool = False):
+        from ...kernels.decode import decode_step, default_decode_knobs
+        from ...kernels.padding import kernel_head_dim
+        from ...settings import torch_dtype
+        from ..check import DECODE_TOLERANCE, decode_shape, random_inputs
+
+        self.stage, self.strategy = DECODE_SLOT, None
+        self.device = device
+        self.dtype = dtype = torch_dtype(request["dtype"])
+        self.head_dim = D = request["head_dim"]
+        self.kernel_head_dim = kernel_head_dim(D, dtype)
+        self.tolerance = DECODE_TOLERANCE[dtype]
+        self.seed = request["seed"]
+        self.default_knobs = default_decode_knobs(D, dtype)
+        B, H = decode_shape(request["BH"])
+        self.shape = B, H
+        length = max(1, request["T"] - 1)
+        cache_k, cache_u, _, _ = random_inputs((B, length + 1, H, D), dtype, device, self.seed)
+        q, k, v, beta = random_inputs((B, 1, H, D), dtype, device, self.seed + 1)
+        lengths = _row_lengths(B, length, device)
+        spare = _row_lengths(B, length, device)
+
+        def run(knobs):
+            o = decode_step(q, k, v, beta, cache_k, cache_u, lengths, spare, length, knobs)
+            return o, cache_u[:, length]
+
+        self.run = run
+        self.reference = None if compile_only else tuple(t.clone() for t in run(self.default_knobs))
+
+    def knobs(self, given) -> dict:
+        """A candidate's knobs over the default's (a tuned entry may leave some out)."""
+        return {**self.default_knobs, **dict(given)}
+
+    def reference_failure(self, knobs) -> str | None:
+        from ..check import DECODE_STEPS, decode_check, decode_shape
+
+        on_gpu = self.device.type == "cuda"
+        length = (1024 if on_gpu else 48) - sum(DECODE_STEPS)
+        B, H = decode_shape(min(self.shape[0] * self.shape[1], 16 if on_gpu else 2))
+        err = decode_check(knobs, self.dtype, self.device, length, B, H, self.head_dim,
+                           seed=self.seed + 2)
+        if not err <= self.tolerance:  # NaN fails too
+            return (f"wrong: relative error {err:.3e} against the reference (decoding steps "
+                    f"after a cache of {length} tokens)")
+        return None
+
+
+def _row_lengths(B: int, value: int, device):
+    """An int32 [B] tensor of `value` (a cache's row lengths)."""
+    import torch
+
+    return torch.full((B,), value, dtype=torch.int32, device=device)

@@ -18,12 +18,18 @@ from ...errors import DfgenError
 from ...kernels.config import STRATEGIES, KernelConfig, float32_limits, sixteen_bit_limits
 from ...kernels.spec import spec
 
-# (config section, template stage, needed by)
+# (config section, template stage, needed by); a decode entry's config has the one
+# section `decode` (the decoding step's knobs, tuned_file.decode_section)
 SECTIONS = (("solve", "solve_fwd", "fwd"), ("attn", "attn_fwd", "two_stage"),
-            ("solve_bwd", "solve_bwd", "bwd"), ("attn_bwd", "attn_bwd", "bwd"))
+            ("solve_bwd", "solve_bwd", "bwd"), ("attn_bwd", "attn_bwd", "bwd"),
+            ("decode", "decode", "decode"))
 
 
 def _active(section_need: str, pass_: str, strategy: str) -> bool:
+    if (section_need == "decode") != (pass_ == "decode"):
+        return False
+    if section_need == "decode":
+        return True
     if section_need == "bwd":
         return pass_ == "fwd+bwd"
     if section_need == "two_stage":

@@ -42,10 +42,10 @@ import optuna
 
 from ...errors import DfgenError
 from ...kernels.config import SECTION_OF_STAGE, KernelConfig
-from ...kernels.spec import templates_hash
+from ...kernels.spec import DECODE, STAGES, templates_hash
 from . import worker
 from .storage import ask_trial, end_heartbeat
-from .evaluate import SLOTS, TRAINING_SLOTS
+from .evaluate import DECODE_SLOT, SLOTS, TRAINING_SLOTS
 from .space import bucket_limits, grid_size, stage_choices, stage_knobs, stage_limits, stage_params, stage_points, strategies
 
 SWEEP_MAX = 128  # a stage of at most this many feasible points is swept whole (GPU default)
@@ -70,8 +70,8 @@ class Slot:
 
     @property
     def section(self) -> str:
-        """The config section that holds its knobs."""
-        return SECTION_OF_STAGE[self.stage]
+        """The config section that holds its knobs (decode: a decode entry's `decode`)."""
+        return SECTION_OF_STAGE.get(self.stage, self.stage)
 
 
 def slot(name: str) -> Slot:
@@ -82,7 +82,9 @@ def bucket_slots(bucket, limits: dict | None, forward_strategy: str = "fused") -
     """The stages a bucket searches: a forward bucket those of each strategy it may use
     (the variant's and the limits' choice); a forward+backward bucket its forward's solve
     as a training pass runs it (`forward_strategy`: the strategy of the forward it keeps),
-    then the backward's two."""
+    then the backward's two; a decode bucket its one step."""
+    if bucket.decode:
+        return [slot(DECODE_SLOT)]
     if bucket.backward:
         return [slot(TRAINING_SLOTS[forward_strategy]), slot("solve_bwd"), slot("attn_bwd")]
     training = set(TRAINING_SLOTS.values())
@@ -132,7 +134,8 @@ def study_name(key: str, slot: Slot, sampler: str, limits: dict | None, cold_sta
     """One study per bucket, stage and template version; a limited space (limits of the
     stage's own section beyond those its dtype `implied`: space.bucket_limits) or a sweep
     is its own study, and so is a cold start."""
-    name = f"dfgen:{key}:{slot.name}:templates-{templates_hash()}"
+    stages = (DECODE,) if slot.stage == DECODE else STAGES  # the templates it runs (and shared parts)
+    name = f"dfgen:{key}:{slot.name}:templates-{templates_hash(stages)}"
     implied = implied or {}
     own = {param: values for param, values in stage_limits(slot.stage, limits).items()
            if implied.get(param) != values}

@@ -34,10 +34,18 @@ SHIPPED_SHAPES = {  # head dim: [(T, BH)]
     64: [(256, 512), (512, 256), (1024, 256), (2048, 64), (4096, 16), (8192, 32), (16384, 8)],
     128: [(256, 512), (512, 256), (1024, 256), (2048, 64), (4096, 16), (8192, 16), (16384, 8)],
 }
+# Decode buckets (last: they depend on no other): the two shapes the decode defaults were
+# measured at (run 37: batch 8 x 16 heads over 8192 cached tokens, 1 x 16 over 32768). Two
+# buckets of 31 leave each bucket of a plain tune 20 min / 31 = 39 s (29 buckets: 41 s).
+DECODE_SHAPES = [(8192, 128), (32768, 16)]  # head dim 128: [(T, BH)]
 GPU_BUCKETS = [Bucket(p, "bf16", d, t, bh)
                for p in ("fwd", "fwd+bwd") for d in (64, 128) for t, bh in SHIPPED_SHAPES[d]] + [
-    Bucket("fwd+bwd", "bf16", 128, 4096, 16, "qsolve")]
+    Bucket("fwd+bwd", "bf16", 128, 4096, 16, "qsolve")] + [
+    Bucket("decode", "bf16", 128, t, bh) for t, bh in DECODE_SHAPES]
 CPU_BUCKETS = [Bucket("fwd", "bf16", 32, 40, 2)]
+# The interpreter's decode bucket: tuned with --passes decode, not by a plain `dfgen tune`
+# there (whose one bucket takes about 15 s; this one about 10 s more, and CI runs it).
+CPU_DECODE_BUCKETS = [Bucket("decode", "bf16", 32, 64, 2)]
 STRATEGY_MARGIN = 1.25  # a strategy whose default is slower than the fastest's by more is not searched
 
 
@@ -120,6 +128,9 @@ def tune_bucket(bucket: Bucket, *, trials: int, sampler: str, seed: int, storage
     strategy, as in the interpreter, whose timings rank nothing)."""
     if sampler not in SAMPLERS:
         raise DfgenError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    if bucket.decode:
+        raise DfgenError(f"{bucket.key}: a decode bucket is tuned by "
+                         "decode_tune.tune_decode_bucket (its one stage, its own config)")
     default = bucket_default(bucket)
     limits = bucket_limits(bucket.dtype, limits)  # float32: float32-accurate precisions only
     check_limits(limits)
@@ -137,7 +148,8 @@ def tune_bucket(bucket: Bucket, *, trials: int, sampler: str, seed: int, storage
     budget = BucketBudget(minutes, retime_runs=_final_runs(combos))
     progress = progress or TuneProgress(1, trials, minutes)
     progress.start_bucket(budget)
-    tune = _BucketTune(bucket, default, fixed, seed, timeout_s, budget, progress, log, kept)
+    tune = _BucketTune(bucket, _pass_sections(default, bucket.backward), fixed, seed, timeout_s,
+                       budget, progress, log, kept)
     try:
         tune.time_default()
         if not bucket.backward and combos > 1 and strategy_margin is not None:
@@ -233,7 +245,7 @@ def describe(config: KernelConfig) -> str:
     """The config in one line, backward sections included."""
     text = str(config)
     for section in ("solve_bwd", "attn_bwd"):
-        knobs = getattr(config, section)
+        knobs = getattr(config, section, None)  # (a decode config has none)
         if knobs:
             text += f" {section}(" + " ".join(f"{k}={v}" for k, v in sorted(knobs.items())) + ")"
     return text
@@ -246,7 +258,7 @@ class _BucketTune:
         self.bucket, self.key, self.seed, self.timeout_s = bucket, bucket.key, seed, timeout_s
         self.kept = kept  # the tuned file's entry (None: none, or the default's knobs)
         self.budget, self.progress, self.log = budget, progress, log
-        self.default = _pass_sections(default, bucket.backward)
+        self.default = default  # the sections its pass runs
         self.fixed = fixed  # a forward+backward bucket's forward
         self.base = dict(bucket.fields(), variant=bucket.variant)
         self.stage_request = dict(self.base, seed=seed,
@@ -462,8 +474,11 @@ def load_space(path) -> dict:
     return data
 
 
-BUCKETS_EXPECTED = ("a YAML list of buckets {pass: fwd|fwd+bwd, dtype: bf16|fp16|fp32, "
+BUCKETS_EXPECTED = ("a YAML list of buckets {pass: fwd|fwd+bwd|decode, dtype: bf16|fp16|fp32, "
                     "head_dim: 16|32|64|128, T: >= 1, BH: >= 1, variant: qsolve (optional)}")
+
+
+TUNED_PASSES = ("fwd", "fwd+bwd", "decode")  # the passes the tuner searches
 
 
 def load_buckets(path) -> list[Bucket]:
@@ -479,9 +494,13 @@ def load_buckets(path) -> list[Bucket]:
         if unknown:
             raise DfgenError(f"{where}: unknown field(s) {', '.join(unknown)}")
         try:
-            out.append(Bucket.from_fields(item, where))
+            bucket = Bucket.from_fields(item, where)
         except ConfigError as err:
             raise DfgenError(str(err)) from None
+        if bucket.pass_ not in TUNED_PASSES:
+            raise DfgenError(f"{where}: pass {bucket.pass_} is not tuned; expected "
+                             f"{' or '.join(TUNED_PASSES)}")
+        out.append(bucket)
     return out
 
 
