@@ -246,8 +246,8 @@ def test_the_decode_check_fails_steps_that_are_wrong(monkeypatch):
     from dfgen.tools.check import validate_decode_entry
 
     entry = decode_entry(T=40, BH=2, dtype="fp32", head_dim=32)
-    cpu = torch.device("cpu")
-    ok, message = validate_decode_entry(entry, cpu)
+    device = DEVICE  # the GPU where there is one (the kernels run on the CPU only in the interpreter)
+    ok, message = validate_decode_entry(entry, device)
     assert ok, message
     real = api_decode.decode_step
 
@@ -255,7 +255,7 @@ def test_the_decode_check_fails_steps_that_are_wrong(monkeypatch):
         return real(*args, **kwargs) * 1.01
 
     monkeypatch.setattr(api_decode, "decode_step", wrong_o)
-    ok, message = validate_decode_entry(entry, cpu)
+    ok, message = validate_decode_entry(entry, device)
     assert not ok and message.startswith("relative error")
 
     def wrong_u(*args, **kwargs):
@@ -264,11 +264,11 @@ def test_the_decode_check_fails_steps_that_are_wrong(monkeypatch):
         return out
 
     monkeypatch.setattr(api_decode, "decode_step", wrong_u)
-    ok, message = validate_decode_entry(entry, cpu)
+    ok, message = validate_decode_entry(entry, device)
     assert not ok and message.startswith("relative error")
 
     def crash(*args, **kwargs):
         raise RuntimeError("out of resources")
 
     monkeypatch.setattr(api_decode, "decode_step", crash)
-    assert validate_decode_entry(entry, cpu) == (False, "RuntimeError: out of resources")
+    assert validate_decode_entry(entry, device) == (False, "RuntimeError: out of resources")
