@@ -98,3 +98,30 @@ def make_grouped_inputs(B, T, H, H_kv, D, dtype, seed):
 
 
 gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device (larger sizes)")
+
+
+def tune_studies(journal) -> dict:
+    """{study name: optuna Study} of every study in a tune's journal file."""
+    import optuna
+
+    from dfgen.tools.tuning import tuner
+
+    storage = tuner.open_storage(str(journal))
+    return {s.study_name: optuna.load_study(study_name=s.study_name, storage=storage)
+            for s in optuna.get_all_study_summaries(storage)}
+
+
+def crash_candidates_with_two_warps(monkeypatch) -> None:
+    """In this test's tunes, every candidate with two warps kills its worker (the worker's
+    test hook): the next worker is started with the hook allowed."""
+    from dfgen.tools.tuning import stages, worker
+
+    monkeypatch.setenv(worker.TEST_FAULTS, "1")
+    monkeypatch.setattr(worker, "_shared", None)  # a worker started with the flag
+    request = stages.StageSearch.stage_request
+
+    def with_fault(self, params):
+        out = request(self, params)
+        return dict(out, test_fault="exit") if out["knobs"]["num_warps"] == 2 else out
+
+    monkeypatch.setattr(stages.StageSearch, "stage_request", with_fault)

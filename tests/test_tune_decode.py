@@ -11,7 +11,7 @@ import optuna
 import pytest
 import torch
 
-from conftest import dfgen_command
+from conftest import crash_candidates_with_two_warps, dfgen_command, tune_studies
 from dfgen.errors import DfgenError
 from dfgen.kernels.decode import default_decode_knobs
 from dfgen.kernels.spec import spec
@@ -34,12 +34,6 @@ def run(*args, cwd):
     return proc.stdout
 
 
-def studies(journal) -> dict:
-    storage = tuner.open_storage(str(journal))
-    return {s.study_name: optuna.load_study(study_name=s.study_name, storage=storage)
-            for s in optuna.get_all_study_summaries(storage)}
-
-
 def test_tune_passes_decode_writes_an_entry_that_serves_and_resumes(tmp_path):
     out_file, journal = tmp_path / "cpu-interpreter.yaml", tmp_path / "s.journal"
     out = run("tune", "--passes", "decode", "--trials", "2", "--out", str(out_file),
@@ -51,7 +45,7 @@ def test_tune_passes_decode_writes_an_entry_that_serves_and_resumes(tmp_path):
     assert entry["tuned_with"] == {"templates": tuned_file.templates_of("decode")}
     knobs = entry["config"]["decode"]
     spec("decode").check(knobs, BUCKET.head_dim)  # every knob set, as the template declares
-    (name, study), = studies(journal).items()
+    (name, study), = tune_studies(journal).items()
     assert name.startswith(f"dfgen:{BUCKET.key}:decode:templates-{tuned_file.templates_of('decode')}")
     assert len([t for t in study.trials if t.state.is_finished()]) == 2
     assert study.trials[0].params == space.stage_params("decode", default_decode_knobs(32, torch.bfloat16))
@@ -239,17 +233,7 @@ def test_a_crashing_decode_candidate_is_a_failed_trial_and_the_tune_goes_on(tmp_
     """In the real worker (the test hook): the candidate on two warps kills its process; it
     is a failed trial naming the crash, the next candidate gets a new worker, the bucket is
     still written, and never with the crashed knobs."""
-    from dfgen.tools.tuning import stages
-
-    monkeypatch.setenv(worker.TEST_FAULTS, "1")
-    monkeypatch.setattr(worker, "_shared", None)  # a worker started with the flag
-    request = stages.StageSearch.stage_request
-
-    def with_fault(self, params):
-        out = request(self, params)
-        return dict(out, test_fault="exit") if out["knobs"]["num_warps"] == 2 else out
-
-    monkeypatch.setattr(stages.StageSearch, "stage_request", with_fault)
+    crash_candidates_with_two_warps(monkeypatch)
     default = default_decode_knobs(BUCKET.head_dim, torch.bfloat16)
     limits = {f"decode.{name}": value for name, value in default.items()}
     limits["decode.num_warps"] = [2, 4]  # two points, swept

@@ -11,7 +11,7 @@ import optuna
 import pytest
 import torch
 
-from conftest import dfgen_command
+from conftest import dfgen_command, tune_studies
 from dfgen.kernels.config import KernelConfig, default_config
 from dfgen.select import tuned_file
 from dfgen.select.bucket import Bucket
@@ -49,12 +49,6 @@ def run(*args, cwd):
     return proc.stdout
 
 
-def studies_of(journal) -> dict:
-    storage = tuner.open_storage(str(journal))
-    return {s.study_name: optuna.load_study(study_name=s.study_name, storage=storage)
-            for s in optuna.get_all_study_summaries(storage)}
-
-
 def test_forward_then_backward_per_stage_sweeps_resume_and_pass_the_reference(tmp_path):
     """A forward bucket and the forward+backward bucket of its shape, the backward's stages
     in small spaces: every stage has its own study; the backward's are swept, each point
@@ -72,7 +66,7 @@ def test_forward_then_backward_per_stage_sweeps_resume_and_pass_the_reference(tm
     out = run(*args, cwd=tmp_path)
     assert "fwd+bwd/bf16/d32/t24/bh1 attn_bwd: every point of 4 (0 already in the study)" in out
     assert "fwd+bwd/bf16/d32/t24/bh1 solve_bwd: every point of 2 (0 already in the study)" in out
-    studies = studies_of(journal)
+    studies = tune_studies(journal)
     by_slot = {(name.split(":")[1], name.split(":")[2]): study for name, study in studies.items()}
     assert set(by_slot) == {("fwd/bf16/d32/t24/bh1", "solve_fwd(fused)"),
                             ("fwd+bwd/bf16/d32/t24/bh1", "solve_fwd(fused, training)"),
@@ -104,12 +98,12 @@ def test_forward_then_backward_per_stage_sweeps_resume_and_pass_the_reference(tm
     again = run(*args, "--passes", "fwd+bwd", cwd=tmp_path)  # resumed: the sweeps are complete
     assert "attn_bwd: every point of 4 (4 already in the study)" in again
     assert "fwd+bwd/bf16/d32/t24/bh1 solve_bwd: every point of 2 (2 already in the study)" in again
-    assert sum(len(s.trials) for s in studies_of(journal).values()) == \
+    assert sum(len(s.trials) for s in tune_studies(journal).values()) == \
         sum(len(s.trials) for s in studies.values())
 
     cold = run(*args, "--cold-start", "--passes", "fwd+bwd", cwd=tmp_path)
     assert "fwd+bwd/bf16/d32/t24/bh1: the default, end to end:" in cold
-    cold_studies = [s for name, s in studies_of(journal).items() if name.endswith(":cold-start")]
+    cold_studies = [s for name, s in tune_studies(journal).items() if name.endswith(":cold-start")]
     assert sorted(len(s.trials) for s in cold_studies) == [2, 2, 4]
 
 

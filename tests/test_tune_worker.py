@@ -9,9 +9,10 @@ import optuna
 import pytest
 import torch
 
+from conftest import crash_candidates_with_two_warps
 from dfgen.kernels.config import default_config
 from dfgen.select.bucket import Bucket
-from dfgen.tools.tuning import stages, tuner, worker
+from dfgen.tools.tuning import tuner, worker
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU interpreter tune")
 
@@ -81,15 +82,7 @@ def test_a_crashing_candidate_is_a_failed_trial_and_the_search_goes_on(tmp_path,
     """In a tune: the candidate with two warps kills its worker (the test hook); it is a
     failed trial naming the crash, the next candidate gets a new worker, and the bucket
     still writes its entry."""
-    monkeypatch.setenv(worker.TEST_FAULTS, "1")
-    monkeypatch.setattr(worker, "_shared", None)  # a worker started with the flag
-    request = stages.StageSearch.stage_request
-
-    def with_fault(self, params):
-        out = request(self, params)
-        return dict(out, test_fault="exit") if out["knobs"]["num_warps"] == 2 else out
-
-    monkeypatch.setattr(stages.StageSearch, "stage_request", with_fault)
+    crash_candidates_with_two_warps(monkeypatch)
     space = {"strategy": "two_stage",  # attn_fwd: two points, swept; the solve: its default only
              "attn.BLOCK_M": 64, "attn.BLOCK_N": 64, "attn.num_warps": [2, 4], "attn.num_stages": 2}
     logs = []
