@@ -31,6 +31,11 @@ def default_decode_knobs(head_dim: int, dtype) -> dict[str, Any]:
     return dict(BLOCK_M=16, BLOCK_N=block_n, MIN_PROGRAMS=128, num_warps=4, num_stages=3)
 
 
+def describe_decode_knobs(knobs: Mapping[str, Any]) -> str:
+    """A decoding step's knobs in one line, as logs and `dfgen show` print them."""
+    return "decode(" + " ".join(f"{k}={v}" for k, v in sorted(knobs.items())) + ")"
+
+
 def decode_knobs(given: Mapping[str, Any] | None, head_dim: int, dtype) -> dict[str, Any]:
     """`given` (a mapping of decode knobs, each optional) over the defaults, checked against
     the template's spec at the kernels' head dim (ConfigError naming the knob otherwise)."""

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..kernels.config import KernelConfig, default_config
-from ..kernels.decode import decode_knobs, default_decode_knobs
+from ..kernels.decode import decode_knobs, default_decode_knobs, describe_decode_knobs
 from ..settings import dtype_name, strict, torch_dtype, tuned_search_dirs
 from . import tuned_file
 from .bucket import DECODE, Bucket, decode_t
@@ -60,7 +60,7 @@ class DecodeChoice:
     source: str
 
     def described(self) -> str:
-        return "decode(" + " ".join(f"{k}={v}" for k, v in sorted(self.knobs.items())) + ")"
+        return describe_decode_knobs(self.knobs)
 
 
 def running_versions() -> dict:

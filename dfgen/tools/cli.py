@@ -205,12 +205,15 @@ def _tune_buckets(args, interpreted: bool) -> list:
     """The buckets to tune: the built-in set (or --shapes), filtered by --passes. The
     interpreter's plain run tunes its forward bucket alone (its decode bucket, with
     --passes decode): CI runs it, and a decode bucket would add about two thirds."""
+    from ..select.bucket import PASSES
     from .tuning import tuner
 
-    buckets = tuner.load_buckets(args.shapes) if args.shapes else \
-        (tuner.CPU_BUCKETS + tuner.CPU_DECODE_BUCKETS if interpreted else tuner.GPU_BUCKETS)
-    if args.passes is None and interpreted and not args.shapes:
-        buckets = tuner.CPU_BUCKETS  # the plain run's
+    if args.shapes:
+        buckets = tuner.load_buckets(args.shapes)
+    elif not interpreted:
+        buckets = tuner.GPU_BUCKETS
+    else:  # the plain run's one bucket; its decode bucket only when --passes asks
+        buckets = tuner.CPU_BUCKETS + (tuner.CPU_DECODE_BUCKETS if args.passes else [])
     if args.head_dims is not None:
         try:
             dims = {int(d) for d in args.head_dims.split(",")}
@@ -226,9 +229,9 @@ def _tune_buckets(args, interpreted: bool) -> list:
     if args.passes is None:
         return buckets
     wanted = [p.strip() for p in args.passes.split(",")]
-    if not all(p in tuner.TUNED_PASSES for p in wanted):
+    if not all(p in PASSES for p in wanted):
         raise DfgenError(f"--passes {args.passes!r}: expected a comma list of "
-                         f"{', '.join(tuner.TUNED_PASSES[:-1])} and {tuner.TUNED_PASSES[-1]}")
+                         f"{', '.join(PASSES[:-1])} and {PASSES[-1]}")
     kept = [b for b in buckets if b.pass_ in wanted]
     if not kept:
         source = f"of --shapes {args.shapes}" if args.shapes else \

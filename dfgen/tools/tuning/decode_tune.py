@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 from ...errors import ConfigError
-from ...kernels.decode import decode_knobs, default_decode_knobs
+from ...kernels.decode import decode_knobs, default_decode_knobs, describe_decode_knobs
 from ...select.bucket import Bucket
 from ...select.tuned_file import decode_section, templates_of
 from ...settings import torch_dtype
@@ -43,7 +43,7 @@ class DecodeConfig:
         return {"decode": dict(self.decode)}
 
     def __str__(self) -> str:
-        return "decode(" + " ".join(f"{k}={v}" for k, v in sorted(self.decode.items())) + ")"
+        return describe_decode_knobs(self.decode)
 
 
 def tune_decode_bucket(bucket: Bucket, *, trials, sampler: str, seed: int, storage,

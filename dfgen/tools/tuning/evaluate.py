@@ -215,9 +215,7 @@ class StageBench:
         from ...kernels import forward as fwd
         from ...kernels.config import KernelConfig, default_config
         from ...settings import torch_dtype
-        from ..check import random_pass_inputs
-
-        from ..check import GRAD_TOLERANCE, TOLERANCE
+        from ..check import GRAD_TOLERANCE, TOLERANCE, random_pass_inputs
 
         self.stage, self.strategy = SLOTS[request["slot"]]
         self.device = device
