@@ -109,14 +109,17 @@ class DecodingCache:
     # -- changes ---------------------------------------------------------------------------
     def reserve(self, n: int) -> None:
         """Room for n more tokens per row: new buffers of twice the capacity (at least what
-        is needed, in multiples of 64) when full, the held tokens copied."""
+        is needed, in multiples of 64) when full, the held tokens copied. The rows past them
+        start as zeros, not as whatever the allocator held: a corrupted length (clamped by
+        the kernels to the capacity) then reads finite rows, never stale memory (one memset
+        per doubling)."""
         needed = self.max_length + n
         if needed <= self.capacity:
             return
         capacity = -(-max(needed, 2 * self.capacity) // 64) * 64
         k, u = self.k, self.u
-        self.k = k.new_empty((k.shape[0], capacity, *k.shape[2:]))
-        self.u = u.new_empty((u.shape[0], capacity, *u.shape[2:]))
+        self.k = k.new_zeros((k.shape[0], capacity, *k.shape[2:]))
+        self.u = u.new_zeros((u.shape[0], capacity, *u.shape[2:]))
         self.k[:, :self.max_length] = k[:, :self.max_length]
         self.u[:, :self.max_length] = u[:, :self.max_length]
 
