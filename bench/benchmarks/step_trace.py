@@ -56,7 +56,7 @@ def step_stats(trace, n_bh, n_chunks, first_chunk):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="1,4096,16,128;8,1024,32,64;1,16384,8,128")
-    ap.add_argument("--config", default=None, help="YAML file with one kernel config")
+    ap.add_argument("--config", default=None, help="YAML file with one kernel config or a list (each traced)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("step-trace reads the GPU's timer: it needs a CUDA device")
@@ -65,10 +65,11 @@ def main():
           "became ready to wait only after their predecessor released")
     print("| B, T, H, D | config | steps | kernel µs | step | wake | post | late | late > 0 | window | prefix |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for shape in parse_shapes(args.shapes):
+    configs = load_configs(args.config) if args.config else [None]
+    for shape, given in ((s, c) for s in parse_shapes(args.shapes) for c in configs):
         config = default_config(shape[3], torch.bfloat16)
-        if args.config:
-            config = load_configs(args.config)[0].with_defaults(config)
+        if given is not None:
+            config = given.with_defaults(config)
         trace, n_bh, n_chunks = traced_run(shape, torch.bfloat16, config.solve)
         assert (trace[:, :7] >= 0).all(), "a program left a stamp unwritten"
         span = (trace[:, DONE].max() - trace[:, START].min()).item() / 1000.0
