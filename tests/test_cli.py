@@ -272,8 +272,10 @@ def test_show_and_check_list_and_check_a_decode_entry(tmp_path, monkeypatch):
     assert "[decode/fp32/d32/t64/bh2]" in line and "BLOCK_N=16" in line and "MIN_PROGRAMS=1024" in line
     out = dfgen("check", "--record")
     assert out.returncode == 0, out.stdout + out.stderr
+    # the bucket's 64 tokens less the 1 + 3 the steps add; the interpreter caps them at 48
+    tokens = (64 if torch.cuda.is_available() else 48) - 4
     assert "PASS decode/fp32/d32/t64/bh2: relative error" in out.stdout and \
-        "a cache of 44 tokens" in out.stdout and "1 passed, 0 failed" in out.stdout
+        f"a cache of {tokens} tokens" in out.stdout and "1 passed, 0 failed" in out.stdout
     checked = tuned_file.read(path)["entries"]["decode/fp32/d32/t64/bh2"]["checked"]
     assert checked["passed"] is True and checked["templates"] == tuned_file.templates_of("decode")
     assert "`dfgen check` passed it here" in dfgen("show").stdout
