@@ -272,8 +272,9 @@ def test_show_and_check_list_and_check_a_decode_entry(tmp_path, monkeypatch):
     assert "[decode/fp32/d32/t64/bh2]" in line and "BLOCK_N=16" in line and "MIN_PROGRAMS=1024" in line
     out = dfgen("check", "--record")
     assert out.returncode == 0, out.stdout + out.stderr
-    # the bucket's 64 tokens less the 1 + 3 the steps add; the interpreter caps them at 48
-    tokens = (64 if torch.cuda.is_available() else 48) - 4
+    # the bucket's 64 tokens as the device's check caps them, less those the steps add
+    from dfgen.tools.check import DECODE_STEPS, check_length
+    tokens = check_length(64, torch.device("cuda" if torch.cuda.is_available() else "cpu")) - sum(DECODE_STEPS)
     assert "PASS decode/fp32/d32/t64/bh2: relative error" in out.stdout and \
         f"a cache of {tokens} tokens" in out.stdout and "1 passed, 0 failed" in out.stdout
     checked = tuned_file.read(path)["entries"]["decode/fp32/d32/t64/bh2"]["checked"]

@@ -66,19 +66,20 @@ def main():
     print("| B, T, H, D | config | steps | kernel µs | step | wake | post | late | late > 0 | window | prefix |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     configs = load_configs(args.config) if args.config else [None]
-    for shape, given in ((s, c) for s in parse_shapes(args.shapes) for c in configs):
-        config = default_config(shape[3], torch.bfloat16)
-        if given is not None:
-            config = given.with_defaults(config)
-        trace, n_bh, n_chunks = traced_run(shape, torch.bfloat16, config.solve)
-        assert (trace[:, :7] >= 0).all(), "a program left a stamp unwritten"
-        span = (trace[:, DONE].max() - trace[:, START].min()).item() / 1000.0
-        first = min(n_chunks - 1, config.solve["LOOKAHEAD"] + 1)
-        stats = step_stats(trace, n_bh, n_chunks, first)
-        cells = [f"{v.median().item():.2f} ({v.mean().item():.2f})" for v in stats.values()]
-        late_share = (stats["late"] > 0).double().mean().item()
-        cells.insert(4, f"{late_share:.0%}")
-        print(f"| {', '.join(map(str, shape))} | {config} | {n_chunks} | {span:.1f} | " + " | ".join(cells) + " |", flush=True)
+    for shape in parse_shapes(args.shapes):
+        for given in configs:
+            config = default_config(shape[3], torch.bfloat16)
+            if given is not None:
+                config = given.with_defaults(config)
+            trace, n_bh, n_chunks = traced_run(shape, torch.bfloat16, config.solve)
+            assert (trace[:, :7] >= 0).all(), "a program left a stamp unwritten"
+            span = (trace[:, DONE].max() - trace[:, START].min()).item() / 1000.0
+            first = min(n_chunks - 1, config.solve["LOOKAHEAD"] + 1)
+            stats = step_stats(trace, n_bh, n_chunks, first)
+            cells = [f"{v.median().item():.2f} ({v.mean().item():.2f})" for v in stats.values()]
+            late_share = (stats["late"] > 0).double().mean().item()
+            cells.insert(4, f"{late_share:.0%}")
+            print(f"| {', '.join(map(str, shape))} | {config} | {n_chunks} | {span:.1f} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -105,13 +105,18 @@ def passes(err: float, dtype, backward: bool) -> bool:
     return err <= (GRAD_TOLERANCE if backward else TOLERANCE)[dtype]  # NaN fails
 
 
+def check_length(T: int, device, max_T: int | None = None) -> int:
+    """The sequence (or cache) length a check of a bucket of length T runs at on `device`:
+    T capped at max_T, by default 1024 on a GPU and 48 in the interpreter."""
+    return min(T, max_T or (1024 if device.type == "cuda" else 48))
+
+
 def validate_config(config, entry: dict, device, max_T: int | None = None) -> tuple[bool, str]:
     """Check a tuned entry's config on fresh inputs at its bucket's shape (T capped at
     max_T, default 1024 on a GPU and 48 in the interpreter). (ok, message)."""
     backward = entry["pass"] == "fwd+bwd"
     dtype = torch_dtype(entry["dtype"])
-    cap = max_T or (1024 if device.type == "cuda" else 48)
-    shape = (1, min(entry["T"], cap), min(entry["BH"], 4), entry["head_dim"])
+    shape = (1, check_length(entry["T"], device, max_T), min(entry["BH"], 4), entry["head_dim"])
     q, k, v, beta, do, q_solve = random_pass_inputs(shape, dtype, device,
                                                     with_q_solve=entry.get("variant") == "qsolve")
     try:
@@ -175,8 +180,7 @@ def validate_decode_entry(entry: dict, device, max_T: int | None = None) -> tupl
 
     dtype = torch_dtype(entry["dtype"])
     on_gpu = device.type == "cuda"
-    cap = max_T or (1024 if on_gpu else 48)
-    length = max(1, min(entry["T"], cap) - sum(DECODE_STEPS))
+    length = max(1, check_length(entry["T"], device, max_T) - sum(DECODE_STEPS))
     B, H = decode_shape(min(entry["BH"], 4 if on_gpu else 2))
     knobs = decode_knobs(decode_section(entry["config"]), entry["head_dim"], dtype)
     where = f"a cache of {length} tokens, B {B}, H {H}, steps of {', '.join(map(str, DECODE_STEPS))}"
